@@ -1,0 +1,17 @@
+# The two set-up commands of the README. Both work on a fresh machine (they install what they need).
+.PHONY: serve test lint proto
+
+serve:
+	bash scripts/install.sh
+	.venv/bin/kdn serve
+
+test:
+	bash scripts/install.sh --test
+	.venv/bin/ruff check .
+	.venv/bin/python -m pytest
+
+lint:
+	.venv/bin/ruff check .
+
+proto:
+	scripts/gen_proto.sh

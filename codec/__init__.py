@@ -1,0 +1,45 @@
+"""KV codecs, registered by name and imported lazily.
+
+``get_codec(name, layout)`` returns a codec instance; ``available_codecs()`` lists the registered names.
+New codecs (CacheGen levels) register here and drop into the chunk format without changing it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from kdn.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from codec.base import Codec
+    from kdn.layout import KVLayout
+
+__all__ = ["get_codec", "available_codecs", "register_codec"]
+
+_REGISTRY: dict[str, str] = {
+    "raw": "codec.raw:RawCodec",
+    "lz4": "codec.lz4:LZ4Codec",
+}
+
+
+def register_codec(name: str, target: str) -> None:
+    """Register ``"module:Class"`` under ``name`` (the class is imported on first use)."""
+    _REGISTRY[name] = target
+
+
+def available_codecs() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def codec_class(name: str) -> type[Codec]:
+    try:
+        target = _REGISTRY[name]
+    except KeyError:
+        raise InvalidRequest(f"unknown codec {name!r}; available: {', '.join(available_codecs())}") from None
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def get_codec(name: str, layout: KVLayout, **options) -> Codec:
+    return codec_class(name)(layout, **options)

@@ -1,0 +1,1 @@
+"""Thin engine plugins over kdn.client: vLLM, SGLang, Hugging Face transformers."""

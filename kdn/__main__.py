@@ -1,0 +1,5 @@
+import sys
+
+from kdn.cli import main
+
+sys.exit(main())

@@ -1,0 +1,205 @@
+"""The chunk object: KDN's wire and disk format for one chunk's KV.
+
+Layout (all integers little-endian)::
+
+    offset  size  field
+    0       4     magic b"KDNC"
+    4       2     format version (1)
+    6       2     flags (0)
+    8       4     header_len: bytes from offset 0 to the first payload byte
+    12      8     payload_len: total bytes of all sections
+    20      8     header checksum: xxh3_64 of the header bytes with this field zeroed
+    28      1+n   codec id (u8 length + ASCII)
+    ..      1+n   key string (u8 length + ASCII; carries tenant, fingerprint, codec and digest)
+    ..      16    layout fingerprint
+    ..      4     num_tokens
+    ..      4     start position of the chunk's first token (0 for content keys)
+    ..      2     num_layers
+    ..      2     num_sections
+    ..      4+n   codec metadata (u32 length + bytes; codec-specific, may be empty)
+    ..      24*s  section table: (layer_start u16, layer_end u16, reserved u32, length u64, xxh3_64 u64)
+    header_len    payload: sections back to back, in table order
+
+Each section holds the KV of layers ``[layer_start, layer_end)`` encoded by the codec, and has its own checksum so
+that a reader can verify and decode layer group by layer group while later sections are still arriving. Objects
+are immutable: the same key always names the same bytes' meaning.
+
+A reader verifies: magic, version, lengths inside the object, the header checksum, that the key, fingerprint and
+codec are those requested, and every section's checksum before its bytes are decoded.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import xxhash
+
+from kdn.errors import CorruptObject
+
+__all__ = ["MAGIC", "FORMAT_VERSION", "Section", "ChunkHeader", "build_object", "parse_header", "verify_object",
+           "MAX_HEADER_BYTES", "MIN_HEADER_BYTES"]
+
+MAGIC = b"KDNC"
+FORMAT_VERSION = 1
+MAX_HEADER_BYTES = 1 << 20
+_FIXED = struct.Struct("<4sHHIQQ")  # magic, version, flags, header_len, payload_len, header checksum
+_CHECKSUM_AT = 20
+_SECTION = struct.Struct("<HHIQQ")
+_TAIL = struct.Struct("<16sIIHH")  # fingerprint, num_tokens, start, num_layers, num_sections
+MIN_HEADER_BYTES = _FIXED.size + 2 + _TAIL.size + 4
+
+
+@dataclass(frozen=True)
+class Section:
+    """One layer group's encoded bytes inside a chunk object."""
+
+    layer_start: int
+    layer_end: int
+    offset: int
+    """Offset of the section's first byte from the start of the object."""
+    length: int
+    checksum: int
+
+
+@dataclass(frozen=True)
+class ChunkHeader:
+    """The parsed header of a chunk object."""
+
+    codec: str
+    key: str
+    fingerprint: bytes
+    num_tokens: int
+    start: int
+    num_layers: int
+    codec_meta: bytes
+    sections: tuple[Section, ...]
+    header_len: int
+    payload_len: int
+
+    @property
+    def total_len(self) -> int:
+        return self.header_len + self.payload_len
+
+    def sections_for(self, layer_start: int, layer_end: int) -> list[Section]:
+        """Sections that overlap layers ``[layer_start, layer_end)``."""
+        return [s for s in self.sections if s.layer_start < layer_end and s.layer_end > layer_start]
+
+
+def _pack_str(value: str) -> bytes:
+    data = value.encode("ascii")
+    if len(data) > 255:
+        raise ValueError(f"string too long for chunk header: {value[:40]!r}...")
+    return bytes([len(data)]) + data
+
+
+def build_object(*, codec: str, key: str, fingerprint: bytes, num_tokens: int, start: int, num_layers: int,
+                 sections: Sequence[tuple[int, int, bytes]], codec_meta: bytes = b"") -> bytes:
+    """Serialize a chunk object from ``(layer_start, layer_end, encoded bytes)`` sections."""
+    if len(fingerprint) != 16:
+        raise ValueError("fingerprint must be 16 bytes")
+    table = b"".join(
+        _SECTION.pack(ls, le, 0, len(data), xxhash.xxh3_64_intdigest(data)) for ls, le, data in sections)
+    body = (_pack_str(codec) + _pack_str(key)
+            + _TAIL.pack(fingerprint, num_tokens, start, num_layers, len(sections))
+            + struct.pack("<I", len(codec_meta)) + codec_meta + table)
+    header_len = _FIXED.size + len(body)
+    payload_len = sum(len(d) for _, _, d in sections)
+    fixed = _FIXED.pack(MAGIC, FORMAT_VERSION, 0, header_len, payload_len, 0)
+    checksum = xxhash.xxh3_64_intdigest(fixed + body)
+    fixed = _FIXED.pack(MAGIC, FORMAT_VERSION, 0, header_len, payload_len, checksum)
+    return b"".join([fixed, body, *(d for _, _, d in sections)])
+
+
+def header_length(prefix: bytes | memoryview) -> int:
+    """The full header length announced by the first 28 bytes of an object (for streaming readers)."""
+    if len(prefix) < _FIXED.size:
+        raise CorruptObject("chunk object shorter than its fixed header")
+    magic, version, _flags, header_len, _payload_len, _ = _FIXED.unpack_from(prefix, 0)
+    if magic != MAGIC:
+        raise CorruptObject("bad magic: not a KDN chunk object")
+    if version != FORMAT_VERSION:
+        raise CorruptObject(f"unsupported chunk format version {version}")
+    if not MIN_HEADER_BYTES <= header_len <= MAX_HEADER_BYTES:
+        raise CorruptObject(f"implausible header length {header_len}")
+    return header_len
+
+
+def parse_header(data: bytes | memoryview) -> ChunkHeader:
+    """Parse and checksum-verify the header at the start of ``data`` (payload bytes may be absent)."""
+    view = memoryview(data)
+    header_len = header_length(view)
+    if len(view) < header_len:
+        raise CorruptObject("chunk object truncated inside its header")
+    _, _, _, _, payload_len, checksum = _FIXED.unpack_from(view, 0)
+    hdr = bytearray(view[:header_len])
+    hdr[_CHECKSUM_AT:_CHECKSUM_AT + 8] = b"\0" * 8
+    if xxhash.xxh3_64_intdigest(hdr) != checksum:
+        raise CorruptObject("header checksum mismatch")
+    try:
+        pos = _FIXED.size
+        n = hdr[pos]
+        codec = bytes(hdr[pos + 1:pos + 1 + n]).decode("ascii")
+        pos += 1 + n
+        n = hdr[pos]
+        key = bytes(hdr[pos + 1:pos + 1 + n]).decode("ascii")
+        pos += 1 + n
+        fingerprint, num_tokens, start, num_layers, num_sections = _TAIL.unpack_from(hdr, pos)
+        pos += _TAIL.size
+        (meta_len,) = struct.unpack_from("<I", hdr, pos)
+        pos += 4
+        if pos + meta_len + num_sections * _SECTION.size != header_len:
+            raise CorruptObject("header length does not match its fields")
+        codec_meta = bytes(hdr[pos:pos + meta_len])
+        pos += meta_len
+        sections = []
+        offset = header_len
+        for _ in range(num_sections):
+            ls, le, _reserved, length, csum = _SECTION.unpack_from(hdr, pos)
+            pos += _SECTION.size
+            if not 0 <= ls < le <= num_layers:
+                raise CorruptObject(f"section layers [{ls}, {le}) outside [0, {num_layers})")
+            sections.append(Section(ls, le, offset, length, csum))
+            offset += length
+    except (struct.error, UnicodeDecodeError, IndexError) as exc:
+        raise CorruptObject(f"malformed chunk header: {exc}") from exc
+    if offset - header_len != payload_len:
+        raise CorruptObject("section lengths do not add up to the payload length")
+    return ChunkHeader(codec, key, fingerprint, num_tokens, start, num_layers, codec_meta, tuple(sections),
+                       header_len, payload_len)
+
+
+def verify_section(data: bytes | memoryview, section: Section) -> memoryview:
+    """Return the section's bytes after checking them against its checksum."""
+    view = memoryview(data)[section.offset:section.offset + section.length]
+    if len(view) != section.length:
+        raise CorruptObject("chunk object truncated inside a section")
+    if xxhash.xxh3_64_intdigest(view) != section.checksum:
+        raise CorruptObject(f"checksum mismatch in section of layers [{section.layer_start}, {section.layer_end})")
+    return view
+
+
+def verify_object(data: bytes | memoryview, *, key: str | None = None, fingerprint: bytes | None = None,
+                  codec: str | None = None, check_payload: bool = True) -> ChunkHeader:
+    """Parse ``data`` and check it is the complete, intact object that was asked for.
+
+    Raises :class:`CorruptObject` on any mismatch; callers treat that as a miss.
+    """
+    header = parse_header(data)
+    if len(data) != header.total_len:
+        raise CorruptObject(f"object is {len(data)} bytes, header says {header.total_len}")
+    if key is not None and header.key != key:
+        raise CorruptObject("object carries another key (misdirected or foreign object)")
+    if fingerprint is not None and header.fingerprint != fingerprint:
+        raise CorruptObject("object has another layout fingerprint")
+    if codec is not None and header.codec != codec:
+        raise CorruptObject(f"object codec {header.codec!r}, expected {codec!r}")
+    if header.sections and (header.sections[0].layer_start != 0
+                            or any(a.layer_end != b.layer_start for a, b in zip(header.sections, header.sections[1:]))
+                            or header.sections[-1].layer_end != header.num_layers):
+        raise CorruptObject("sections do not cover the layers exactly once in order")
+    if check_payload:
+        for section in header.sections:
+            verify_section(data, section)
+    return header

@@ -1,0 +1,457 @@
+"""The KDN client library: what engine connectors call.
+
+``KDNClient(layout, config)`` is bound to a controller, a tenant, a layout and a codec:
+
+- ``lookup(tokens)`` -> how many leading tokens are cached, and where each chunk lives.
+- ``retrieve(tokens)`` -> the KV of the longest cached prefix as one tensor ``[layers, 2, tokens, kv_heads,
+  head_dim]`` (the :mod:`kdn.layout` convention), fetched from whichever nodes hold the chunks, verified, decoded.
+- ``store(tokens, kv)`` -> queue the KV of ``tokens`` for storage; returns at once (bounded queue; when full the
+  job is dropped and counted, never blocking the engine).
+
+Failures of the remote side (controller or nodes down, corrupt objects) never raise into the engine: they become
+misses (fewer tokens retrieved) and are logged and counted. Bad arguments (wrong shape or dtype) raise
+:class:`~kdn.errors.InvalidRequest`; a wrong token raises :class:`~kdn.errors.AuthError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import grpc
+
+from codec import get_codec
+from codec.raw import check_kv, torch_dtype
+from kdn.auth import call_metadata
+from kdn.chunk import ChunkHeader, verify_object
+from kdn.chunk_codec import encode_chunk
+from kdn.config import ClientConfig
+from kdn.errors import AuthError, CorruptObject, InvalidRequest, KDNError, Unavailable
+from kdn.keys import ChunkKey, ChunkSpan, prefix_keys
+from kdn.layout import KVLayout
+from kdn.metrics import ClientMetrics
+from kdn.node_client import NodeClient
+from kdn.rpc import make_channel, raise_from_rpc
+from kdn.v1 import control_pb2, control_pb2_grpc
+
+__all__ = ["KDNClient", "LookupResult", "ChunkHit", "RetrieveResult", "StoreResult", "LayerStream"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NodeAddress:
+    node_id: str
+    address: str
+    bulk_address: str = ""
+
+
+@dataclass
+class ChunkHit:
+    span: ChunkSpan
+    key: ChunkKey
+    nodes: list[NodeAddress]
+
+
+@dataclass
+class LookupResult:
+    hit_tokens: int
+    """Leading tokens whose KV is cached."""
+    chunks: list[ChunkHit] = field(default_factory=list)
+    """The hit chunks, in order."""
+    source: str = "controller"
+    """``controller``, ``nodes`` (controller down, asked known nodes) or ``none``."""
+
+
+@dataclass
+class RetrieveResult:
+    num_tokens: int
+    kv: object | None
+    """A tensor ``[layers, 2, num_tokens, kv_heads, head_dim]``, or ``None`` when nothing was retrieved."""
+    chunks: int = 0
+    bytes: int = 0
+
+
+@dataclass
+class StoreResult:
+    stored: int = 0
+    skipped: int = 0
+    """Chunks that were already stored."""
+    failed: int = 0
+    dropped: bool = False
+    error: str = ""
+
+
+class LayerStream:
+    """Verified objects of a cached prefix, decoded layer group by layer group on iteration."""
+
+    def __init__(self, client: KDNClient, objects: list, num_tokens: int, device) -> None:
+        self.client = client
+        self.objects = objects
+        self.num_tokens = num_tokens
+        self.device = device
+        self.bytes = sum(len(data) for _, data, _ in objects)
+
+    def empty(self):
+        """An uninitialized tensor of the whole prefix's KV shape."""
+        import torch
+
+        layout = self.client.layout
+        return torch.empty(layout.shape(self.num_tokens), dtype=torch_dtype(layout.dtype), device=self.device)
+
+    def groups(self) -> list[tuple[int, int]]:
+        """The layer groups every object shares (the coarsest common split)."""
+        if not self.objects:
+            return []
+        cuts = set()
+        for _, _, header in self.objects:
+            cuts.update(s.layer_end for s in header.sections)
+        bounds = [0, *sorted(cuts)]
+        return list(zip(bounds, bounds[1:]))
+
+    def decode_group(self, layer_start: int, layer_end: int, out=None):
+        """Decode layers ``[layer_start, layer_end)`` of every object into one tensor (``out`` if given)."""
+        import torch
+
+        client = self.client
+        layout = client.layout
+        if out is None:
+            out = torch.empty(layout.shape(self.num_tokens, layer_end - layer_start),
+                              dtype=torch_dtype(layout.dtype), device=self.device)
+        for chunk, data, header in self.objects:
+            for section in header.sections_for(layer_start, layer_end):
+                if section.layer_start < layer_start or section.layer_end > layer_end:
+                    raise InvalidRequest("layer group does not align with the objects' sections")
+                view = memoryview(data)[section.offset:section.offset + section.length]
+                client.codec.decode(view, section.layer_end - section.layer_start, header.num_tokens,
+                                    meta=header.codec_meta, device=self.device,
+                                    out=out[section.layer_start - layer_start:section.layer_end - layer_start, :,
+                                            chunk.span.start:chunk.span.end])
+        return out
+
+    def __iter__(self):
+        groups = self.groups()
+        if not groups:
+            return
+        pool = self.client._decode_pool
+        pending = pool.submit(self.decode_group, *groups[0])
+        for i, (start, end) in enumerate(groups):
+            kv = pending.result()
+            if i + 1 < len(groups):
+                pending = pool.submit(self.decode_group, *groups[i + 1])
+            yield start, end, kv
+
+class KDNClient:
+    """Lookup, retrieve and store KV caches of one layout for one tenant. Thread-safe; call ``close()``."""
+
+    def __init__(self, layout: KVLayout, config: ClientConfig | None = None, **overrides) -> None:
+        config = config or ClientConfig()
+        for name, value in overrides.items():
+            if not hasattr(config, name):
+                raise InvalidRequest(f"unknown client setting {name!r}")
+            setattr(config, name, value)
+        self.config = config
+        self.layout = layout
+        self.fingerprint = layout.fingerprint()
+        self.codec = get_codec(config.codec, layout)
+        if config.chunk_size <= 0:
+            raise InvalidRequest("chunk_size must be positive")
+        self.metrics = ClientMetrics()
+        self.metadata = call_metadata(config.token, config.tenant)
+        self._channel = make_channel(config.controller) if config.controller else None
+        self._control = control_pb2_grpc.ControlStub(self._channel) if self._channel else None
+        self._nodes: dict[str, NodeAddress] = {}
+        self._node_clients: dict[str, NodeClient] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=max(1, config.fetch_workers), thread_name_prefix="kdn-fetch")
+        self._decode_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdn-decode")
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, config.store_queue))
+        self._store_thread = threading.Thread(target=self._store_loop, name="kdn-store", daemon=True)
+        self._closed = False
+        self._store_thread.start()
+
+    # -- plumbing ------------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Finish queued stores (up to the deadline), then release connections."""
+        if self._closed:
+            return
+        self.flush(self.config.timeout_s)
+        self._closed = True
+        self._queue.put(None)
+        self._store_thread.join(timeout=self.config.timeout_s)
+        self._pool.shutdown(wait=True)
+        self._decode_pool.shutdown(wait=True)
+        for client in self._node_clients.values():
+            client.close()
+        if self._channel is not None:
+            self._channel.close()
+
+    def __enter__(self) -> KDNClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _node(self, node: NodeAddress) -> NodeClient:
+        with self._lock:
+            self._nodes[node.node_id] = node
+            client = self._node_clients.get(node.address)
+            if client is None:
+                client = NodeClient(node.address, node.bulk_address, tenant=self.config.tenant,
+                                    token=self.config.token, timeout_s=self.config.timeout_s,
+                                    transport=self.config.transport)
+                self._node_clients[node.address] = client
+            return client
+
+    def _call(self, method: str, request):
+        if self._control is None:
+            raise Unavailable("no controller configured")
+        try:
+            return getattr(self._control, method)(request, timeout=self.config.timeout_s, metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise_from_rpc(exc, f"controller {method}")
+
+    def keys(self, tokens, include_partial: bool | None = None) -> list[tuple[ChunkSpan, ChunkKey]]:
+        """The prefix-chain keys of ``tokens`` under this client's tenant, layout and codec."""
+        partial = self.config.store_partial if include_partial is None else include_partial
+        return prefix_keys(tokens, self.config.tenant, self.fingerprint, self.codec.name, self.config.chunk_size,
+                           include_partial=partial)
+
+    def refresh_nodes(self) -> list[NodeAddress]:
+        """Ask the controller for the live nodes (remembered for lookups while it is down)."""
+        reply = self._call("ListNodes", control_pb2.ListNodesRequest())
+        nodes = [NodeAddress(n.node_id, n.address, n.bulk_address) for n in reply.nodes if n.alive]
+        with self._lock:
+            for n in nodes:
+                self._nodes[n.node_id] = n
+        return nodes
+
+    # -- lookup --------------------------------------------------------------------------------------------------
+    def lookup(self, tokens) -> LookupResult:
+        """The longest cached prefix of ``tokens``. Never raises for remote failures (a miss instead)."""
+        keyed = self.keys(tokens)
+        self.metrics.lookup_tokens.inc(len(tokens))
+        if not keyed:
+            return LookupResult(0, [], "none")
+        try:
+            reply = self._call("Lookup", control_pb2.LookupRequest(keys=[str(k) for _, k in keyed], prefix=True))
+            hits = []
+            for (span, key), result in zip(keyed, reply.results):
+                nodes = [NodeAddress(loc.node_id, loc.address, loc.bulk_address) for loc in result.locations]
+                if not nodes:
+                    break
+                hits.append(ChunkHit(span, key, nodes))
+            return LookupResult(hits[-1].span.end if hits else 0, hits, "controller")
+        except AuthError:
+            raise
+        except KDNError as exc:
+            log.warning("controller lookup failed (%s); asking known nodes", exc)
+            self.metrics.fallbacks.labels("controller").inc()
+            return self._lookup_nodes(keyed)
+
+    def _lookup_nodes(self, keyed: list[tuple[ChunkSpan, ChunkKey]]) -> LookupResult:
+        with self._lock:
+            nodes = list(self._nodes.values())
+        present: dict[int, list[NodeAddress]] = {}
+        names = [str(k) for _, k in keyed]
+        for node in nodes:
+            try:
+                tiers = self._node(node).contains_many(names)
+            except KDNError as exc:
+                log.debug("node %s contains failed: %s", node.node_id, exc)
+                continue
+            for i, tier in enumerate(tiers):
+                if tier:
+                    present.setdefault(i, []).append(node)
+        hits = []
+        for i, (span, key) in enumerate(keyed):
+            if i not in present:
+                break
+            hits.append(ChunkHit(span, key, present[i]))
+        return LookupResult(hits[-1].span.end if hits else 0, hits, "nodes" if nodes else "none")
+
+    # -- retrieve ------------------------------------------------------------------------------------------------
+    def retrieve(self, tokens, *, device="cpu", max_tokens: int | None = None) -> RetrieveResult:
+        """Fetch, verify and decode the longest cached prefix of ``tokens`` (at most ``max_tokens`` tokens).
+
+        Chunks are fetched in parallel (one batch per node); a chunk that cannot be fetched or fails
+        verification ends the prefix there. Never raises for remote failures.
+        """
+        stream = self.retrieve_layers(tokens, device=device, max_tokens=max_tokens)
+        if stream.num_tokens == 0:
+            return RetrieveResult(0, None)
+        out = stream.empty()
+        for layer_start, layer_end in stream.groups():
+            stream.decode_group(layer_start, layer_end, out=out[layer_start:layer_end])
+        return RetrieveResult(stream.num_tokens, out, chunks=len(stream.objects), bytes=stream.bytes)
+
+    def retrieve_layers(self, tokens, *, device="cpu", max_tokens: int | None = None) -> LayerStream:
+        """Fetch and verify the longest cached prefix, then decode it layer group by layer group.
+
+        Every object is fetched and fully checksum-verified before the first layer is handed out, so a consumer
+        never receives layers of a prefix that later turns out to be damaged. Iterating the returned
+        :class:`LayerStream` yields ``(layer_start, layer_end, kv)`` with ``kv`` of shape
+        ``[layer_end - layer_start, 2, num_tokens, kv_heads, head_dim]``; decoding of the next group runs in a
+        background thread while the caller uses the current one.
+        """
+        t0 = time.perf_counter()
+        found = self.lookup(tokens)
+        chunks = found.chunks
+        if max_tokens is not None:
+            chunks = [c for c in chunks if c.span.end <= max_tokens]
+        datas = self._fetch(chunks) if chunks else []
+        good: list[tuple[ChunkHit, object, ChunkHeader]] = []
+        for chunk, data in zip(chunks, datas):
+            if data is None:
+                break
+            try:
+                header = verify_object(data, key=str(chunk.key), fingerprint=self.fingerprint,
+                                       codec=self.codec.name)
+                if header.num_layers != self.layout.num_layers or header.num_tokens != chunk.span.num_tokens:
+                    raise CorruptObject("object shape does not match its key")
+            except CorruptObject as exc:
+                log.warning("chunk %s rejected: %s", chunk.key, exc)
+                self.metrics.fallbacks.labels("corrupt").inc()
+                break
+            good.append((chunk, data, header))
+        num_tokens = good[-1][0].span.end if good else 0
+        self.metrics.fetch_seconds.observe(time.perf_counter() - t0)
+        self.metrics.hit_tokens.inc(num_tokens)
+        return LayerStream(self, good, num_tokens, device)
+
+    def _fetch(self, chunks: Sequence[ChunkHit]) -> list[bytes | bytearray | None]:
+        """Fetch objects, one batch per node in parallel, trying other holders for what a node could not give."""
+        out: list = [None] * len(chunks)
+        todo = list(range(len(chunks)))
+        for attempt in range(3):
+            by_node: dict[str, list[int]] = {}
+            for i in todo:
+                nodes = chunks[i].nodes
+                if attempt < len(nodes):
+                    by_node.setdefault(nodes[attempt].node_id, []).append(i)
+            if not by_node:
+                break
+            futures = {node_id: self._pool.submit(self._fetch_from, chunks[idx[0]].nodes[attempt],
+                                                  [chunks[i] for i in idx]) for node_id, idx in by_node.items()}
+            for node_id, fut in futures.items():
+                for i, data in zip(by_node[node_id], fut.result()):
+                    out[i] = data
+            todo = [i for i in todo if out[i] is None]
+            if not todo:
+                break
+        return out
+
+    def _fetch_from(self, node: NodeAddress, chunks: list[ChunkHit]) -> list:
+        try:
+            datas = self._node(node).get_many([str(c.key) for c in chunks])
+        except KDNError as exc:
+            log.warning("fetch from node %s failed: %s", node.node_id, exc)
+            self.metrics.fallbacks.labels("node").inc()
+            return [None] * len(chunks)
+        out = []
+        for chunk, data in zip(chunks, datas):
+            if data is not None:
+                try:
+                    verify_object(data, key=str(chunk.key), fingerprint=self.fingerprint, codec=self.codec.name,
+                                  check_payload=False)
+                except CorruptObject as exc:
+                    log.warning("node %s sent a bad object for %s: %s", node.node_id, chunk.key, exc)
+                    self.metrics.fallbacks.labels("corrupt").inc()
+                    data = None
+            out.append(data)
+        return out
+
+    # -- store ---------------------------------------------------------------------------------------------------
+    def store(self, tokens, kv, *, copy: bool = True) -> Future:
+        """Queue ``kv`` (``[layers, 2, len(tokens), heads, dim]``) of ``tokens`` for storage.
+
+        Returns a future of :class:`StoreResult` at once. ``copy=False`` skips the snapshot copy when the caller
+        guarantees not to modify ``kv`` until the future is done. Raises :class:`InvalidRequest` for a tensor
+        that does not match the layout; remote failures only show in the result.
+        """
+        check_kv(kv, self.layout)
+        toks = tokens.tolist() if hasattr(tokens, "tolist") else list(tokens)
+        if kv.shape[2] != len(toks):
+            raise InvalidRequest(f"KV holds {kv.shape[2]} tokens but {len(toks)} tokens were given")
+        future: Future = Future()
+        if self._closed:
+            raise InvalidRequest("client is closed")
+        job = (toks, kv.detach().clone() if copy else kv.detach(), future)
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            self.metrics.store_dropped.inc()
+            future.set_result(StoreResult(dropped=True, error="store queue full"))
+        return future
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued store has finished; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._queue.unfinished_tasks:
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
+    def _store_loop(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                if job is None:
+                    return
+                tokens, kv, future = job
+                try:
+                    result = self._store_now(tokens, kv)
+                except Exception as exc:  # noqa: BLE001 - a store never raises into the engine
+                    log.warning("store failed: %s", exc)
+                    self.metrics.store_dropped.inc()
+                    result = StoreResult(error=str(exc))
+                future.set_result(result)
+            finally:
+                self._queue.task_done()
+
+    def _store_now(self, tokens: list[int], kv) -> StoreResult:
+        keyed = self.keys(tokens)
+        if not keyed:
+            return StoreResult()
+        names = [str(k) for _, k in keyed]
+        existing = self._call("Lookup", control_pb2.LookupRequest(keys=names, prefix=False))
+        missing = [i for i, r in enumerate(existing.results) if not r.locations]
+        result = StoreResult(skipped=len(keyed) - len(missing))
+        if not missing:
+            return result
+        objects = {}
+        for i in missing:
+            span, key = keyed[i]
+            objects[i] = encode_chunk(kv[:, :, span.start:span.end].cpu(), key=names[i], layout=self.layout,
+                                      codec=self.codec, start=span.start, layer_group=self.config.layer_group)
+        placed = self._call("Place", control_pb2.PlaceRequest(keys=[names[i] for i in missing],
+                                                              sizes=[len(objects[i]) for i in missing]))
+        by_node: dict[str, tuple[NodeAddress, list[int]]] = {}
+        for i, target in zip(missing, placed.targets):
+            if not target.node_id:
+                result.failed += 1
+                continue
+            node = NodeAddress(target.node_id, target.address, target.bulk_address)
+            by_node.setdefault(node.node_id, (node, []))[1].append(i)
+        for node, idx in by_node.values():
+            try:
+                outcomes = self._node(node).put_many_detailed([(names[i], objects[i]) for i in idx])
+            except KDNError as exc:
+                log.warning("store to node %s failed: %s", node.node_id, exc)
+                result.failed += len(idx)
+                result.error = str(exc)
+                continue
+            for ok, err in outcomes:
+                if ok:
+                    result.stored += 1
+                else:
+                    result.failed += 1
+                    result.error = err
+        self.metrics.stored_chunks.inc(result.stored)
+        return result

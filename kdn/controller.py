@@ -1,0 +1,256 @@
+"""The controller: node registry, global index, lookups, placement, eviction and pinning over gRPC.
+
+It is never on the data path. Its state is soft: after a restart the nodes re-register and resend their full
+inventories; until then lookups answer "miss", never a wrong location.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from prometheus_client import CollectorRegistry
+
+from kdn.auth import Authenticator, Principal
+from kdn.config import KDNConfig
+from kdn.errors import AuthError, InvalidRequest, Unavailable
+from kdn.index import GlobalIndex, Location, NodeRecord
+from kdn.metrics import ControllerMetrics
+from kdn.rpc import create_server, servicer_method
+from kdn.v1 import common_pb2, control_pb2, control_pb2_grpc
+
+__all__ = ["Controller"]
+
+log = logging.getLogger(__name__)
+
+MAX_KEYS_PER_CALL = 100_000
+
+
+def _location(loc: Location) -> common_pb2.Location:
+    return common_pb2.Location(node_id=loc.node_id, address=loc.address, bulk_address=loc.bulk_address,
+                               tier=loc.tier, size=loc.size)
+
+
+class Controller:
+    """Owns the index and the gRPC control-plane server."""
+
+    def __init__(self, config: KDNConfig, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self.index = GlobalIndex(config.controller.node_timeout_s)
+        self.auth = Authenticator(config.auth.tokens)
+        self.metrics = ControllerMetrics(registry or CollectorRegistry())
+        self.started_at = time.monotonic()
+        self.counters = {"lookups": 0, "lookup_keys": 0, "lookup_hits": 0}
+        self.port = 0
+        self._server = None
+        self._node_clients: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    def start(self) -> Controller:
+        cfg = self.config.controller
+        self._server, self.port = create_server(cfg.host, cfg.port)
+        control_pb2_grpc.add_ControlServicer_to_server(ControlServicer(self), self._server)
+        self._server.start()
+        log.info("controller serving on %s:%d", cfg.host, self.port)
+        return self
+
+    def stop(self, grace_s: float = 2.0) -> None:
+        if self._server is not None:
+            self._server.stop(grace_s).wait()
+        for client in self._node_clients.values():
+            client.close()
+        log.info("controller stopped")
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.controller.host}:{self.port}"
+
+    def node_client(self, record: NodeRecord):
+        """A cached data-plane client (admin) for forwarding deletes."""
+        from kdn.node_client import NodeClient
+
+        with self._lock:
+            client = self._node_clients.get(record.node_id)
+            if client is None or client.address != record.address:
+                token = next((t for t, p in self.config.auth.tokens.items() if p == "@admin"), "")
+                client = NodeClient(record.address, tenant="default", token=token, transport="grpc",
+                                    timeout_s=5.0)
+                self._node_clients[record.node_id] = client
+            return client
+
+    def evict(self, keys: list[str]) -> int:
+        """Delete ``keys`` on every node that holds them, then forget them."""
+        for node_id, node_keys in self.index.holders(keys).items():
+            record = self.index.nodes.get(node_id)
+            if record is None:
+                continue
+            try:
+                self.node_client(record).delete_many(node_keys)
+            except Unavailable as exc:
+                log.warning("evict on node %s failed: %s", node_id, exc)
+        return self.index.forget(keys)
+
+
+def _tiers(usage) -> list[tuple[str, int, int]]:
+    return [(t.kind, t.capacity_bytes, t.used_bytes) for t in usage]
+
+
+class ControlServicer(control_pb2_grpc.ControlServicer):
+    """Converts control-plane messages to controller/index calls."""
+
+    def __init__(self, controller: Controller) -> None:
+        self.c = controller
+
+    def _principal(self, context) -> Principal:
+        return self.c.auth.from_metadata(context.invocation_metadata())
+
+    def _admin(self, context) -> Principal:
+        principal = self._principal(context)
+        if not principal.admin:
+            raise AuthError("this call needs the admin role")
+        return principal
+
+    @staticmethod
+    def _keys(keys) -> list[str]:
+        if len(keys) > MAX_KEYS_PER_CALL:
+            raise InvalidRequest(f"at most {MAX_KEYS_PER_CALL} keys per call")
+        return list(keys)
+
+    @servicer_method
+    def RegisterNode(self, request, context):  # noqa: N802
+        self._admin(context)
+        n = request.node
+        if not n.node_id or not n.address:
+            raise InvalidRequest("node_id and address are required")
+        self.c.index.register(NodeRecord(n.node_id, n.address, n.bulk_address, n.epoch, _tiers(n.tiers)))
+        log.info("node %s registered at %s (epoch %x)", n.node_id, n.address, n.epoch)
+        return control_pb2.RegisterNodeReply(heartbeat_interval_s=self.c.config.node.heartbeat_interval_s)
+
+    @servicer_method
+    def Heartbeat(self, request, context):  # noqa: N802
+        self._admin(context)
+        return control_pb2.HeartbeatReply(known=self.c.index.heartbeat(request.node_id, request.epoch,
+                                                                         _tiers(request.tiers)))
+
+    @servicer_method
+    def ReportInventory(self, request, context):  # noqa: N802
+        self._admin(context)
+        known = self.c.index.apply(request.node_id, request.epoch, request.full,
+                                   [(e.key, e.tier, e.size) for e in request.added],
+                                   [(e.key, e.tier) for e in request.removed])
+        self.c.metrics.index_keys.set(self.c.index.totals()[0])
+        return control_pb2.InventoryAck(known=known)
+
+    @servicer_method
+    def Lookup(self, request, context):  # noqa: N802
+        principal = self._principal(context)
+        keys = self._keys(request.keys)
+        visible = [k if principal.may_access(k) else "" for k in keys]
+        found = self.c.index.lookup(visible, request.prefix)
+        results = [control_pb2.KeyLocations(key=k, locations=[_location(loc) for loc in locs])
+                   for k, locs in zip(keys, found)]
+        prefix_hits = next((i for i, locs in enumerate(found) if not locs), len(found))
+        hits = sum(1 for locs in found if locs)
+        self.c.metrics.lookups.inc()
+        self.c.metrics.lookup_keys.labels("hit").inc(hits)
+        self.c.metrics.lookup_keys.labels("miss").inc(len(found) - hits)
+        with self.c._lock:
+            self.c.counters["lookups"] += 1
+            self.c.counters["lookup_keys"] += len(keys)
+            self.c.counters["lookup_hits"] += hits
+        return control_pb2.LookupReply(results=results, prefix_hits=prefix_hits)
+
+    @servicer_method
+    def Place(self, request, context):  # noqa: N802
+        principal = self._principal(context)
+        keys = self._keys(request.keys)
+        if len(request.sizes) not in (0, len(keys)):
+            raise InvalidRequest("sizes must be empty or one per key")
+        sizes = list(request.sizes) or [0] * len(keys)
+        targets = []
+        for key, size in zip(keys, sizes):
+            record = self.c.index.place(key, size) if principal.may_access(key) else None
+            targets.append(common_pb2.Location(node_id=record.node_id, address=record.address,
+                                               bulk_address=record.bulk_address) if record else common_pb2.Location())
+        return control_pb2.PlaceReply(targets=targets)
+
+    def _scoped(self, principal: Principal, keys, prefix: str, limit: int = MAX_KEYS_PER_CALL) -> list[str]:
+        chosen = [k for k in self._keys(keys) if principal.may_access(k)]
+        if prefix:
+            if not principal.admin and not prefix.startswith(principal.tenant + "/"):
+                prefix = f"{principal.tenant}/{prefix}"
+            chosen += self.c.index.keys_with_prefix(prefix, limit)[0]
+        return chosen
+
+    @servicer_method
+    def Evict(self, request, context):  # noqa: N802
+        principal = self._principal(context)
+        if not request.keys and not request.prefix:
+            raise InvalidRequest("give keys or a prefix to evict")
+        return control_pb2.EvictReply(evicted=self.c.evict(self._scoped(principal, request.keys, request.prefix)))
+
+    @servicer_method
+    def Pin(self, request, context):  # noqa: N802
+        keys = self._scoped(self._principal(context), request.keys, "")
+        with self.c._lock:
+            before = len(self.c.index.pinned)
+            self.c.index.pinned.update(keys)
+            return control_pb2.PinReply(changed=len(self.c.index.pinned) - before)
+
+    @servicer_method
+    def Unpin(self, request, context):  # noqa: N802
+        keys = self._scoped(self._principal(context), request.keys, "")
+        with self.c._lock:
+            before = len(self.c.index.pinned)
+            self.c.index.pinned.difference_update(keys)
+            return control_pb2.PinReply(changed=before - len(self.c.index.pinned))
+
+    @servicer_method
+    def Stats(self, request, context):  # noqa: N802
+        self._principal(context)
+        index = self.c.index
+        now = time.monotonic()
+        nodes = list(index.nodes.values())
+        alive = sum(1 for r in nodes if index.alive(r, now))
+        self.c.metrics.nodes.labels("alive").set(alive)
+        self.c.metrics.nodes.labels("dead").set(len(nodes) - alive)
+        keys, nbytes = index.totals()
+        c = self.c.counters
+        return control_pb2.ControllerStats(nodes=len(nodes), alive_nodes=alive, keys=keys, bytes=nbytes,
+                                           lookups=c["lookups"], lookup_keys=c["lookup_keys"],
+                                           lookup_hits=c["lookup_hits"], pinned=len(index.pinned),
+                                           uptime_s=now - self.c.started_at)
+
+    @servicer_method
+    def ListNodes(self, request, context):  # noqa: N802
+        self._principal(context)
+        index = self.c.index
+        now = time.monotonic()
+        out = []
+        for r in sorted(index.nodes.values(), key=lambda r: r.node_id):
+            out.append(common_pb2.NodeInfo(
+                node_id=r.node_id, address=r.address, bulk_address=r.bulk_address, epoch=r.epoch,
+                tiers=[common_pb2.TierUsage(kind=k, capacity_bytes=c, used_bytes=u) for k, c, u in r.tiers],
+                alive=index.alive(r, now), heartbeat_age_s=now - r.last_seen,
+                objects=len(index._node_keys.get(r.node_id, ()))))
+        return control_pb2.ListNodesReply(nodes=out)
+
+    @servicer_method
+    def ListKeys(self, request, context):  # noqa: N802
+        principal = self._principal(context)
+        limit = request.limit or 1000
+        prefix = request.prefix
+        if not principal.admin and not prefix.startswith(principal.tenant + "/"):
+            prefix = f"{principal.tenant}/{prefix}"
+        keys, truncated = self.c.index.keys_with_prefix(prefix, limit)
+        now = time.time()
+        out = []
+        for key in keys:
+            stats = self.c.index.stats.get(key)
+            out.append(control_pb2.KeyInfo(
+                key=key, locations=[_location(loc) for loc in self.c.index.locations(key)],
+                pinned=key in self.c.index.pinned, size=stats.size if stats else 0,
+                lookups=stats.lookups if stats else 0,
+                last_access_age_s=now - stats.last_access if stats else 0.0))
+        return control_pb2.ListKeysReply(keys=out, truncated=truncated)

@@ -1,0 +1,162 @@
+"""A client of one storage node's data plane: the bulk byte channel when the node has one, gRPC otherwise.
+
+The bulk channel carries payload bytes; if it fails (refused, reset), the call is retried once over gRPC and the
+bulk channel is not used again for ``BULK_RETRY_S`` seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+
+import grpc
+
+from kdn.auth import call_metadata
+from kdn.errors import AuthError, InvalidRequest, Unavailable
+from kdn.rpc import DEFAULT_FRAME_BYTES, make_channel, raise_from_rpc
+from kdn.tiers.base import Buffer
+from kdn.v1 import data_pb2, data_pb2_grpc
+
+__all__ = ["NodeClient"]
+
+log = logging.getLogger(__name__)
+
+BULK_RETRY_S = 5.0
+
+
+class NodeClient:
+    """Thread-safe client of one node. ``transport``: ``bulk`` (with gRPC fallback) or ``grpc``."""
+
+    def __init__(self, address: str, bulk_address: str = "", *, tenant: str = "default", token: str = "",
+                 timeout_s: float = 10.0, transport: str = "bulk") -> None:
+        if transport not in ("bulk", "grpc"):
+            raise InvalidRequest(f"transport must be 'bulk' or 'grpc', got {transport!r}")
+        self.address = address
+        self.bulk_address = bulk_address if transport == "bulk" else ""
+        self.tenant = tenant
+        self.token = token
+        self.timeout_s = timeout_s
+        self.metadata = call_metadata(token, tenant)
+        self._channel = make_channel(address)
+        self._stub = data_pb2_grpc.DataStub(self._channel)
+        self._bulk = None
+        self._bulk_down_until = 0.0
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        if self._bulk is not None:
+            self._bulk.close()
+        self._channel.close()
+
+    def __enter__(self) -> NodeClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- bulk channel -------------------------------------------------------------------------------------------
+    def _bulk_client(self):
+        if not self.bulk_address or time.monotonic() < self._bulk_down_until:
+            return None
+        with self._lock:
+            if self._bulk is None:
+                from kdn.bulk import BulkClient
+
+                self._bulk = BulkClient(self.bulk_address, token=self.token, tenant=self.tenant,
+                                        timeout_s=self.timeout_s)
+            return self._bulk
+
+    def _bulk_failed(self, exc: Exception) -> None:
+        log.warning("bulk channel %s failed (%s); using gRPC for %.0f s", self.bulk_address, exc, BULK_RETRY_S)
+        self._bulk_down_until = time.monotonic() + BULK_RETRY_S
+
+    # -- operations ---------------------------------------------------------------------------------------------
+    def get_many(self, keys: Sequence[str]) -> list[Buffer | None]:
+        """Whole objects for ``keys`` (``None`` for misses). Raises Unavailable/DeadlineExceeded/AuthError."""
+        bulk = self._bulk_client()
+        if bulk is not None:
+            try:
+                return bulk.get_many(list(keys))
+            except AuthError:
+                raise
+            except Unavailable as exc:
+                self._bulk_failed(exc)
+        out: list[Buffer | None] = [None] * len(keys)
+        bufs: dict[int, bytearray] = {}
+        try:
+            for frame in self.get_frames(keys):
+                if not frame.found:
+                    continue
+                buf = bufs.get(frame.index)
+                if buf is None:
+                    buf = bufs[frame.index] = bytearray(frame.total_size)
+                end = frame.offset + len(frame.data)
+                if end > len(buf):
+                    raise Unavailable("node sent a frame past the end of its object")
+                buf[frame.offset:end] = frame.data
+                if end == len(buf):
+                    out[frame.index] = buf
+        except grpc.RpcError as exc:
+            raise_from_rpc(exc, f"get from {self.address}")
+        return out
+
+    def get_frames(self, keys: Sequence[str], max_frame_bytes: int = DEFAULT_FRAME_BYTES) -> Iterator:
+        """The raw gRPC frame stream (header frame, then one frame per section) for layer-wise consumers."""
+        return self._stub.Get(data_pb2.GetRequest(keys=list(keys), max_frame_bytes=max_frame_bytes),
+                              timeout=self.timeout_s, metadata=self.metadata)
+
+    def put_many(self, items: Sequence[tuple[str, Buffer]]) -> list[bool]:
+        return [ok for ok, _ in self.put_many_detailed(items)]
+
+    def put_many_detailed(self, items: Sequence[tuple[str, Buffer]]) -> list[tuple[bool, str]]:
+        """Store objects; per item ``(stored, error)``."""
+        if not items:
+            return []
+        bulk = self._bulk_client()
+        if bulk is not None:
+            try:
+                return bulk.put_many(list(items))
+            except AuthError:
+                raise
+            except Unavailable as exc:
+                self._bulk_failed(exc)
+
+        def frames():
+            for key, data in items:
+                view = memoryview(data)
+                for off in range(0, max(len(view), 1), DEFAULT_FRAME_BYTES):
+                    yield data_pb2.PutFrame(key=key, total_size=len(view), offset=off,
+                                            data=bytes(view[off:off + DEFAULT_FRAME_BYTES]))
+
+        try:
+            reply = self._stub.Put(frames(), timeout=self.timeout_s, metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise_from_rpc(exc, f"put to {self.address}")
+        if len(reply.results) != len(items):
+            raise Unavailable(f"node {self.address} answered {len(reply.results)} results for {len(items)} objects")
+        return [(r.stored, r.error) for r in reply.results]
+
+    def contains_many(self, keys: Sequence[str]) -> list[str]:
+        """The tier holding each key, '' when absent."""
+        try:
+            reply = self._stub.Contains(data_pb2.KeysRequest(keys=list(keys)), timeout=self.timeout_s,
+                                        metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise_from_rpc(exc, f"contains on {self.address}")
+        return list(reply.tier)
+
+    def delete_many(self, keys: Sequence[str]) -> list[bool]:
+        try:
+            reply = self._stub.Delete(data_pb2.KeysRequest(keys=list(keys)), timeout=self.timeout_s,
+                                      metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise_from_rpc(exc, f"delete on {self.address}")
+        return list(reply.deleted)
+
+    def stats(self) -> data_pb2.NodeStats:
+        try:
+            return self._stub.Stats(data_pb2.NodeStatsRequest(), timeout=self.timeout_s, metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise_from_rpc(exc, f"stats of {self.address}")

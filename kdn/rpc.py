@@ -1,0 +1,99 @@
+"""gRPC plumbing shared by servers and clients: channel/server options and error translation."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from concurrent import futures
+from functools import wraps
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+
+from kdn import errors
+
+__all__ = ["MAX_MESSAGE_BYTES", "make_channel", "create_server", "raise_from_rpc", "servicer_method", "abort",
+           "status_of"]
+
+log = logging.getLogger(__name__)
+
+#: Largest gRPC message either side accepts; frames are at most 4 MiB of payload.
+MAX_MESSAGE_BYTES = 64 << 20
+DEFAULT_FRAME_BYTES = 4 << 20
+
+_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+_STATUS = {
+    errors.InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.ConfigError: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.AuthError: grpc.StatusCode.UNAUTHENTICATED,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.CorruptObject: grpc.StatusCode.DATA_LOSS,
+    errors.CapacityError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+}
+_ERROR = {code: cls for cls, code in _STATUS.items() if cls is not errors.ConfigError}
+
+
+def status_of(exc: errors.KDNError) -> grpc.StatusCode:
+    """The gRPC status code of a KDN error (nearest class in its MRO)."""
+    for cls in type(exc).__mro__:
+        if cls in _STATUS:
+            return _STATUS[cls]
+    return grpc.StatusCode.UNKNOWN
+
+
+def make_channel(address: str) -> grpc.Channel:
+    """An insecure channel with KDN's message limits and keepalive."""
+    return grpc.insecure_channel(address, options=_OPTIONS)
+
+
+def create_server(host: str, port: int, workers: int = 16) -> tuple[grpc.Server, int]:
+    """A gRPC server bound to ``host:port`` (port 0 picks one); returns the server and the bound port."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kdn-rpc"),
+                         options=_OPTIONS)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise errors.ConfigError(f"cannot bind gRPC server to {host}:{port}")
+    return server, bound
+
+
+def raise_from_rpc(exc: grpc.RpcError, what: str) -> None:
+    """Translate a client-side ``grpc.RpcError`` into the KDN error tree (cause kept)."""
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    detail = exc.details() if hasattr(exc, "details") else str(exc)
+    cls = _ERROR.get(code, errors.Unavailable)
+    raise cls(f"{what}: {detail or code.name}") from exc
+
+
+def abort(context: grpc.ServicerContext, exc: BaseException, what: str = "call") -> NoReturn:
+    """End a server-side call: KDN errors keep their meaning, anything else is logged and becomes INTERNAL."""
+    if isinstance(exc, errors.KDNError):
+        context.abort(status_of(exc), str(exc))
+    log.error("internal error in %s", what, exc_info=exc)
+    context.abort(grpc.StatusCode.INTERNAL, "internal error")
+    raise AssertionError("unreachable")  # context.abort always raises
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def servicer_method(func: F) -> F:
+    """Wrap a unary servicer method: KDN errors become gRPC status codes; anything else is logged as INTERNAL."""
+
+    @wraps(func)
+    def wrapper(self, request, context):
+        try:
+            return func(self, request, context)
+        except Exception as exc:  # noqa: BLE001 - the server must survive any bug in one call
+            abort(context, exc, func.__name__)
+
+    return wrapper  # type: ignore[return-value]

