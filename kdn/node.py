@@ -143,7 +143,7 @@ class StorageNode:
         verify_object(data, key=key)
 
     def put_many(self, principal: Principal, items: Sequence[tuple[str, Buffer]],
-                 transport: str = "bulk") -> list[tuple[bool, str]]:
+                 transport: str = "bulk", tier: str = "") -> list[tuple[bool, str]]:
         self.metrics.requests.labels("put", transport).inc()
         results: list[tuple[bool, str]] = [(False, "")] * len(items)
         good: list[int] = []
@@ -156,7 +156,7 @@ class StorageNode:
                     self._count(corrupt=1)
                     self.metrics.corrupt.inc()
                 results[i] = (False, str(exc))
-        stored = self.store.put_many([items[i] for i in good])
+        stored = self.store.put_many([items[i] for i in good], tier=tier)
         if self.link is not None and any(stored):
             self.link.sync()
         for i, ok in zip(good, stored):
@@ -173,6 +173,16 @@ class StorageNode:
         out = [""] * len(keys)
         for i, tier in zip(allowed, located):
             out[i] = tier
+        return out
+
+    def move_many(self, principal: Principal, keys: Sequence[str], tier: str) -> list[bool]:
+        allowed = [i for i, k in enumerate(keys) if principal.may_access(k)]
+        moved = self.store.move_many([keys[i] for i in allowed], tier)
+        out = [False] * len(keys)
+        for i, ok in zip(allowed, moved):
+            out[i] = ok
+        if self.link is not None and any(moved):
+            self.link.sync()
         return out
 
     def delete_many(self, principal: Principal, keys: Sequence[str]) -> list[bool]:
@@ -232,7 +242,8 @@ class DataServicer(data_pb2_grpc.DataServicer):
             abort(context, exc, "Put")
         limit = self.node.config.node.max_object_bytes
         results: list[data_pb2.PutResult] = []  # one per object, in arrival order
-        batch: list[tuple[int, str, bytes]] = []
+        batch: list[tuple[int, str, bytes, str]] = []
+        tier = ""
         buf: bytearray | None = None
         key, filled = "", 0
 
@@ -243,7 +254,7 @@ class DataServicer(data_pb2_grpc.DataServicer):
             if frame.offset == 0 and (buf is None or frame.key != key or filled == 0):
                 if buf is not None:
                     fail("incomplete object")
-                key, filled, buf = frame.key, 0, None
+                key, filled, buf, tier = frame.key, 0, None, frame.tier
                 results.append(data_pb2.PutResult(key=key, stored=False))
                 if frame.total_size > limit:
                     fail("object exceeds max_object_bytes")
@@ -258,20 +269,27 @@ class DataServicer(data_pb2_grpc.DataServicer):
             buf[filled:filled + len(frame.data)] = frame.data
             filled += len(frame.data)
             if filled == len(buf):
-                batch.append((len(results) - 1, key, bytes(buf)))
+                batch.append((len(results) - 1, key, bytes(buf), tier))
                 buf = None
         if buf is not None:
             fail("incomplete object")
-        outcomes = self.node.put_many(principal, [(k, d) for _, k, d in batch], transport="grpc")
-        for (index, _, _), (ok, err) in zip(batch, outcomes):
-            results[index].stored = ok
-            results[index].error = err
+        for hint in sorted({t for *_, t in batch}):
+            group = [b for b in batch if b[3] == hint]
+            outcomes = self.node.put_many(principal, [(k, d) for _, k, d, _ in group], transport="grpc", tier=hint)
+            for (index, *_), (ok, err) in zip(group, outcomes):
+                results[index].stored = ok
+                results[index].error = err
         return data_pb2.PutReply(results=results)
 
     @servicer_method
     def Contains(self, request, context):  # noqa: N802
         tiers = self.node.contains_many(self._principal(context), list(request.keys))
         return data_pb2.ContainsReply(present=[bool(t) for t in tiers], tier=tiers)
+
+    @servicer_method
+    def Move(self, request, context):  # noqa: N802
+        return data_pb2.MoveReply(moved=self.node.move_many(self._principal(context), list(request.keys),
+                                                            request.tier))
 
     @servicer_method
     def Delete(self, request, context):  # noqa: N802

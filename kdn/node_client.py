@@ -110,11 +110,11 @@ class NodeClient:
     def put_many(self, items: Sequence[tuple[str, Buffer]]) -> list[bool]:
         return [ok for ok, _ in self.put_many_detailed(items)]
 
-    def put_many_detailed(self, items: Sequence[tuple[str, Buffer]]) -> list[tuple[bool, str]]:
-        """Store objects; per item ``(stored, error)``."""
+    def put_many_detailed(self, items: Sequence[tuple[str, Buffer]], tier: str = "") -> list[tuple[bool, str]]:
+        """Store objects; per item ``(stored, error)``. ``tier`` is a placement hint (sent over gRPC only)."""
         if not items:
             return []
-        bulk = self._bulk_client()
+        bulk = None if tier else self._bulk_client()
         if bulk is not None:
             try:
                 return bulk.put_many(list(items))
@@ -127,7 +127,7 @@ class NodeClient:
             for key, data in items:
                 view = memoryview(data)
                 for off in range(0, max(len(view), 1), DEFAULT_FRAME_BYTES):
-                    yield data_pb2.PutFrame(key=key, total_size=len(view), offset=off,
+                    yield data_pb2.PutFrame(key=key, total_size=len(view), offset=off, tier=tier if off == 0 else "",
                                             data=bytes(view[off:off + DEFAULT_FRAME_BYTES]))
 
         try:
@@ -146,6 +146,15 @@ class NodeClient:
         except grpc.RpcError as exc:
             raise_from_rpc(exc, f"contains on {self.address}")
         return list(reply.tier)
+
+    def move_many(self, keys: Sequence[str], tier: str) -> list[bool]:
+        """Ask the node to make ``tier`` the fastest tier holding each key."""
+        try:
+            reply = self._stub.Move(data_pb2.MoveRequest(keys=list(keys), tier=tier), timeout=self.timeout_s,
+                                    metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise_from_rpc(exc, f"move on {self.address}")
+        return list(reply.moved)
 
     def delete_many(self, keys: Sequence[str]) -> list[bool]:
         try:

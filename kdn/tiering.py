@@ -3,7 +3,8 @@
 - ``write-through``: a put goes to the top tier and to every durable tier below it.
 - ``write-back``: a put goes to the top tier only; an object evicted from a tier is demoted to the next tier
   below that has room, instead of being lost.
-- A get searches top-down; a hit below the top tier is promoted to the top tier.
+- A get searches top-down; a hit below the top tier is promoted to the top tier, unless ``promote_on_hit`` is
+  off (the controller turns it off when it moves objects between tiers itself: cost-driven placement).
 
 Every change of which tier holds which key is reported through ``on_change(added, removed)`` so the node can
 tell the controller (``added``: ``(key, tier, size)``; ``removed``: ``(key, tier)``).
@@ -40,6 +41,7 @@ class TierStack:
         self.tiers = list(tiers)
         self.write_policy = write_policy
         self.on_change = on_change
+        self.promote_on_hit = True
         for i, tier in enumerate(self.tiers):
             tier.on_evict = self._make_evict_handler(i)
 
@@ -59,10 +61,16 @@ class TierStack:
             self._emit(added, [(key, tier.kind)])
         return handler
 
-    def put_many(self, items: Sequence[tuple[str, Buffer]]) -> list[bool]:
-        targets = [self.tiers[0]]
+    def tier(self, kind: str) -> Tier | None:
+        return next((t for t in self.tiers if t.kind == kind), None)
+
+    def put_many(self, items: Sequence[tuple[str, Buffer]], tier: str = "") -> list[bool]:
+        """Store objects in the top tier (or in ``tier``, a placement hint) and, with write-through, in every
+        durable tier below it; objects the first target cannot hold go to the next tier that can."""
+        start = next((i for i, t in enumerate(self.tiers) if t.kind == tier), 0)
+        targets = [self.tiers[start]]
         if self.write_policy == "write-through":
-            targets += [t for t in self.tiers[1:] if t.durable]
+            targets += [t for t in self.tiers[start + 1:] if t.durable]
         stored = [False] * len(items)
         added: list[tuple[str, str, int]] = []
         for tier in targets:
@@ -98,7 +106,7 @@ class TierStack:
                     still.append(i)
                 else:
                     out[i] = (data, tier.kind)
-                    if depth > 0:
+                    if depth > 0 and self.promote_on_hit:
                         promote.append((keys[i], data))
             pending = still
         if promote:
@@ -106,6 +114,32 @@ class TierStack:
             added = [(k, top.kind, len(d)) for (k, d), ok in zip(promote, top.put_many(promote)) if ok]
             self._emit(added, [])
         return out
+
+    def move_many(self, keys: Sequence[str], tier: str) -> list[bool]:
+        """Make ``tier`` the fastest tier holding each key: copy the object there, drop copies in faster tiers."""
+        index = next((i for i, t in enumerate(self.tiers) if t.kind == tier), None)
+        if index is None:
+            return [False] * len(keys)
+        target = self.tiers[index]
+        moved = [False] * len(keys)
+        added: list[tuple[str, str, int]] = []
+        removed: list[tuple[str, str]] = []
+        for i, key in enumerate(keys):
+            data = None
+            if not target.contains(key):
+                for other in self.tiers:
+                    data = other.get(key)
+                    if data is not None:
+                        break
+                if data is None or not target.put(key, data):
+                    continue
+                added.append((key, target.kind, len(data)))
+            for faster in self.tiers[:index]:
+                if faster.delete(key):
+                    removed.append((key, faster.kind))
+            moved[i] = True
+        self._emit(added, removed)
+        return moved
 
     def locate_many(self, keys: Sequence[str]) -> list[str]:
         """The kind of the fastest tier holding each key ('' when absent)."""

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 BENCHES: dict[str, str] = {
     "transfer": "kdn.bench.transfer",
+    "ttft": "kdn.bench.ttft",
+    "placement": "kdn.bench.placement",
+    "tiers": "kdn.bench.tiers",
 }
 
 

@@ -18,6 +18,8 @@ __all__ = ["tier_class", "available_tiers", "register_tier", "build_tier"]
 
 _REGISTRY: dict[str, str] = {
     "memory": "kdn.tiers.memory:MemoryTier",
+    "pinned": "kdn.tiers.pinned:PinnedTier",
+    "gpu": "kdn.tiers.gpu:GPUTier",
     "disk": "kdn.tiers.disk:DiskTier",
     "redis": "kdn.tiers.redis:RedisTier",
     "s3": "kdn.tiers.s3:S3Tier",

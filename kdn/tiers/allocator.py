@@ -1,45 +1,38 @@
 """Two-level pool allocator in the spirit of Jenga (arXiv 2503.18292): pure offset logic, no memory, no torch.
 
-Level 1: one arena of ``num_pages`` large pages of ``page_bytes``. Level 2: a page is carved into equal slots for one
-*size class*; an object takes one slot; a page returns to the arena when all its slots are free, so any class can
-reuse it. Offsets are bytes from the arena start; every slot starts at a multiple of ``granularity``.
+Level 1: an arena of large pages of ``page_bytes``; a page goes back to the arena as soon as its last object
+leaves, so any kind of object can reuse it. Level 2, per page:
 
-**Page size** (:func:`page_bytes_for`). Jenga's rule: the page is the least common multiple of the slot sizes in
-use, so each of them tiles a page exactly. Declared object sizes are rounded up to ``granularity`` first and their
-LCM is scaled by the largest integer that keeps the page within ``arena / min_pages`` (a bigger page gives
-undeclared sizes closer-fitting slots). When the LCM itself exceeds that bound (it explodes for sizes such as
-32 MiB + header and 5.6 MiB + header), the page is the largest multiple of the *largest* declared size within the
-bound: that class stays exact and the others fall back to the divisor rule below.
+- *slab pages* are carved into equal slots of one declared size class (a layout's full-chunk object size); an
+  object whose rounded size is at most a slot and wastes at most ``slab_tolerance`` of it takes a slot;
+- *variable pages* hold every other object (compressed chunks, final partial chunks) as extents placed first-fit;
+  holes coalesce, also across adjacent variable pages (they are taken from the bottom of the arena, slabs from the
+  top), and an extent may span pages, so objects larger than a page fit too.
 
-**Size classes** (the divisor rule). An object of ``u`` granules gets the slot ``floor(N / n)`` granules where
-``N`` granules make a page and ``n = floor(N / u)`` is the most slots of at least ``u`` granules a page holds.
-Every class therefore tiles the page with a tail under ``n`` granules (so the page is a common multiple of all
-slot sizes, which is what the LCM rule wants, with no explosion), declared sizes whose rounded size divides the
-page are exact, and the rounding waste of any other size is below ``1 / (n + 1)`` plus one granule. For small
-objects (``n > 64``) ``n`` is rounded down to 6 significant bits, which bounds the number of classes (32 per
-doubling of size) at under 1/32 extra waste. Variable compressed sizes thus land in a handful of nearby classes.
+Sizes round up to ``granularity`` (every object's alignment). The page (:func:`page_bytes_for`) is Jenga's LCM of
+the declared slot sizes, scaled toward ``arena / min_pages``; real chunk sizes (32 MiB + header, 5.6 MiB + header)
+make the LCM explode, and then the page is the multiple of a declared size in ``[bound / 2, bound]`` whose worst
+page tail is smallest. Before anything is evicted, a slab-class object may take a hole of the variable pages and
+a variable object a free slot at most ``borrow_factor`` times its size. Size classes for variable sizes were tried
+and rejected: a partly used page per class stranded half the arena (docs/tiers.md has the measurements).
 
-**Borrowing.** When a class has no free slot and no page is free, an object may take a free slot of a larger
-class whose slot is at most ``borrow_factor`` times its own, before anybody evicts: a slot stranded in a
-half-used page of another class is better used than an LRU object dropped.
-
-Thread-safe (one lock). ``stats()`` splits the arena into object bytes, internal waste (slot rounding and page
-tails), stranded bytes (free slots in partly used pages: free but usable by their class only), free pages and
-the remainder of the arena that is no whole page.
+Thread-safe (one lock). :meth:`TwoLevelAllocator.stats` splits the arena into object bytes, internal waste
+(rounding, slab page tails), stranded bytes (free slots of partly used slab pages, holes of variable pages), free
+pages and the remainder past the last page.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 import threading
 from dataclasses import dataclass
 
-__all__ = ["TwoLevelAllocator", "AllocatorStats", "page_bytes_for", "DEFAULT_MIN_PAGES"]
+__all__ = ["TwoLevelAllocator", "AllocatorStats", "page_bytes_for", "DEFAULT_MIN_PAGES", "PoolIndex", "PoolEntry"]
 
-#: Default lower bound on the number of pages of an arena (the page-size target is ``arena / min_pages``).
-DEFAULT_MIN_PAGES = 32
-_EXACT_SLOTS = 64  # up to this many slots per page, every n is its own class
-_SIG_BITS = 6  # beyond it, n keeps this many significant bits
+#: Default lower bound on the number of pages of an arena (the page-size bound is ``arena / min_pages``).
+DEFAULT_MIN_PAGES = 64
+_VARIABLE = "variable"
 
 
 def _units(size: int, granularity: int) -> int:
@@ -48,41 +41,43 @@ def _units(size: int, granularity: int) -> int:
 
 def page_bytes_for(arena_bytes: int, object_sizes: list[int] | tuple[int, ...] = (), granularity: int = 4096,
                    min_pages: int = DEFAULT_MIN_PAGES) -> int:
-    """The page size for an arena serving ``object_sizes`` (see the module docstring for the rule)."""
-    if arena_bytes < granularity:
+    """The page size for an arena whose slab classes are ``object_sizes`` (rule in the module docstring)."""
+    if granularity < 1 or arena_bytes < granularity:
         raise ValueError(f"arena of {arena_bytes} bytes is smaller than one granule of {granularity}")
     arena_units = arena_bytes // granularity
     units = sorted({_units(s, granularity) for s in object_sizes if s > 0})
     largest = units[-1] if units else 1
     if largest > arena_units:
         raise ValueError(f"object size {largest * granularity} does not fit an arena of {arena_bytes} bytes")
-    target = max(largest, arena_units // max(1, min_pages))
-    lcm = math.lcm(*units) if units else 1
-    base = lcm if lcm <= target else largest
-    return base * (target // base) * granularity
+    bound = max(largest, arena_units // max(1, min_pages))
+    if not units:
+        return bound * granularity
+    lcm = math.lcm(*units)
+    if lcm <= bound:
+        return lcm * (bound // lcm) * granularity
+    low = max(largest, bound // 2)
+    candidates = {k * u for u in units for k in range(-(-low // u), bound // u + 1)}
+    return min(candidates, key=lambda p: (max(p % u for u in units) / p, -p)) * granularity
 
 
 @dataclass(frozen=True)
 class AllocatorStats:
-    """A snapshot of how the arena's bytes are used (all in bytes)."""
+    """A snapshot of the arena, in bytes: ``object_bytes`` requested by live allocations, ``reserved_bytes`` held
+    for them (slots and extents), ``tail_bytes`` that no slot of a slab page covers, ``stranded_bytes`` free in
+    partly used slab pages and variable-page holes, ``remainder_bytes`` past the last whole page."""
 
     arena_bytes: int
     page_bytes: int
     pages: int
     free_pages: int
+    slab_pages: int
+    variable_pages: int
     objects: int
     object_bytes: int
-    """Requested bytes of live allocations."""
-    slot_bytes: int
-    """Slot bytes of live allocations (``>= object_bytes``)."""
+    reserved_bytes: int
     tail_bytes: int
-    """Bytes at the end of carved pages that no slot covers."""
     stranded_bytes: int
-    """Free slots in partly used pages: free, but usable only by their class (or a borrower)."""
     remainder_bytes: int
-    """Arena bytes past the last whole page."""
-    classes: int
-    """Size classes that own at least one page."""
 
     @property
     def free_bytes(self) -> int:
@@ -90,8 +85,8 @@ class AllocatorStats:
 
     @property
     def internal_bytes(self) -> int:
-        """Internal fragmentation: slot rounding of live objects plus page tails."""
-        return self.slot_bytes - self.object_bytes + self.tail_bytes
+        """Internal fragmentation: rounding of live objects to granules and slots, plus slab page tails."""
+        return self.reserved_bytes - self.object_bytes + self.tail_bytes
 
     @property
     def wasted_bytes(self) -> int:
@@ -99,187 +94,232 @@ class AllocatorStats:
         return self.internal_bytes + self.stranded_bytes + self.remainder_bytes
 
 
-class _Class:
+class _Slab:
     __slots__ = ("slot", "per_page", "partial", "pages")
 
     def __init__(self, slot: int, per_page: int) -> None:
         self.slot, self.per_page = slot, per_page
-        self.partial: dict[int, None] = {}  # pages of this class with a free slot (insertion-ordered set)
+        self.partial: dict[int, None] = {}  # pages with a free slot (an insertion-ordered set)
         self.pages = 0
 
 
 class TwoLevelAllocator:
-    """Pages of ``page_bytes`` over an arena of ``arena_bytes``; slots of one size class per page."""
+    """Slab and variable pages of ``page_bytes`` over an arena of ``arena_bytes`` (see the module docstring)."""
 
-    def __init__(self, arena_bytes: int, *, page_bytes: int = 0, object_sizes: list[int] | tuple[int, ...] = (),
-                 granularity: int = 4096, min_pages: int = DEFAULT_MIN_PAGES, borrow_factor: float = 1.5) -> None:
-        if granularity < 1 or arena_bytes < 1:
-            raise ValueError("arena_bytes and granularity must be positive")
+    def __init__(self, arena_bytes: int, *, object_sizes: list[int] | tuple[int, ...] = (), page_bytes: int = 0,
+                 granularity: int = 4096, min_pages: int = DEFAULT_MIN_PAGES, slab_tolerance: float = 1 / 16,
+                 borrow_factor: float = 1.25) -> None:
         page_bytes = page_bytes or page_bytes_for(arena_bytes, object_sizes, granularity, min_pages)
         if page_bytes % granularity or not granularity <= page_bytes <= arena_bytes:
-            raise ValueError(f"page_bytes {page_bytes} must be a multiple of granularity {granularity} and fit "
+            raise ValueError(f"page_bytes {page_bytes} must be a multiple of granularity {granularity} within "
                              f"the arena of {arena_bytes} bytes")
-        self.arena_bytes = int(arena_bytes)
-        self.granularity = int(granularity)
-        self.page_bytes = int(page_bytes)
+        self.arena_bytes, self.granularity, self.page_bytes = int(arena_bytes), int(granularity), int(page_bytes)
         self.num_pages = self.arena_bytes // self.page_bytes
-        self.borrow_factor = float(borrow_factor)
-        self._page_units = self.page_bytes // self.granularity
+        self.slab_tolerance, self.borrow_factor = float(slab_tolerance), float(borrow_factor)
+        slots = sorted({_units(s, granularity) * granularity for s in object_sizes if 0 < s <= page_bytes})
+        self._slabs = [_Slab(s, page_bytes // s) for s in slots]
+        self._slots = slots
         self._lock = threading.Lock()
-        self._free_pages = list(range(self.num_pages - 1, -1, -1))  # a stack: low pages first
-        self._page_class: list[_Class | None] = [None] * self.num_pages
-        self._page_free: list[list[int]] = [[] for _ in range(self.num_pages)]
-        self._classes: dict[int, _Class] = {}
-        self._live: dict[int, tuple[int, _Class]] = {}  # offset -> (requested size, class)
-        self._object_bytes = 0
-        self._slot_bytes = 0
+        self._free_pages = list(range(self.num_pages))  # sorted: variable pages take the lowest, slabs the highest
+        self._kind: list[_Slab | str | None] = [None] * self.num_pages
+        self._page_live = [0] * self.num_pages  # allocations overlapping each page
+        self._page_free: dict[int, list[int]] = {}  # slab page -> free slot indices
+        self._holes: list[tuple[int, int]] = []  # free (offset, length) runs of variable pages, sorted, coalesced
+        self._var_pages = 0
+        self._live: dict[int, tuple[int, int, _Slab | None]] = {}  # offset -> (size, reserved bytes, slab)
+        self._object_bytes = self._reserved_bytes = 0
 
-    # -- classes ---------------------------------------------------------------------------------------------
-    def slot_size(self, size: int) -> int | None:
-        """The slot bytes of the class of an object of ``size`` bytes; ``None`` when it exceeds a page."""
-        if size > self.page_bytes:
-            return None
-        n = self._page_units // _units(size, self.granularity)
-        if n > _EXACT_SLOTS:
-            shift = n.bit_length() - _SIG_BITS
-            n = (n >> shift) << shift
-        return (self._page_units // n) * self.granularity
+    @property
+    def slot_sizes(self) -> list[int]:
+        """The slab classes' slot sizes."""
+        return list(self._slots)
 
-    def _class(self, slot: int) -> _Class:
-        cls = self._classes.get(slot)
-        if cls is None:
-            cls = self._classes[slot] = _Class(slot, self.page_bytes // slot)
-        return cls
+    def fits(self, size: int) -> bool:
+        """Whether an object of ``size`` bytes can ever be allocated (in an empty arena)."""
+        return 0 <= size <= self.num_pages * self.page_bytes
+
+    def _slab_for(self, size: int) -> _Slab | None:
+        need = _units(size, self.granularity) * self.granularity
+        i = bisect.bisect_left(self._slots, need)
+        if i < len(self._slots) and self._slots[i] - size <= self._slots[i] * self.slab_tolerance:
+            return self._slabs[i]
+        return None
 
     # -- allocation --------------------------------------------------------------------------------------------
     def allocate(self, size: int) -> int | None:
-        """Offset of a slot for ``size`` bytes, or ``None`` when no slot is free (the caller may evict)."""
-        if size < 0:
-            raise ValueError("size must not be negative")
-        slot = self.slot_size(size)
-        if slot is None:
+        """Offset of ``size`` free bytes, or ``None`` when there is no room now (the caller may evict)."""
+        if not self.fits(size):
             return None
+        need = _units(size, self.granularity) * self.granularity
         with self._lock:
-            cls = self._class(slot)
-            page = self._fullest_partial(cls)
-            if page is None and self._free_pages:
-                page = self._carve(cls)
-            if page is None:
-                cls, page = self._borrow(slot)
-                if page is None:
-                    return None
-            free = self._page_free[page]
-            index = free.pop()
-            if not free:
-                del cls.partial[page]
-            offset = page * self.page_bytes + index * cls.slot
-            self._live[offset] = (size, cls)
+            slab = self._slab_for(size)
+            if slab is not None:
+                placed = self._from_slab(slab, new_page=True) or self._from_holes(need, new_page=False)
+            else:
+                placed = self._from_holes(need, new_page=True) or self._borrow(size)
+            if placed is None:
+                return None
+            offset, reserved, owner = placed
+            self._live[offset] = (size, reserved, owner)
+            for page in self._pages_of(offset, reserved):
+                self._page_live[page] += 1
             self._object_bytes += size
-            self._slot_bytes += cls.slot
+            self._reserved_bytes += reserved
             return offset
 
-    def _fullest_partial(self, cls: _Class) -> int | None:
-        if not cls.partial:
+    def _from_slab(self, slab: _Slab, new_page: bool) -> tuple[int, int, _Slab] | None:
+        if slab.partial:
+            page = min(slab.partial, key=lambda p: len(self._page_free[p]))  # fill the fullest page first
+        elif new_page and self._free_pages:
+            page = self._free_pages.pop()
+            self._kind[page] = slab
+            self._page_free[page] = list(range(slab.per_page - 1, -1, -1))
+            slab.partial[page] = None
+            slab.pages += 1
+        else:
             return None
-        page_free = self._page_free
-        return min(cls.partial, key=lambda p: len(page_free[p]))
+        free = self._page_free[page]
+        index = free.pop()
+        if not free:
+            del slab.partial[page]
+        return page * self.page_bytes + index * slab.slot, slab.slot, slab
 
-    def _carve(self, cls: _Class) -> int:
-        page = self._free_pages.pop()
-        self._page_class[page] = cls
-        self._page_free[page] = list(range(cls.per_page - 1, -1, -1))
-        cls.partial[page] = None
-        cls.pages += 1
-        return page
+    def _pages_of(self, offset: int, length: int) -> range:
+        return range(offset // self.page_bytes, (offset + length - 1) // self.page_bytes + 1)
 
-    def _borrow(self, slot: int) -> tuple[_Class, int | None]:
-        limit = slot * self.borrow_factor
-        for other_slot in sorted(s for s in self._classes if slot < s <= limit):
-            other = self._classes[other_slot]
-            page = self._fullest_partial(other)
-            if page is not None:
-                return other, page
-        return self._classes[slot], None
+    def _from_holes(self, need: int, new_page: bool) -> tuple[int, int, None] | None:
+        """First fit over the holes of variable pages. Extents may span adjacent variable pages (so an object
+        may be larger than a page): variable pages are taken from the bottom of the arena, slabs from the top."""
+        carved: list[int] = []
+        while True:
+            for i, (start, length) in enumerate(self._holes):
+                if length >= need:
+                    if length == need:
+                        del self._holes[i]
+                    else:
+                        self._holes[i] = (start + need, length - need)
+                    used = self._pages_of(start, need)
+                    for page in carved:  # pages carved in vain (the extent fit elsewhere) go back
+                        if page not in used:
+                            self._release(page)
+                    return start, need, None
+            if not new_page or not self._free_pages:
+                for page in carved:  # no room after all: give back the pages carved for this call
+                    self._release(page)
+                return None
+            page = self._free_pages.pop(0)
+            carved.append(page)
+            self._kind[page] = _VARIABLE
+            self._var_pages += 1
+            self._add_hole(page * self.page_bytes, self.page_bytes)
+
+    def _borrow(self, size: int) -> tuple[int, int, _Slab] | None:
+        for slot, slab in zip(self._slots, self._slabs):
+            if size <= slot <= size * self.borrow_factor and slab.partial:
+                return self._from_slab(slab, new_page=False)
+        return None
 
     def free(self, offset: int) -> None:
-        """Return the slot at ``offset``; raises ``ValueError`` if it is not allocated."""
+        """Return the allocation at ``offset``; raises ``ValueError`` if it is not allocated."""
         with self._lock:
             try:
-                size, cls = self._live.pop(offset)
+                size, reserved, slab = self._live.pop(offset)
             except KeyError:
                 raise ValueError(f"offset {offset} is not allocated") from None
             self._object_bytes -= size
-            self._slot_bytes -= cls.slot
+            self._reserved_bytes -= reserved
             page, within = divmod(offset, self.page_bytes)
-            free = self._page_free[page]
-            free.append(within // cls.slot)
-            if len(free) == cls.per_page:  # the page is empty: back to the arena
-                cls.partial.pop(page, None)
-                cls.pages -= 1
-                self._page_class[page] = None
-                free.clear()
-                self._free_pages.append(page)
+            if slab is not None:
+                self._page_free[page].append(within // slab.slot)
+                slab.partial[page] = None
             else:
-                cls.partial[page] = None
+                self._add_hole(offset, reserved)
+            for page in self._pages_of(offset, reserved):
+                self._page_live[page] -= 1
+                if not self._page_live[page]:
+                    self._release(page)
 
-    def can_allocate(self, size: int) -> bool:
-        """Whether :meth:`allocate` of ``size`` would succeed now."""
-        slot = self.slot_size(size)
-        if slot is None:
-            return False
-        with self._lock:
-            cls = self._classes.get(slot)
-            if (cls is not None and cls.partial) or self._free_pages:
-                return True
-            return any(self._classes[s].partial for s in self._classes if slot < s <= slot * self.borrow_factor)
+    def _release(self, page: int) -> None:
+        """Return an empty page to the arena."""
+        kind = self._kind[page]
+        if isinstance(kind, _Slab):
+            kind.partial.pop(page, None)
+            kind.pages -= 1
+            del self._page_free[page]
+        else:
+            self._cut_hole(page * self.page_bytes, self.page_bytes)
+            self._var_pages -= 1
+        self._kind[page] = None
+        bisect.insort(self._free_pages, page)
+
+    def _add_hole(self, start: int, length: int) -> None:
+        holes = self._holes
+        i = bisect.bisect_left(holes, (start, 0))
+        if i < len(holes) and start + length == holes[i][0]:
+            length += holes.pop(i)[1]
+        if i > 0 and holes[i - 1][0] + holes[i - 1][1] == start:
+            i -= 1
+            start, length = holes[i][0], holes[i][1] + length
+            del holes[i]
+        holes.insert(i, (start, length))
+
+    def _cut_hole(self, start: int, length: int) -> None:
+        """Remove ``[start, start + length)`` (a whole empty page) from the hole that covers it."""
+        i = bisect.bisect_right(self._holes, (start, float("inf"))) - 1
+        hole_start, hole_len = self._holes.pop(i)
+        if start + length < hole_start + hole_len:
+            self._holes.insert(i, (start + length, hole_start + hole_len - start - length))
+        if hole_start < start:
+            self._holes.insert(i, (hole_start, start - hole_start))
 
     def frees_room_for(self, offset: int, size: int) -> bool:
-        """Whether freeing the allocation at ``offset`` would let ``size`` bytes be allocated."""
-        slot = self.slot_size(size)
-        if slot is None:
+        """Whether freeing the allocation at ``offset`` would let ``size`` bytes be allocated (eviction hint)."""
+        if not self.fits(size):
             return False
+        need = _units(size, self.granularity) * self.granularity
         with self._lock:
             held = self._live.get(offset)
             if held is None:
                 return False
-            cls = held[1]
-            if slot <= cls.slot <= slot * self.borrow_factor:
-                return True
-            page = offset // self.page_bytes
-            return len(self._page_free[page]) == cls.per_page - 1  # the last live slot: its page comes free
-
-    def size_of(self, offset: int) -> int:
-        """The requested size of the live allocation at ``offset``."""
-        with self._lock:
-            return self._live[offset][0]
-
-    def page_of(self, offset: int) -> int:
-        return offset // self.page_bytes
+            _, reserved, slab = held
+            if any(self._page_live[p] == 1 for p in self._pages_of(offset, reserved)):
+                return True  # a page comes free
+            target = self._slab_for(size)
+            if slab is not None:
+                return slab is target or (target is None and size <= slab.slot <= size * self.borrow_factor)
+            length = reserved
+            i = bisect.bisect_left(self._holes, (offset, 0))
+            if i < len(self._holes) and self._holes[i][0] == offset + reserved:
+                length += self._holes[i][1]
+            if i > 0 and sum(self._holes[i - 1]) == offset:
+                length += self._holes[i - 1][1]
+            return length >= need
 
     # -- accounting --------------------------------------------------------------------------------------------
     def stats(self) -> AllocatorStats:
         with self._lock:
-            tail = stranded = classes = 0
-            for cls in self._classes.values():
-                if cls.pages:
-                    classes += 1
-                    tail += cls.pages * (self.page_bytes - cls.per_page * cls.slot)
-                    stranded += sum(len(self._page_free[p]) for p in cls.partial) * cls.slot
+            tail = stranded = slab_pages = 0
+            for slab in self._slabs:
+                slab_pages += slab.pages
+                tail += slab.pages * (self.page_bytes - slab.per_page * slab.slot)
+                stranded += sum(len(self._page_free[p]) for p in slab.partial) * slab.slot
+            stranded += sum(length for _, length in self._holes)
             return AllocatorStats(
                 arena_bytes=self.arena_bytes, page_bytes=self.page_bytes, pages=self.num_pages,
-                free_pages=len(self._free_pages), objects=len(self._live), object_bytes=self._object_bytes,
-                slot_bytes=self._slot_bytes, tail_bytes=tail, stranded_bytes=stranded,
-                remainder_bytes=self.arena_bytes - self.num_pages * self.page_bytes, classes=classes)
+                free_pages=len(self._free_pages), slab_pages=slab_pages, variable_pages=self._var_pages,
+                objects=len(self._live), object_bytes=self._object_bytes, reserved_bytes=self._reserved_bytes,
+                tail_bytes=tail, stranded_bytes=stranded,
+                remainder_bytes=self.arena_bytes - self.num_pages * self.page_bytes)
 
-    def live(self) -> dict[int, int]:
-        """A snapshot ``{offset: requested size}`` of every live allocation (for checks and tests)."""
+    def live(self) -> dict[int, tuple[int, int]]:
+        """A snapshot ``{offset: (requested size, reserved bytes)}`` of every live allocation."""
         with self._lock:
-            return {off: size for off, (size, _) in self._live.items()}
+            return {off: (size, reserved) for off, (size, reserved, _) in self._live.items()}
 
-    def slot_bytes_at(self, offset: int) -> int:
-        """The slot size of the live allocation at ``offset``."""
+    def page_kinds(self) -> list[str]:
+        """Per page: ``"free"``, ``"variable"`` or ``"slab:<slot bytes>"`` (for checks and tests)."""
         with self._lock:
-            return self._live[offset][1].slot
+            return ["free" if k is None else k if isinstance(k, str) else f"slab:{k.slot}" for k in self._kind]
 
 
 class PoolEntry:
@@ -303,7 +343,7 @@ class PoolIndex:
     (same or borrowable class, or the last live slot of its page); if none does, the least recently used one.
     """
 
-    def __init__(self, allocator: TwoLevelAllocator, victim_window: int = 8) -> None:
+    def __init__(self, allocator: TwoLevelAllocator, victim_window: int = 64) -> None:
         self.allocator = allocator
         self.victim_window = victim_window
         self._lru: dict[str, PoolEntry] = {}  # ready entries, oldest first
@@ -320,9 +360,6 @@ class PoolIndex:
     def pinned(self) -> int:
         """Entries with at least one pin (writes in flight, leases, retired-but-leased objects)."""
         return (sum(1 for e in self._lru.values() if e.pins) + len(self._pending) + self._dead_pinned)
-
-    def __len__(self) -> int:
-        return len(self._lru)
 
     def __contains__(self, key: str) -> bool:
         return key in self._lru
@@ -358,7 +395,7 @@ class PoolIndex:
         """A pending entry (pinned by the writer) for ``size`` bytes, evicting LRU objects as needed; ``None``
         when it cannot be placed. ``on_victim(entry)`` runs for each evicted object before its slot is freed."""
         alloc = self.allocator
-        if alloc.slot_size(size) is None:
+        if not alloc.fits(size):
             return None
         while True:
             offset = alloc.allocate(size)

@@ -14,10 +14,12 @@ class RegisterNodeRequest(_message.Message):
     def __init__(self, node: _Optional[_Union[_common_pb2.NodeInfo, _Mapping]] = ...) -> None: ...
 
 class RegisterNodeReply(_message.Message):
-    __slots__ = ("heartbeat_interval_s",)
+    __slots__ = ("heartbeat_interval_s", "placement_managed")
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_MANAGED_FIELD_NUMBER: _ClassVar[int]
     heartbeat_interval_s: float
-    def __init__(self, heartbeat_interval_s: _Optional[float] = ...) -> None: ...
+    placement_managed: bool
+    def __init__(self, heartbeat_interval_s: _Optional[float] = ..., placement_managed: _Optional[bool] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("node_id", "epoch", "tiers")
@@ -66,12 +68,14 @@ class InventoryAck(_message.Message):
     def __init__(self, known: _Optional[bool] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("keys", "prefix")
+    __slots__ = ("keys", "prefix", "probe")
     KEYS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_FIELD_NUMBER: _ClassVar[int]
+    PROBE_FIELD_NUMBER: _ClassVar[int]
     keys: _containers.RepeatedScalarFieldContainer[str]
     prefix: bool
-    def __init__(self, keys: _Optional[_Iterable[str]] = ..., prefix: _Optional[bool] = ...) -> None: ...
+    probe: bool
+    def __init__(self, keys: _Optional[_Iterable[str]] = ..., prefix: _Optional[bool] = ..., probe: _Optional[bool] = ...) -> None: ...
 
 class KeyLocations(_message.Message):
     __slots__ = ("key", "locations")
@@ -90,12 +94,20 @@ class LookupReply(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[KeyLocations, _Mapping]]] = ..., prefix_hits: _Optional[int] = ...) -> None: ...
 
 class PlaceRequest(_message.Message):
-    __slots__ = ("keys", "sizes")
+    __slots__ = ("keys", "sizes", "tokens", "starts", "model", "kv_bytes_per_token")
     KEYS_FIELD_NUMBER: _ClassVar[int]
     SIZES_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STARTS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     keys: _containers.RepeatedScalarFieldContainer[str]
     sizes: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, keys: _Optional[_Iterable[str]] = ..., sizes: _Optional[_Iterable[int]] = ...) -> None: ...
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    starts: _containers.RepeatedScalarFieldContainer[int]
+    model: str
+    kv_bytes_per_token: int
+    def __init__(self, keys: _Optional[_Iterable[str]] = ..., sizes: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Iterable[int]] = ..., starts: _Optional[_Iterable[int]] = ..., model: _Optional[str] = ..., kv_bytes_per_token: _Optional[int] = ...) -> None: ...
 
 class PlaceReply(_message.Message):
     __slots__ = ("targets",)
@@ -196,3 +208,77 @@ class ListKeysReply(_message.Message):
     keys: _containers.RepeatedCompositeFieldContainer[KeyInfo]
     truncated: bool
     def __init__(self, keys: _Optional[_Iterable[_Union[KeyInfo, _Mapping]]] = ..., truncated: _Optional[bool] = ...) -> None: ...
+
+class ExplainRequest(_message.Message):
+    __slots__ = ("keys",)
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, keys: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class TierValue(_message.Message):
+    __slots__ = ("node_id", "tier", "offer", "eligible", "reason", "load_s", "saving_per_reuse", "hold_per_hour", "value_per_hour", "current")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    OFFER_FIELD_NUMBER: _ClassVar[int]
+    ELIGIBLE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    LOAD_S_FIELD_NUMBER: _ClassVar[int]
+    SAVING_PER_REUSE_FIELD_NUMBER: _ClassVar[int]
+    HOLD_PER_HOUR_FIELD_NUMBER: _ClassVar[int]
+    VALUE_PER_HOUR_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    tier: str
+    offer: str
+    eligible: bool
+    reason: str
+    load_s: float
+    saving_per_reuse: float
+    hold_per_hour: float
+    value_per_hour: float
+    current: bool
+    def __init__(self, node_id: _Optional[str] = ..., tier: _Optional[str] = ..., offer: _Optional[str] = ..., eligible: _Optional[bool] = ..., reason: _Optional[str] = ..., load_s: _Optional[float] = ..., saving_per_reuse: _Optional[float] = ..., hold_per_hour: _Optional[float] = ..., value_per_hour: _Optional[float] = ..., current: _Optional[bool] = ...) -> None: ...
+
+class KeyExplanation(_message.Message):
+    __slots__ = ("key", "found", "policy", "size", "tokens", "prefill_seconds_saved", "prefill_basis", "reuse_per_hour", "lookups", "last_access_age_s", "pinned", "gpu", "gpu_price_per_hour", "choice", "action", "reason", "tiers")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_SECONDS_SAVED_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_BASIS_FIELD_NUMBER: _ClassVar[int]
+    REUSE_PER_HOUR_FIELD_NUMBER: _ClassVar[int]
+    LOOKUPS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ACCESS_AGE_S_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    GPU_FIELD_NUMBER: _ClassVar[int]
+    GPU_PRICE_PER_HOUR_FIELD_NUMBER: _ClassVar[int]
+    CHOICE_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    found: bool
+    policy: str
+    size: int
+    tokens: int
+    prefill_seconds_saved: float
+    prefill_basis: str
+    reuse_per_hour: float
+    lookups: int
+    last_access_age_s: float
+    pinned: bool
+    gpu: str
+    gpu_price_per_hour: float
+    choice: str
+    action: str
+    reason: str
+    tiers: _containers.RepeatedCompositeFieldContainer[TierValue]
+    def __init__(self, key: _Optional[str] = ..., found: _Optional[bool] = ..., policy: _Optional[str] = ..., size: _Optional[int] = ..., tokens: _Optional[int] = ..., prefill_seconds_saved: _Optional[float] = ..., prefill_basis: _Optional[str] = ..., reuse_per_hour: _Optional[float] = ..., lookups: _Optional[int] = ..., last_access_age_s: _Optional[float] = ..., pinned: _Optional[bool] = ..., gpu: _Optional[str] = ..., gpu_price_per_hour: _Optional[float] = ..., choice: _Optional[str] = ..., action: _Optional[str] = ..., reason: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[TierValue, _Mapping]]] = ...) -> None: ...
+
+class ExplainReply(_message.Message):
+    __slots__ = ("keys",)
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedCompositeFieldContainer[KeyExplanation]
+    def __init__(self, keys: _Optional[_Iterable[_Union[KeyExplanation, _Mapping]]] = ...) -> None: ...

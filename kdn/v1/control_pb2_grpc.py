@@ -89,6 +89,11 @@ class ControlStub:
                 request_serializer=kdn_dot_v1_dot_control__pb2.ListKeysRequest.SerializeToString,
                 response_deserializer=kdn_dot_v1_dot_control__pb2.ListKeysReply.FromString,
                 _registered_method=True)
+        self.Explain = channel.unary_unary(
+                '/kdn.v1.Control/Explain',
+                request_serializer=kdn_dot_v1_dot_control__pb2.ExplainRequest.SerializeToString,
+                response_deserializer=kdn_dot_v1_dot_control__pb2.ExplainReply.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -167,6 +172,13 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Explain(self, request, context):
+        """The numbers behind where each key lives: its statistics and every tier's value under the cost model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -224,6 +236,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.ListKeys,
                     request_deserializer=kdn_dot_v1_dot_control__pb2.ListKeysRequest.FromString,
                     response_serializer=kdn_dot_v1_dot_control__pb2.ListKeysReply.SerializeToString,
+            ),
+            'Explain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Explain,
+                    request_deserializer=kdn_dot_v1_dot_control__pb2.ExplainRequest.FromString,
+                    response_serializer=kdn_dot_v1_dot_control__pb2.ExplainReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -523,6 +540,33 @@ class Control:
             '/kdn.v1.Control/ListKeys',
             kdn_dot_v1_dot_control__pb2.ListKeysRequest.SerializeToString,
             kdn_dot_v1_dot_control__pb2.ListKeysReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Explain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kdn.v1.Control/Explain',
+            kdn_dot_v1_dot_control__pb2.ExplainRequest.SerializeToString,
+            kdn_dot_v1_dot_control__pb2.ExplainReply.FromString,
             options,
             channel_credentials,
             insecure,

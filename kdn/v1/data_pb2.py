@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from kdn.v1 import common_pb2 as kdn_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11kdn/v1/data.proto\x12\x06kdn.v1\x1a\x13kdn/v1/common.proto\"I\n\x08PutFrame\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x12\n\ntotal_size\x18\x02 \x01(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"7\n\tPutResult\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06stored\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\".\n\x08PutReply\x12\"\n\x07results\x18\x01 \x03(\x0b\x32\x11.kdn.v1.PutResult\"3\n\nGetRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\x17\n\x0fmax_frame_bytes\x18\x02 \x01(\r\"Z\n\x08GetFrame\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"\x1b\n\x0bKeysRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\".\n\rContainsReply\x12\x0f\n\x07present\x18\x01 \x03(\x08\x12\x0c\n\x04tier\x18\x02 \x03(\t\"\x1e\n\x0b\x44\x65leteReply\x12\x0f\n\x07\x64\x65leted\x18\x01 \x03(\x08\"\x12\n\x10NodeStatsRequest\"\xc7\x01\n\tNodeStats\x12\x1e\n\x04node\x18\x01 \x01(\x0b\x32\x10.kdn.v1.NodeInfo\x12\x0c\n\x04gets\x18\x02 \x01(\x04\x12\x10\n\x08get_hits\x18\x03 \x01(\x04\x12\x0c\n\x04puts\x18\x04 \x01(\x04\x12\x11\n\tbytes_out\x18\x05 \x01(\x04\x12\x10\n\x08\x62ytes_in\x18\x06 \x01(\x04\x12\x17\n\x0f\x63orrupt_dropped\x18\x07 \x01(\x04\x12\x1c\n\x14\x63ontroller_connected\x18\x08 \x01(\x08\x12\x10\n\x08uptime_s\x18\t \x01(\x01\x32\x84\x02\n\x04\x44\x61ta\x12+\n\x03Put\x12\x10.kdn.v1.PutFrame\x1a\x10.kdn.v1.PutReply(\x01\x12-\n\x03Get\x12\x12.kdn.v1.GetRequest\x1a\x10.kdn.v1.GetFrame0\x01\x12\x36\n\x08\x43ontains\x12\x13.kdn.v1.KeysRequest\x1a\x15.kdn.v1.ContainsReply\x12\x32\n\x06\x44\x65lete\x12\x13.kdn.v1.KeysRequest\x1a\x13.kdn.v1.DeleteReply\x12\x34\n\x05Stats\x12\x18.kdn.v1.NodeStatsRequest\x1a\x11.kdn.v1.NodeStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11kdn/v1/data.proto\x12\x06kdn.v1\x1a\x13kdn/v1/common.proto\"W\n\x08PutFrame\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x12\n\ntotal_size\x18\x02 \x01(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0c\n\x04tier\x18\x05 \x01(\t\"7\n\tPutResult\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06stored\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\".\n\x08PutReply\x12\"\n\x07results\x18\x01 \x03(\x0b\x32\x11.kdn.v1.PutResult\"3\n\nGetRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\x17\n\x0fmax_frame_bytes\x18\x02 \x01(\r\"Z\n\x08GetFrame\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"\x1b\n\x0bKeysRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\".\n\rContainsReply\x12\x0f\n\x07present\x18\x01 \x03(\x08\x12\x0c\n\x04tier\x18\x02 \x03(\t\"\x1e\n\x0b\x44\x65leteReply\x12\x0f\n\x07\x64\x65leted\x18\x01 \x03(\x08\"\x12\n\x10NodeStatsRequest\"\xc7\x01\n\tNodeStats\x12\x1e\n\x04node\x18\x01 \x01(\x0b\x32\x10.kdn.v1.NodeInfo\x12\x0c\n\x04gets\x18\x02 \x01(\x04\x12\x10\n\x08get_hits\x18\x03 \x01(\x04\x12\x0c\n\x04puts\x18\x04 \x01(\x04\x12\x11\n\tbytes_out\x18\x05 \x01(\x04\x12\x10\n\x08\x62ytes_in\x18\x06 \x01(\x04\x12\x17\n\x0f\x63orrupt_dropped\x18\x07 \x01(\x04\x12\x1c\n\x14\x63ontroller_connected\x18\x08 \x01(\x08\x12\x10\n\x08uptime_s\x18\t \x01(\x01\")\n\x0bMoveRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\x0c\n\x04tier\x18\x02 \x01(\t\"\x1a\n\tMoveReply\x12\r\n\x05moved\x18\x01 \x03(\x08\x32\xb4\x02\n\x04\x44\x61ta\x12+\n\x03Put\x12\x10.kdn.v1.PutFrame\x1a\x10.kdn.v1.PutReply(\x01\x12-\n\x03Get\x12\x12.kdn.v1.GetRequest\x1a\x10.kdn.v1.GetFrame0\x01\x12\x36\n\x08\x43ontains\x12\x13.kdn.v1.KeysRequest\x1a\x15.kdn.v1.ContainsReply\x12\x32\n\x06\x44\x65lete\x12\x13.kdn.v1.KeysRequest\x1a\x13.kdn.v1.DeleteReply\x12\x34\n\x05Stats\x12\x18.kdn.v1.NodeStatsRequest\x1a\x11.kdn.v1.NodeStats\x12.\n\x04Move\x12\x13.kdn.v1.MoveRequest\x1a\x11.kdn.v1.MoveReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,25 +33,29 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kdn.v1.data_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PUTFRAME']._serialized_start=50
-  _globals['_PUTFRAME']._serialized_end=123
-  _globals['_PUTRESULT']._serialized_start=125
-  _globals['_PUTRESULT']._serialized_end=180
-  _globals['_PUTREPLY']._serialized_start=182
-  _globals['_PUTREPLY']._serialized_end=228
-  _globals['_GETREQUEST']._serialized_start=230
-  _globals['_GETREQUEST']._serialized_end=281
-  _globals['_GETFRAME']._serialized_start=283
-  _globals['_GETFRAME']._serialized_end=373
-  _globals['_KEYSREQUEST']._serialized_start=375
-  _globals['_KEYSREQUEST']._serialized_end=402
-  _globals['_CONTAINSREPLY']._serialized_start=404
-  _globals['_CONTAINSREPLY']._serialized_end=450
-  _globals['_DELETEREPLY']._serialized_start=452
-  _globals['_DELETEREPLY']._serialized_end=482
-  _globals['_NODESTATSREQUEST']._serialized_start=484
-  _globals['_NODESTATSREQUEST']._serialized_end=502
-  _globals['_NODESTATS']._serialized_start=505
-  _globals['_NODESTATS']._serialized_end=704
-  _globals['_DATA']._serialized_start=707
-  _globals['_DATA']._serialized_end=967
+  _globals['_PUTFRAME']._serialized_end=137
+  _globals['_PUTRESULT']._serialized_start=139
+  _globals['_PUTRESULT']._serialized_end=194
+  _globals['_PUTREPLY']._serialized_start=196
+  _globals['_PUTREPLY']._serialized_end=242
+  _globals['_GETREQUEST']._serialized_start=244
+  _globals['_GETREQUEST']._serialized_end=295
+  _globals['_GETFRAME']._serialized_start=297
+  _globals['_GETFRAME']._serialized_end=387
+  _globals['_KEYSREQUEST']._serialized_start=389
+  _globals['_KEYSREQUEST']._serialized_end=416
+  _globals['_CONTAINSREPLY']._serialized_start=418
+  _globals['_CONTAINSREPLY']._serialized_end=464
+  _globals['_DELETEREPLY']._serialized_start=466
+  _globals['_DELETEREPLY']._serialized_end=496
+  _globals['_NODESTATSREQUEST']._serialized_start=498
+  _globals['_NODESTATSREQUEST']._serialized_end=516
+  _globals['_NODESTATS']._serialized_start=519
+  _globals['_NODESTATS']._serialized_end=718
+  _globals['_MOVEREQUEST']._serialized_start=720
+  _globals['_MOVEREQUEST']._serialized_end=761
+  _globals['_MOVEREPLY']._serialized_start=763
+  _globals['_MOVEREPLY']._serialized_end=789
+  _globals['_DATA']._serialized_start=792
+  _globals['_DATA']._serialized_end=1100
 # @@protoc_insertion_point(module_scope)

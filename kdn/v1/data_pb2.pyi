@@ -8,16 +8,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PutFrame(_message.Message):
-    __slots__ = ("key", "total_size", "offset", "data")
+    __slots__ = ("key", "total_size", "offset", "data", "tier")
     KEY_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
     key: str
     total_size: int
     offset: int
     data: bytes
-    def __init__(self, key: _Optional[str] = ..., total_size: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    tier: str
+    def __init__(self, key: _Optional[str] = ..., total_size: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., tier: _Optional[str] = ...) -> None: ...
 
 class PutResult(_message.Message):
     __slots__ = ("key", "stored", "error")
@@ -102,3 +104,17 @@ class NodeStats(_message.Message):
     controller_connected: bool
     uptime_s: float
     def __init__(self, node: _Optional[_Union[_common_pb2.NodeInfo, _Mapping]] = ..., gets: _Optional[int] = ..., get_hits: _Optional[int] = ..., puts: _Optional[int] = ..., bytes_out: _Optional[int] = ..., bytes_in: _Optional[int] = ..., corrupt_dropped: _Optional[int] = ..., controller_connected: _Optional[bool] = ..., uptime_s: _Optional[float] = ...) -> None: ...
+
+class MoveRequest(_message.Message):
+    __slots__ = ("keys", "tier")
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedScalarFieldContainer[str]
+    tier: str
+    def __init__(self, keys: _Optional[_Iterable[str]] = ..., tier: _Optional[str] = ...) -> None: ...
+
+class MoveReply(_message.Message):
+    __slots__ = ("moved",)
+    MOVED_FIELD_NUMBER: _ClassVar[int]
+    moved: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, moved: _Optional[_Iterable[bool]] = ...) -> None: ...

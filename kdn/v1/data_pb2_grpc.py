@@ -59,6 +59,11 @@ class DataStub:
                 request_serializer=kdn_dot_v1_dot_data__pb2.NodeStatsRequest.SerializeToString,
                 response_deserializer=kdn_dot_v1_dot_data__pb2.NodeStats.FromString,
                 _registered_method=True)
+        self.Move = channel.unary_unary(
+                '/kdn.v1.Data/Move',
+                request_serializer=kdn_dot_v1_dot_data__pb2.MoveRequest.SerializeToString,
+                response_deserializer=kdn_dot_v1_dot_data__pb2.MoveReply.FromString,
+                _registered_method=True)
 
 
 class DataServicer:
@@ -98,6 +103,13 @@ class DataServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Move(self, request, context):
+        """Make `tier` the fastest tier holding each key: copy it there, drop copies in faster tiers (placement).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DataServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -125,6 +137,11 @@ def add_DataServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=kdn_dot_v1_dot_data__pb2.NodeStatsRequest.FromString,
                     response_serializer=kdn_dot_v1_dot_data__pb2.NodeStats.SerializeToString,
+            ),
+            'Move': grpc.unary_unary_rpc_method_handler(
+                    servicer.Move,
+                    request_deserializer=kdn_dot_v1_dot_data__pb2.MoveRequest.FromString,
+                    response_serializer=kdn_dot_v1_dot_data__pb2.MoveReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -262,6 +279,33 @@ class Data:
             '/kdn.v1.Data/Stats',
             kdn_dot_v1_dot_data__pb2.NodeStatsRequest.SerializeToString,
             kdn_dot_v1_dot_data__pb2.NodeStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Move(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kdn.v1.Data/Move',
+            kdn_dot_v1_dot_data__pb2.MoveRequest.SerializeToString,
+            kdn_dot_v1_dot_data__pb2.MoveReply.FromString,
             options,
             channel_credentials,
             insecure,
