@@ -28,7 +28,7 @@ class MemoryTier(Tier):
     def __init__(self, capacity: int) -> None:
         super().__init__()
         self._capacity = int(capacity)
-        self._objects: OrderedDict[str, bytes] = OrderedDict()
+        self._objects: OrderedDict[str, bytes | bytearray] = OrderedDict()
         self._used = 0
         self._lock = threading.Lock()
 
@@ -61,7 +61,8 @@ class MemoryTier(Tier):
                     old_key, old = self._objects.popitem(last=False)
                     self._used -= len(old)
                     evicted.append((old_key, old))
-                self._objects[key] = data if isinstance(data, bytes) else bytes(data)
+                # A bytearray is taken over as is (the caller hands ownership over; objects are immutable).
+                self._objects[key] = data if isinstance(data, (bytes, bytearray)) else bytes(data)
                 self._used += size
                 results.append(True)
         for key, data in evicted:

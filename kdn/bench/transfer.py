@@ -1,0 +1,360 @@
+"""Transfer throughput: put/get of chunk objects over a raw socket, the bulk channel and a node's gRPC plane.
+
+Every path runs against a server in its own process (spawned, so it shares no GIL with the client):
+
+- ``raw``: a plain ``sendall``/``recv_into`` server; the receiver reuses one buffer (the ceiling every ratio is
+  measured against);
+- ``raw-fresh``: the same, but the receiver allocates a new buffer per object, as any API that hands objects
+  out must (first-touch page faults are part of its cost);
+- ``bulk-bare``: :class:`kdn.bulk.BulkServer` with a dict handler that keeps the received buffers (the channel
+  alone, no node);
+- ``bulk`` and ``grpc``: a real standalone storage node (memory tier) through :class:`kdn.node_client.NodeClient`,
+  storing real chunk objects that the node verifies.
+
+Ops are interleaved across paths (put, then get), one object per call; GB/s is the object size over the p50.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import platform
+import socket
+import statistics
+import struct
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+__all__ = ["add_arguments", "run"]
+
+MiB = 1 << 20
+_RAW_REQ = struct.Struct("<BBQ")  # op (1 get, 2 put), fresh buffer (0/1), size
+_RAW_GET, _RAW_PUT = 1, 2
+_PATHS = ("raw", "raw-fresh", "bulk-bare", "bulk", "grpc")
+_COLUMNS = ["size_mib", "path", "op", "gbps", "p50_ms", "ratio"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sizes", default="1,4,16,64", help="object sizes in MiB, comma-separated (default 1,4,16,64)")
+    parser.add_argument("--repeat", type=int, default=5, help="timed ops per size, path and op (default 5)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed ops first (default 1)")
+    parser.add_argument("--paths", default=",".join(_PATHS), help=f"paths to measure (default {','.join(_PATHS)})")
+
+
+# -- servers, each in its own process -----------------------------------------------------------------------------
+def _recv_exact(sock: socket.socket, view: memoryview) -> None:
+    pos = 0
+    while pos < len(view):
+        got = sock.recv_into(view[pos:])
+        if not got:
+            raise ConnectionError("peer closed")
+        pos += got
+
+
+def _raw_serve_conn(sock: socket.socket) -> None:
+    payloads: dict[int, bytes] = {}
+    scratch = bytearray()
+    head = bytearray(_RAW_REQ.size)
+    with sock:
+        while True:
+            try:
+                _recv_exact(sock, memoryview(head))
+            except (ConnectionError, OSError):
+                return
+            op, fresh, size = _RAW_REQ.unpack(head)
+            if op == _RAW_GET:
+                if size not in payloads:
+                    payloads[size] = os.urandom(size)
+                sock.sendall(memoryview(payloads[size]))
+            else:
+                if fresh:
+                    buf = bytearray(size)
+                else:
+                    if len(scratch) < size:
+                        scratch = bytearray(size)
+                    buf = scratch
+                _recv_exact(sock, memoryview(buf)[:size])
+                sock.sendall(b"\x01")
+                del buf
+
+
+def _raw_server(pipe: Any) -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    pipe.send(listener.getsockname()[1])
+    listener.settimeout(0.2)
+    while not pipe.poll():
+        try:
+            sock, _ = listener.accept()
+        except TimeoutError:
+            continue
+        sock.settimeout(None)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        threading.Thread(target=_raw_serve_conn, args=(sock,), daemon=True).start()
+
+
+class _DictHandler:
+    """The bare channel's handler: keeps each received bytearray as it is (no verification, no copy)."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, Any] = {}
+
+    def authenticate(self, token: str, tenant: str) -> str:
+        return tenant
+
+    def get_many(self, principal: str, keys: list[str]) -> list[Any]:
+        return [self.objects.get(k) for k in keys]
+
+    def put_many(self, principal: str, items: list[tuple[str, Any]]) -> list[tuple[bool, str]]:
+        self.objects.update(items)
+        return [(True, "")] * len(items)
+
+
+def _bulk_server(pipe: Any, max_object: int) -> None:
+    from kdn.bulk import BulkServer
+
+    server = BulkServer("127.0.0.1", 0, _DictHandler(), max_object_bytes=max_object)
+    try:
+        pipe.send(server.start())
+        pipe.recv()
+    except (EOFError, OSError):
+        pass
+    finally:
+        server.stop(0)
+
+
+def _node_server(pipe: Any, capacity: int, max_object: int) -> None:
+    from kdn.config import KDNConfig, TierSpec
+    from kdn.node import StorageNode
+
+    with tempfile.TemporaryDirectory(prefix="kdn-bench-") as data_dir:
+        config = KDNConfig(data_dir=data_dir, metrics_port=-1)
+        config.node.controller = ""
+        config.node.port = 0
+        config.node.bulk_port = 0
+        config.node.max_object_bytes = max_object
+        config.node.tiers = [TierSpec.parse({"kind": "memory", "capacity": capacity})]
+        node = StorageNode(config).start()
+        try:
+            pipe.send((node.grpc_port, node.bulk_port))
+            pipe.recv()  # until the parent says stop (or goes away)
+        except (EOFError, OSError):
+            pass
+        finally:
+            node.stop(0.5)
+
+
+class _Child:
+    """A spawned server process that reports its port(s) through a pipe."""
+
+    def __init__(self, target: Callable[..., None], *args: Any) -> None:
+        ctx = mp.get_context("spawn")
+        self.pipe, child_end = ctx.Pipe()
+        self.proc = ctx.Process(target=target, args=(child_end, *args), daemon=True)
+        self.proc.start()
+        if not self.pipe.poll(60):
+            self.close()
+            raise RuntimeError(f"benchmark server {target.__name__} did not start")
+        self.ports = self.pipe.recv()
+
+    def close(self) -> None:
+        try:
+            self.pipe.send("stop")
+        except OSError:
+            pass
+        self.proc.join(10)
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join(5)
+
+
+# -- clients --------------------------------------------------------------------------------------------------------
+class _RawClient:
+    def __init__(self, port: int, fresh: bool) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.fresh = fresh
+        self.scratch = bytearray()
+
+    def put(self, key: str, obj: bytes) -> None:
+        self.sock.sendall(_RAW_REQ.pack(_RAW_PUT, self.fresh, len(obj)))
+        self.sock.sendall(memoryview(obj))
+        _recv_exact(self.sock, memoryview(bytearray(1)))
+
+    def get(self, key: str, size: int) -> None:
+        self.sock.sendall(_RAW_REQ.pack(_RAW_GET, self.fresh, size))
+        if self.fresh:
+            buf = bytearray(size)
+        else:
+            if len(self.scratch) < size:
+                self.scratch = bytearray(size)
+            buf = self.scratch
+        _recv_exact(self.sock, memoryview(buf)[:size])
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class _BulkPath:
+    def __init__(self, port: int) -> None:
+        from kdn.bulk import BulkClient
+
+        self.client = BulkClient(f"127.0.0.1:{port}", tenant="default", timeout_s=60.0)
+
+    def put(self, key: str, obj: bytes) -> None:
+        if self.client.put_many([(key, obj)]) != [(True, "")]:
+            raise RuntimeError(f"bulk server refused the object {key}")
+
+    def get(self, key: str, size: int) -> None:
+        (got,) = self.client.get_many([key])
+        if got is None or len(got) != size:
+            raise RuntimeError(f"bulk server returned {None if got is None else len(got)} bytes for {key}")
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class _NodePath:
+    def __init__(self, grpc_port: int, bulk_port: int, transport: str) -> None:
+        from kdn.node_client import NodeClient
+
+        bulk = f"127.0.0.1:{bulk_port}" if bulk_port > 0 else ""
+        self.client = NodeClient(f"127.0.0.1:{grpc_port}", bulk, tenant="default", timeout_s=60.0,
+                                 transport=transport)
+
+    def put(self, key: str, obj: bytes) -> None:
+        if self.client.put_many([(key, obj)]) != [True]:
+            raise RuntimeError(f"node refused the object {key}")
+
+    def get(self, key: str, size: int) -> None:
+        (got,) = self.client.get_many([key])
+        if got is None or len(got) != size:
+            raise RuntimeError(f"node returned {None if got is None else len(got)} bytes for {key}")
+
+    def close(self) -> None:
+        self.client.close()
+
+
+# -- objects --------------------------------------------------------------------------------------------------------
+class _Objects:
+    """Real chunk objects of an exact total size, each under its own prefix key."""
+
+    def __init__(self) -> None:
+        self.fingerprint = os.urandom(16)
+        self.counter = 0
+
+    def key(self) -> str:
+        from kdn.keys import prefix_keys
+
+        self.counter += 1
+        tokens = list(range(self.counter * 256, self.counter * 256 + 256))
+        (_, key), = prefix_keys(tokens, "default", self.fingerprint, "raw", 256)
+        return str(key)
+
+    def build(self, key: str, size: int, payload: bytes | None = None) -> bytes:
+        from kdn.chunk import build_object
+
+        header = len(build_object(codec="raw", key=key, fingerprint=self.fingerprint, num_tokens=256, start=0,
+                                  num_layers=1, sections=[(0, 1, b"")]))
+        if size < header:
+            raise ValueError(f"size {size} is smaller than a chunk header ({header} bytes)")
+        body = payload[:size - header] if payload is not None else os.urandom(size - header)
+        return build_object(codec="raw", key=key, fingerprint=self.fingerprint, num_tokens=256, start=0,
+                            num_layers=1, sections=[(0, 1, body)])
+
+
+# -- the benchmark --------------------------------------------------------------------------------------------------
+def _hardware() -> dict[str, Any]:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+                            "python": platform.python_version()}
+    try:
+        import grpc
+
+        info["grpcio"] = grpc.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def run(args: argparse.Namespace) -> dict:
+    sizes = [int(float(s) * MiB) for s in str(args.sizes).split(",") if s.strip()]
+    paths = [p.strip() for p in str(args.paths).split(",") if p.strip()]
+    unknown = set(paths) - set(_PATHS)
+    if unknown or not sizes or args.repeat < 1:
+        raise SystemExit(f"bad --paths {sorted(unknown)} / --sizes / --repeat; paths are {', '.join(_PATHS)}")
+    if "raw" not in paths:
+        paths.insert(0, "raw")  # every ratio is against it
+    ops = args.warmup + args.repeat
+    node_paths = [p for p in paths if p in ("bulk", "grpc")]
+    children: list[_Child] = []
+    clients: dict[str, Any] = {}
+    timings: dict[tuple[int, str, str], list[float]] = {}
+    try:
+        raw = _Child(_raw_server)
+        children.append(raw)
+        clients["raw"] = _RawClient(raw.ports, fresh=False)
+        if "raw-fresh" in paths:
+            clients["raw-fresh"] = _RawClient(raw.ports, fresh=True)
+        if "bulk-bare" in paths:
+            bare = _Child(_bulk_server, max(sizes) + MiB)
+            children.append(bare)
+            clients["bulk-bare"] = _BulkPath(bare.ports)
+        if node_paths:
+            capacity = len(node_paths) * ops * sum(sizes) + 64 * MiB
+            node = _Child(_node_server, capacity, max(sizes) + MiB)
+            children.append(node)
+            grpc_port, bulk_port = node.ports
+            if "bulk" in node_paths and bulk_port <= 0:
+                raise RuntimeError("the node has no bulk channel")
+            for path in node_paths:
+                clients[path] = _NodePath(grpc_port, bulk_port, path)
+        objects = _Objects()
+        for size in sizes:
+            payload = os.urandom(size)
+            keys = {p: [objects.key() for _ in range(ops)] for p in paths}
+            for op in ("put", "get"):
+                for i in range(ops):
+                    for path in paths:
+                        key = keys[path][i]
+                        obj = objects.build(key, size, payload) if op == "put" else None
+                        start = time.perf_counter()
+                        if obj is not None:
+                            clients[path].put(key, obj)
+                        else:
+                            clients[path].get(key, size)
+                        elapsed = time.perf_counter() - start
+                        if i >= args.warmup:
+                            timings.setdefault((size, path, op), []).append(elapsed)
+                        del obj
+    finally:
+        for client in clients.values():
+            client.close()
+        for child in children:
+            child.close()
+    rows = []
+    for (size, path, op), ts in timings.items():
+        p50 = statistics.median(ts)
+        rows.append({"size_mib": size / MiB, "path": path, "op": op, "gbps": size / p50 / 1e9,
+                     "p50_ms": p50 * 1e3, "n": len(ts)})
+    base = {(r["size_mib"], r["op"]): r["gbps"] for r in rows if r["path"] == "raw"}
+    for row in rows:
+        row["ratio"] = row["gbps"] / base[(row["size_mib"], row["op"])]
+    rows.sort(key=lambda r: (r["size_mib"], r["op"] != "put", paths.index(r["path"])))
+    from kdn.bench import format_table
+
+    print(f"transfer over 127.0.0.1, one object per call, p50 of {args.repeat} "
+          f"(ratio: vs raw socket into a reused buffer)")
+    print(format_table(rows, _COLUMNS))
+    return {"rows": rows, "hardware": _hardware(), "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "settings": {"sizes_mib": [s / MiB for s in sizes], "repeat": args.repeat, "warmup": args.warmup,
+                         "paths": paths}}
