@@ -420,7 +420,7 @@ class KDNClient:
         if not keyed:
             return StoreResult()
         names = [str(k) for _, k in keyed]
-        existing = self._call("Lookup", control_pb2.LookupRequest(keys=names, prefix=False))
+        existing = self._call("Lookup", control_pb2.LookupRequest(keys=names, prefix=False, probe=True))
         missing = [i for i, r in enumerate(existing.results) if not r.locations]
         result = StoreResult(skipped=len(keyed) - len(missing))
         if not missing:
@@ -430,18 +430,20 @@ class KDNClient:
             span, key = keyed[i]
             objects[i] = encode_chunk(kv[:, :, span.start:span.end].cpu(), key=names[i], layout=self.layout,
                                       codec=self.codec, start=span.start, layer_group=self.config.layer_group)
-        placed = self._call("Place", control_pb2.PlaceRequest(keys=[names[i] for i in missing],
-                                                              sizes=[len(objects[i]) for i in missing]))
-        by_node: dict[str, tuple[NodeAddress, list[int]]] = {}
+        placed = self._call("Place", control_pb2.PlaceRequest(
+            keys=[names[i] for i in missing], sizes=[len(objects[i]) for i in missing],
+            tokens=[keyed[i][0].num_tokens for i in missing], starts=[keyed[i][0].start for i in missing],
+            model=self.layout.model_id, kv_bytes_per_token=self.layout.bytes_per_token))
+        by_node: dict[tuple[str, str], tuple[NodeAddress, list[int]]] = {}
         for i, target in zip(missing, placed.targets):
             if not target.node_id:
                 result.failed += 1
                 continue
             node = NodeAddress(target.node_id, target.address, target.bulk_address)
-            by_node.setdefault(node.node_id, (node, []))[1].append(i)
-        for node, idx in by_node.values():
+            by_node.setdefault((node.node_id, target.tier), (node, []))[1].append(i)
+        for (_, tier), (node, idx) in by_node.items():
             try:
-                outcomes = self._node(node).put_many_detailed([(names[i], objects[i]) for i in idx])
+                outcomes = self._node(node).put_many_detailed([(names[i], objects[i]) for i in idx], tier=tier)
             except KDNError as exc:
                 log.warning("store to node %s failed: %s", node.node_id, exc)
                 result.failed += len(idx)

@@ -22,7 +22,7 @@ from typing import Any
 from kdn.errors import ConfigError
 
 __all__ = [
-    "KDNConfig", "ControllerConfig", "NodeConfig", "ClientConfig", "AuthConfig", "TierSpec",
+    "KDNConfig", "ControllerConfig", "PlacementConfig", "NodeConfig", "ClientConfig", "AuthConfig", "TierSpec",
     "parse_size", "load_config", "default_data_dir",
 ]
 
@@ -87,6 +87,73 @@ class ControllerConfig:
     """A node that has not sent a heartbeat for this long is marked dead and its index entries are ignored."""
 
 
+#: How node tier kinds are priced: node tier kind -> catalog tier (``costmodel/prices.yaml``).
+DEFAULT_TIER_OFFERS: dict[str, str] = {"gpu": "gpu", "pinned": "cpu", "memory": "cpu", "disk": "disk",
+                                       "redis": "redis", "s3": "s3"}
+PLACEMENT_POLICIES = ("cost", "hash")
+
+
+@dataclass
+class PlacementConfig:
+    """Where the controller puts chunks and when it moves them (docs/costmodel.md, "Placement in the controller")."""
+
+    policy: str = "cost"
+    """``cost``: node by rendezvous hashing, tier by the cost model, plus the periodic pass (promote, demote,
+    evict); ``hash``: rendezvous hashing only, tiers left to each node's write policy and LRU."""
+    interval_s: float = 5.0
+    """Seconds between periodic passes over the index (``cost`` only); 0 disables the pass."""
+    gpu: str = ""
+    """Catalog GPU whose price and speed value a hit ("" = the catalog's default, h100)."""
+    model: str = "llama-3-8b"
+    """Catalog model for chunks whose model is not in the catalog: prefill time is this model's, scaled by the
+    ratio of KV bytes per token."""
+    prices: str = ""
+    """A price YAML merged over the built-in catalog ("" = built-in only)."""
+    price_overrides: list[str] = field(default_factory=list)
+    """``SECTION.NAME.FIELD=VALUE`` overrides of the catalog, e.g. ``tiers.disk.bandwidth_gbps=6``."""
+    network: str = ""
+    """Network profile whose fees apply to remote tiers (redis, s3); "" = the catalog's default (same-zone)."""
+    tier_offers: dict[str, str] = field(default_factory=dict)
+    """Extra or changed node-tier-kind -> catalog-tier mappings, merged over the defaults
+    (memory/pinned -> cpu, disk -> disk, redis -> redis, s3 -> s3, gpu -> gpu)."""
+    half_life_s: float = 3600.0
+    """Half-life of a chunk's decayed access rate."""
+    load_stall: float = 1.0
+    """Fraction of a load the GPU waits for, charged at the GPU price (0: loads fully overlap compute)."""
+    max_load_s: float = 0.0
+    """Latency need: tiers that cannot deliver a chunk within this are not used (0: only beat recomputing)."""
+    min_value_per_hour: float = 0.0
+    """A tier must earn more than this ($/h per chunk) to be chosen."""
+    hysteresis: float = 0.1
+    """Against flapping: move a chunk only when its reuse rate is this fraction past the rate at which its
+    current tier and the better one are worth the same (its gain exceeds this fraction of the change in hold cost)."""
+    high_watermark: float = 0.95
+    """A tier filled beyond this fraction is under pressure: the pass demotes or evicts its lowest-value chunks."""
+    low_watermark: float = 0.9
+    """...until it is filled to this fraction; promotions fill a tier only up to it."""
+    evict_below_break_even: bool = False
+    """Also evict chunks not worth keeping in any tier when there is room. Off: such chunks are only the first
+    to go under capacity pressure, so a store is never deleted by the pass while there is plenty of room."""
+    max_moves_per_pass: int = 10_000
+    """Upper bound on moves and evictions one pass issues."""
+
+    def validate(self) -> None:
+        if self.policy not in PLACEMENT_POLICIES:
+            raise ConfigError(f"placement.policy must be one of {PLACEMENT_POLICIES}, got {self.policy!r}")
+        if self.interval_s < 0 or self.half_life_s <= 0:
+            raise ConfigError("placement.interval_s must be >= 0 and placement.half_life_s > 0")
+        if not 0 <= self.load_stall <= 1:
+            raise ConfigError(f"placement.load_stall must be in [0, 1], got {self.load_stall}")
+        if self.max_load_s < 0 or self.hysteresis < 0 or self.max_moves_per_pass < 0:
+            raise ConfigError("placement.max_load_s, hysteresis and max_moves_per_pass must be >= 0")
+        if not 0 < self.low_watermark <= self.high_watermark <= 1:
+            raise ConfigError("placement watermarks need 0 < low_watermark <= high_watermark <= 1")
+
+    def offer_map(self) -> dict[str, str]:
+        """Node tier kind -> catalog tier name (defaults merged with ``tier_offers``)."""
+        return {**DEFAULT_TIER_OFFERS, **self.tier_offers}
+
+
 @dataclass
 class NodeConfig:
     node_id: str = ""
@@ -141,6 +208,7 @@ class KDNConfig:
     metrics_port: int = 9400
     """Prometheus metrics port of this process (0 picks a free port, -1 disables)."""
     controller: ControllerConfig = field(default_factory=ControllerConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
     node: NodeConfig = field(default_factory=NodeConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)

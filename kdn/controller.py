@@ -2,6 +2,10 @@
 
 It is never on the data path. Its state is soft: after a restart the nodes re-register and resend their full
 inventories; until then lookups answer "miss", never a wrong location.
+
+Placement (``placement.policy``): ``cost`` (default) picks each new chunk's tier with the cost model and runs a
+periodic pass that promotes, demotes and evicts (:mod:`kdn.placement`); ``hash`` only spreads chunks over nodes
+by rendezvous hashing and leaves tiers to the nodes.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from kdn.config import KDNConfig
 from kdn.errors import AuthError, InvalidRequest, Unavailable
 from kdn.index import GlobalIndex, Location, NodeRecord
 from kdn.metrics import ControllerMetrics
+from kdn.placement import CostPlacement, PlaceHints
 from kdn.rpc import create_server, servicer_method
 from kdn.v1 import common_pb2, control_pb2, control_pb2_grpc
 
@@ -37,7 +42,8 @@ class Controller:
 
     def __init__(self, config: KDNConfig, registry: CollectorRegistry | None = None) -> None:
         self.config = config
-        self.index = GlobalIndex(config.controller.node_timeout_s)
+        self.index = GlobalIndex(config.controller.node_timeout_s, config.placement.half_life_s)
+        self.placement = CostPlacement(config.placement, self.index, _NodeMover(self))
         self.auth = Authenticator(config.auth.tokens)
         self.metrics = ControllerMetrics(registry or CollectorRegistry())
         self.started_at = time.monotonic()
@@ -52,10 +58,17 @@ class Controller:
         self._server, self.port = create_server(cfg.host, cfg.port)
         control_pb2_grpc.add_ControlServicer_to_server(ControlServicer(self), self._server)
         self._server.start()
-        log.info("controller serving on %s:%d", cfg.host, self.port)
+        if self.cost_driven:
+            self.placement.start()
+        log.info("controller serving on %s:%d (placement: %s)", cfg.host, self.port, self.config.placement.policy)
         return self
 
+    @property
+    def cost_driven(self) -> bool:
+        return self.config.placement.policy == "cost"
+
     def stop(self, grace_s: float = 2.0) -> None:
+        self.placement.stop()
         if self._server is not None:
             self._server.stop(grace_s).wait()
         for client in self._node_clients.values():
@@ -92,6 +105,19 @@ class Controller:
         return self.index.forget(keys)
 
 
+class _NodeMover:
+    """Carries out placement actions through the nodes' data plane (admin credentials)."""
+
+    def __init__(self, controller: Controller) -> None:
+        self.c = controller
+
+    def move(self, record: NodeRecord, keys: list[str], tier: str) -> list[bool]:
+        return self.c.node_client(record).move_many(keys, tier)
+
+    def delete(self, record: NodeRecord, keys: list[str]) -> list[bool]:
+        return self.c.node_client(record).delete_many(keys)
+
+
 def _tiers(usage) -> list[tuple[str, int, int]]:
     return [(t.kind, t.capacity_bytes, t.used_bytes) for t in usage]
 
@@ -125,7 +151,8 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
             raise InvalidRequest("node_id and address are required")
         self.c.index.register(NodeRecord(n.node_id, n.address, n.bulk_address, n.epoch, _tiers(n.tiers)))
         log.info("node %s registered at %s (epoch %x)", n.node_id, n.address, n.epoch)
-        return control_pb2.RegisterNodeReply(heartbeat_interval_s=self.c.config.node.heartbeat_interval_s)
+        return control_pb2.RegisterNodeReply(heartbeat_interval_s=self.c.config.node.heartbeat_interval_s,
+                                             placement_managed=self.c.cost_driven)
 
     @servicer_method
     def Heartbeat(self, request, context):  # noqa: N802
@@ -147,7 +174,7 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         principal = self._principal(context)
         keys = self._keys(request.keys)
         visible = [k if principal.may_access(k) else "" for k in keys]
-        found = self.c.index.lookup(visible, request.prefix)
+        found = self.c.index.lookup(visible, request.prefix, count=not request.probe)
         results = [control_pb2.KeyLocations(key=k, locations=[_location(loc) for loc in locs])
                    for k, locs in zip(keys, found)]
         prefix_hits = next((i for i, locs in enumerate(found) if not locs), len(found))
@@ -167,12 +194,31 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         keys = self._keys(request.keys)
         if len(request.sizes) not in (0, len(keys)):
             raise InvalidRequest("sizes must be empty or one per key")
+        for name in ("tokens", "starts"):
+            if len(getattr(request, name)) not in (0, len(keys)):
+                raise InvalidRequest(f"{name} must be empty or one per key")
         sizes = list(request.sizes) or [0] * len(keys)
+        allowed = [i for i, k in enumerate(keys) if principal.may_access(k)]
+        chosen: list = [None] * len(keys)
+        if self.c.cost_driven:
+            hints = [PlaceHints(tokens=request.tokens[i] if request.tokens else 0,
+                                start=request.starts[i] if request.starts else 0, model=request.model,
+                                kv_bytes_per_token=request.kv_bytes_per_token) for i in allowed]
+            placed = self.c.placement.place_many([keys[i] for i in allowed], [sizes[i] for i in allowed], hints)
+            for i, target in zip(allowed, placed):
+                chosen[i] = target
+        else:
+            for i in allowed:
+                record = self.c.index.place(keys[i], sizes[i])
+                chosen[i] = (record, "") if record is not None else None
         targets = []
-        for key, size in zip(keys, sizes):
-            record = self.c.index.place(key, size) if principal.may_access(key) else None
+        for target in chosen:
+            if target is None:
+                targets.append(common_pb2.Location())
+                continue
+            record, tier = target
             targets.append(common_pb2.Location(node_id=record.node_id, address=record.address,
-                                               bulk_address=record.bulk_address) if record else common_pb2.Location())
+                                               bulk_address=record.bulk_address, tier=tier))
         return control_pb2.PlaceReply(targets=targets)
 
     def _scoped(self, principal: Principal, keys, prefix: str, limit: int = MAX_KEYS_PER_CALL) -> list[str]:
@@ -254,3 +300,16 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
                 lookups=stats.lookups if stats else 0,
                 last_access_age_s=now - stats.last_access if stats else 0.0))
         return control_pb2.ListKeysReply(keys=out, truncated=truncated)
+
+    @servicer_method
+    def Explain(self, request, context):  # noqa: N802
+        principal = self._principal(context)
+        out = []
+        for key in self._keys(request.keys):
+            if not principal.may_access(key):
+                out.append(control_pb2.KeyExplanation(key=key, found=False))
+                continue
+            data = self.c.placement.explain(key, self.c.config.placement.policy)
+            tiers = [control_pb2.TierValue(**t) for t in data.pop("tiers")]
+            out.append(control_pb2.KeyExplanation(tiers=tiers, **data))
+        return control_pb2.ExplainReply(keys=out)

@@ -109,8 +109,9 @@ class ControllerLink:
     def _step(self) -> None:
         node = self.node
         if not self._registered:
-            self._stub.RegisterNode(control_pb2.RegisterNodeRequest(node=node.info()), timeout=self.timeout,
-                                    metadata=self.metadata)
+            reply = self._stub.RegisterNode(control_pb2.RegisterNodeRequest(node=node.info()), timeout=self.timeout,
+                                            metadata=self.metadata)
+            node.store.promote_on_hit = not reply.placement_managed  # the controller moves objects itself
             self._registered = True
             with self._lock:
                 self._need_full = True

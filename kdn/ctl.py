@@ -96,10 +96,38 @@ def cmd_ls(ctl: Ctl, args) -> int:
     return 0
 
 
+def _explain(ctl: Ctl, key: str) -> dict | None:
+    """The controller's placement numbers for ``key`` (None from a controller without ``Explain``)."""
+    try:
+        reply = ctl.call("Explain", control_pb2.ExplainRequest(keys=[key]))
+    except KDNError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, grpc.RpcError) and cause.code() == grpc.StatusCode.UNIMPLEMENTED:
+            return None  # an older controller
+        raise
+    if not reply.keys or not reply.keys[0].found:
+        return None
+    return MessageToDict(reply.keys[0], preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+def _print_placement(p: dict) -> None:
+    rate = p.get("reuse_per_hour", 0.0)
+    print(f"\nplacement ({p['policy']}): {p['action']} - {p['reason']}")
+    print(f"  reuse {rate:.3g}/h (decayed; {p['lookups']} lookups, last {p['last_access_age_s']:.0f} s ago), "
+          f"{p['size']} bytes, saves {p['prefill_seconds_saved'] * 1e3:.3g} ms of prefill per hit "
+          f"({p['prefill_basis']}); {p['gpu']} at ${p['gpu_price_per_hour']:.3g}/h"
+          + ("; pinned" if p.get("pinned") else ""))
+    rows = [{"node": t["node_id"], "tier": t["tier"] + (" *" if t["current"] else ""), "priced as": t["offer"],
+             "load ms": t["load_s"] * 1e3, "$ saved/reuse": t["saving_per_reuse"], "keep $/h": t["hold_per_hour"],
+             "value $/h": t["value_per_hour"], "": t["reason"]} for t in p["tiers"]]
+    print(format_table(rows))
+    print(f"value = reuse/h x saved/reuse - keep/h; best: {p['choice'] or 'none (below break-even)'}; * = current")
+
+
 def cmd_inspect(ctl: Ctl, args) -> int:
     from kdn.chunk import CorruptObject, verify_object
 
-    reply = ctl.call("Lookup", control_pb2.LookupRequest(keys=[args.key], prefix=False))
+    reply = ctl.call("Lookup", control_pb2.LookupRequest(keys=[args.key], prefix=False, probe=True))
     locations = list(reply.results[0].locations) if reply.results else []
     info: dict = {"key": args.key, "locations": [MessageToDict(loc) for loc in locations]}
     if not locations:
@@ -117,9 +145,14 @@ def cmd_inspect(ctl: Ctl, args) -> int:
                         header_bytes=header.header_len, fingerprint=header.fingerprint.hex(), verified=True)
         except CorruptObject as exc:
             info.update(verified=False, error=str(exc))
+    placement = _explain(ctl, args.key)
     rows = [{"field": k, "value": v if not isinstance(v, list) else
              "; ".join(f"{loc['nodeId']}/{loc.get('tier', '')}" for loc in v)} for k, v in info.items()]
+    if placement is not None:
+        info["placement"] = placement
     _emit(args, info, rows, ["field", "value"])
+    if placement is not None and not args.json:
+        _print_placement(placement)
     return 0 if info.get("verified") else 1
 
 
@@ -176,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prefix", nargs="?", default="")
     p.add_argument("--limit", type=int, default=100)
     p.set_defaults(func=cmd_ls)
-    p = sub.add_parser("inspect", help="locations and verified header of one key")
+    p = sub.add_parser("inspect", help="locations, verified header and placement numbers of one key")
     p.add_argument("key")
     p.set_defaults(func=cmd_inspect)
     p = sub.add_parser("evict", help="delete keys everywhere")
