@@ -28,6 +28,9 @@ def run_servers(config: KDNConfig, *, controller: bool, node: bool, stop_event: 
     stop_event = stop_event or threading.Event()
     ctl = nd = None
     metrics_server = None
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop_event.set())
     try:
         if controller:
             ctl = Controller(config, registry).start()
@@ -42,9 +45,6 @@ def run_servers(config: KDNConfig, *, controller: bool, node: bool, stop_event: 
                  "node": nd.address if nd else None, "bulk": nd.bulk_address if nd else None,
                  "node_id": nd.node_id if nd else None, "metrics": metrics_port, "data_dir": config.data_dir}
         print(json.dumps(ready), flush=True)
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, lambda *_: stop_event.set())
         while not stop_event.wait(0.5):
             pass
         log.info("shutting down")

@@ -20,7 +20,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 
 if [ "$mode" = "--test" ]; then
-  "${pip[@]}" -e ".[redis,s3,test]"
+  "${pip[@]}" -e ".[redis,s3,plot,test]"
   # redis-server for the Redis tier tests (Debian package).
   if ! command -v redis-server >/dev/null 2>&1; then
     sudo_cmd=""
