@@ -7,6 +7,7 @@ serve:
 
 test:
 	bash scripts/install.sh --test
+	bash scripts/install_engines.sh
 	.venv/bin/ruff check .
 	.venv/bin/python -m pytest
 

@@ -29,7 +29,7 @@ from codec import get_codec
 from codec.raw import check_kv, torch_dtype
 from kdn.auth import call_metadata
 from kdn.chunk import ChunkHeader, verify_object
-from kdn.chunk_codec import encode_chunk
+from kdn.chunk_codec import decode_chunk, encode_chunk
 from kdn.config import ClientConfig
 from kdn.errors import AuthError, CorruptObject, InvalidRequest, KDNError, Unavailable
 from kdn.keys import ChunkKey, ChunkSpan, prefix_keys
@@ -419,41 +419,84 @@ class KDNClient:
         keyed = self.keys(tokens)
         if not keyed:
             return StoreResult()
-        names = [str(k) for _, k in keyed]
-        existing = self._call("Lookup", control_pb2.LookupRequest(keys=names, prefix=False, probe=True))
-        missing = [i for i, r in enumerate(existing.results) if not r.locations]
-        result = StoreResult(skipped=len(keyed) - len(missing))
+        chunks = [(key, kv[:, :, span.start:span.end], span.start) for span, key in keyed]
+        outcomes, error = self._put_chunks(chunks)
+        result = StoreResult(stored=outcomes.count("stored"), skipped=outcomes.count("present"),
+                             failed=outcomes.count("failed"), error=error)
+        return result
+
+    # -- keyed access (for connectors that name objects themselves: SGLang pages, CacheBlend content keys) -----
+    def locate(self, keys: Sequence[ChunkKey], *, prefix: bool = False, probe: bool = False) -> list[list[NodeAddress]]:
+        """Live locations of each key, from the controller. ``probe``: an existence check that does not count as
+        a use for placement. Raises :class:`Unavailable` when the controller cannot be reached."""
+        if not keys:
+            return []
+        reply = self._call("Lookup", control_pb2.LookupRequest(keys=[str(k) for k in keys], prefix=prefix,
+                                                                probe=probe))
+        found = [[NodeAddress(loc.node_id, loc.address, loc.bulk_address) for loc in r.locations]
+                 for r in reply.results]
+        return found + [[] for _ in range(len(keys) - len(found))]
+
+    def get_chunks(self, keys: Sequence[ChunkKey], *, device="cpu") -> list:
+        """Fetch, verify and decode each object (``[layers, 2, tokens, heads, dim]``); ``None`` where missing or
+        damaged. Never raises for remote failures."""
+        out: list = [None] * len(keys)
+        try:
+            found = self.locate(keys)
+        except KDNError as exc:
+            log.warning("lookup failed: %s", exc)
+            return out
+        hits = [i for i, nodes in enumerate(found) if nodes]
+        chunks = [ChunkHit(ChunkSpan(i, 0, 0), keys[i], found[i]) for i in hits]
+        for i, chunk, data in zip(hits, chunks, self._fetch(chunks)):
+            if data is None:
+                continue
+            try:
+                out[i] = decode_chunk(data, key=str(chunk.key), layout=self.layout, codec=self.codec, device=device)
+            except CorruptObject as exc:
+                log.warning("chunk %s rejected: %s", chunk.key, exc)
+                self.metrics.fallbacks.labels("corrupt").inc()
+        return out
+
+    def put_chunks(self, chunks: Sequence[tuple[ChunkKey, object, int]]) -> list[bool]:
+        """Store ``(key, kv, start)`` objects now (synchronously), skipping keys already stored; per chunk True
+        when it is stored afterwards. Never raises for remote failures."""
+        try:
+            outcomes, _ = self._put_chunks(chunks)
+        except KDNError as exc:
+            log.warning("store failed: %s", exc)
+            return [False] * len(chunks)
+        return [o != "failed" for o in outcomes]
+
+    def _put_chunks(self, chunks: Sequence[tuple[ChunkKey, object, int]]) -> tuple[list[str], str]:
+        """Per chunk ``stored``, ``present`` or ``failed``, and the last error message."""
+        names = [str(key) for key, _, _ in chunks]
+        outcomes = ["present"] * len(chunks)
+        missing = [i for i, nodes in enumerate(self.locate([k for k, _, _ in chunks], probe=True)) if not nodes]
         if not missing:
-            return result
-        objects = {}
-        for i in missing:
-            span, key = keyed[i]
-            objects[i] = encode_chunk(kv[:, :, span.start:span.end].cpu(), key=names[i], layout=self.layout,
-                                      codec=self.codec, start=span.start, layer_group=self.config.layer_group)
+            return outcomes, ""
+        objects = {i: encode_chunk(chunks[i][1].cpu(), key=names[i], layout=self.layout, codec=self.codec,
+                                   start=chunks[i][2], layer_group=self.config.layer_group) for i in missing}
         placed = self._call("Place", control_pb2.PlaceRequest(
             keys=[names[i] for i in missing], sizes=[len(objects[i]) for i in missing],
-            tokens=[keyed[i][0].num_tokens for i in missing], starts=[keyed[i][0].start for i in missing],
+            tokens=[chunks[i][1].shape[2] for i in missing], starts=[chunks[i][2] for i in missing],
             model=self.layout.model_id, kv_bytes_per_token=self.layout.bytes_per_token))
+        error = ""
         by_node: dict[tuple[str, str], tuple[NodeAddress, list[int]]] = {}
         for i, target in zip(missing, placed.targets):
-            if not target.node_id:
-                result.failed += 1
-                continue
-            node = NodeAddress(target.node_id, target.address, target.bulk_address)
-            by_node.setdefault((node.node_id, target.tier), (node, []))[1].append(i)
+            outcomes[i] = "failed"
+            if target.node_id:
+                node = NodeAddress(target.node_id, target.address, target.bulk_address)
+                by_node.setdefault((node.node_id, target.tier), (node, []))[1].append(i)
         for (_, tier), (node, idx) in by_node.items():
             try:
-                outcomes = self._node(node).put_many_detailed([(names[i], objects[i]) for i in idx], tier=tier)
+                results = self._node(node).put_many_detailed([(names[i], objects[i]) for i in idx], tier=tier)
             except KDNError as exc:
                 log.warning("store to node %s failed: %s", node.node_id, exc)
-                result.failed += len(idx)
-                result.error = str(exc)
+                error = str(exc)
                 continue
-            for ok, err in outcomes:
-                if ok:
-                    result.stored += 1
-                else:
-                    result.failed += 1
-                    result.error = err
-        self.metrics.stored_chunks.inc(result.stored)
-        return result
+            for i, (ok, err) in zip(idx, results):
+                outcomes[i] = "stored" if ok else "failed"
+                error = err or error
+        self.metrics.stored_chunks.inc(outcomes.count("stored"))
+        return outcomes, error

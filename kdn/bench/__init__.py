@@ -8,6 +8,7 @@ BENCHES: dict[str, str] = {
     "ttft": "kdn.bench.ttft",
     "placement": "kdn.bench.placement",
     "tiers": "kdn.bench.tiers",
+    "connectors": "kdn.bench.connectors",
 }
 
 

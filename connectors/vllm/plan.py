@@ -1,0 +1,163 @@
+"""Scheduler-side bookkeeping of the vLLM connector: which tokens each request loads from and stores into KDN.
+
+Pure Python over plain values (no vLLM import), so it is tested without an engine. All counts are
+block-aligned: KDN chunks hold whole vLLM blocks (``chunk_size % block_size == 0``), loads cover whole chunks and
+always leave at least one prompt token for the engine to compute (it needs logits), and only whole chunks of
+the prompt are stored.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+__all__ = ["LoadSpec", "SaveSpec", "StepPlan", "SchedulerPlanner"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadSpec:
+    """Load tokens ``[start, end)`` of ``token_ids`` (the prefix to look up) into the request's blocks."""
+
+    req_id: str
+    token_ids: list[int]
+    block_ids: list[int]
+    start: int
+    end: int
+
+
+@dataclass
+class SaveSpec:
+    """Store the KV of ``token_ids`` (whole chunks), read from the request's first blocks."""
+
+    req_id: str
+    token_ids: list[int]
+    block_ids: list[int]
+
+
+@dataclass
+class StepPlan:
+    loads: list[LoadSpec] = field(default_factory=list)
+    saves: list[SaveSpec] = field(default_factory=list)
+
+
+@dataclass
+class _Request:
+    prompt: list[int]
+    blocks: list[int] = field(default_factory=list)
+    load: bool = True
+    store: bool = True
+    local: int = 0
+    """Tokens vLLM had computed locally (its own prefix cache) when KDN was asked."""
+    hit: int = 0
+    """End of the prefix KDN supplies (0: none)."""
+    pending_load: bool = False
+    saved: bool = False
+
+
+class SchedulerPlanner:
+    """Turns vLLM scheduler callbacks into per-step :class:`StepPlan`s.
+
+    ``lookup(tokens) -> hit_tokens`` is the KDN lookup (whole chunks only). Not thread-safe: vLLM's scheduler
+    calls it from one thread.
+    """
+
+    def __init__(self, lookup: Callable[[list[int]], int], *, block_size: int, chunk_size: int,
+                 load: bool = True, store: bool = True, on_event: Callable[[dict], None] | None = None) -> None:
+        self.lookup = lookup
+        self.block_size = block_size
+        self.chunk_size = chunk_size
+        self.load = load
+        self.store = store
+        self.on_event = on_event or (lambda event: None)
+        self.requests: dict[str, _Request] = {}
+
+    def _flags(self, params: dict | None) -> tuple[bool, bool]:
+        params = params or {}
+        return bool(params.get("kdn_load", self.load)), bool(params.get("kdn_store", self.store))
+
+    def num_new_matched_tokens(self, req_id: str, prompt: list[int] | None, num_computed: int,
+                               params: dict | None = None) -> int:
+        """Tokens beyond ``num_computed`` that KDN can supply (a multiple of the chunk size, or 0)."""
+        if not prompt:
+            return 0
+        load, store = self._flags(params)
+        state = self.requests.get(req_id)
+        if state is None or state.prompt != list(prompt):
+            state = self.requests[req_id] = _Request(list(prompt))
+        state.load, state.store, state.local, state.hit = load, store, num_computed, 0
+        usable = (len(prompt) - 1) // self.chunk_size * self.chunk_size  # leave >= 1 token to compute
+        if not load or usable <= num_computed:
+            return 0
+        try:
+            hit = self.lookup(list(prompt[:usable]))
+        except Exception as exc:  # noqa: BLE001 - a lookup failure is a miss, never an engine error
+            log.warning("KDN lookup failed for %s: %s", req_id, exc)
+            hit = 0
+        hit = min(hit, usable) // self.chunk_size * self.chunk_size
+        self.on_event({"event": "lookup", "req": req_id, "prompt_tokens": len(prompt), "local_tokens": num_computed,
+                       "hit_tokens": hit, "load_tokens": max(0, hit - num_computed)})
+        if hit <= num_computed:
+            return 0
+        state.hit = hit
+        return hit - num_computed
+
+    def after_alloc(self, req_id: str, num_external_tokens: int) -> None:
+        state = self.requests.get(req_id)
+        if state is not None:
+            state.pending_load = num_external_tokens > 0 and state.hit > 0
+            if num_external_tokens <= 0:
+                state.hit = 0
+
+    def build(self, new_reqs: Iterable[tuple[str, list[int] | None, list[int], int]],
+              cached_reqs: Iterable[tuple[str, list[int] | None, bool, int]],
+              num_scheduled: dict[str, int]) -> StepPlan:
+        """One step's plan.
+
+        ``new_reqs``: ``(req_id, prompt, block_ids, num_computed)``; ``cached_reqs``: ``(req_id, new_block_ids,
+        resumed, num_computed)`` (a resumed request's ``new_block_ids`` is its whole list);
+        ``num_scheduled``: tokens each request computes this step.
+        """
+        plan = StepPlan()
+        touched: list[tuple[str, int]] = []
+        for req_id, prompt, block_ids, computed in new_reqs:
+            state = self.requests.get(req_id)
+            if state is None:
+                state = self.requests[req_id] = _Request(list(prompt or []), load=False, store=self._flags(None)[1])
+            state.blocks = list(block_ids)
+            if state.pending_load:
+                state.pending_load = False
+                start = state.local // self.block_size * self.block_size
+                blocks = state.blocks[:state.hit // self.block_size]
+                plan.loads.append(LoadSpec(req_id, state.prompt[:state.hit], blocks, start, state.hit))
+            touched.append((req_id, computed))
+        for req_id, new_blocks, resumed, computed in cached_reqs:
+            state = self.requests.get(req_id)
+            if state is None:
+                continue
+            if resumed:
+                state.blocks = list(new_blocks or [])
+                state.saved = False
+            elif new_blocks:
+                state.blocks.extend(new_blocks)
+            touched.append((req_id, computed))
+        for req_id, computed in touched:
+            state = self.requests[req_id]
+            done = computed + num_scheduled.get(req_id, 0)
+            if state.saved or not state.store or not state.prompt or done < len(state.prompt):
+                continue
+            state.saved = True
+            end = len(state.prompt) // self.chunk_size * self.chunk_size
+            if end <= state.hit or end == 0:
+                continue  # every whole chunk came from KDN
+            nblocks = end // self.block_size
+            if len(state.blocks) < nblocks:
+                log.warning("request %s has %d blocks, %d needed to store; skipped", req_id, len(state.blocks), nblocks)
+                continue
+            plan.saves.append(SaveSpec(req_id, state.prompt[:end], state.blocks[:nblocks]))
+        return plan
+
+    def finished(self, req_id: str) -> None:
+        self.requests.pop(req_id, None)

@@ -1,0 +1,180 @@
+"""Worker-side half of the vLLM connector: layer-wise loads into, and stores out of, the paged KV cache.
+
+No vLLM import: the connector hands in the cache tensors (one per attention layer, in layer order), their
+:class:`~connectors.vllm.paged.PagedKVLayout`, and each step's :class:`~connectors.vllm.plan.LoadSpec` /
+:class:`~connectors.vllm.plan.SaveSpec` lists.
+
+Loads: :meth:`KVWorker.start_load` fetches and verifies every chunk (``KDNClient.retrieve_layers``), then a
+background thread decodes layer group by layer group and scatters each layer into its blocks while the model
+already computes the earlier layers; :meth:`wait_for_layer` blocks only until that layer is written. Blocks that
+could not be loaded are reported through :meth:`take_failed_blocks` (vLLM then recomputes them).
+
+Stores: :meth:`save_layer` gathers each saved request's blocks of one layer into a staging tensor right after
+that layer's attention ran; :meth:`flush_saves` hands the complete tensor to ``KDNClient.store`` (queued,
+encoded and sent on the client's own thread), so the engine step never waits for the network.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from connectors.vllm.paged import PagedKVLayout
+from connectors.vllm.plan import LoadSpec, SaveSpec
+from kdn.client import KDNClient
+
+__all__ = ["KVWorker"]
+
+log = logging.getLogger(__name__)
+
+
+class KVWorker:
+    """Loads and stores for one worker (one TP rank). Call order per step: ``start_load``, then per layer
+    ``wait_for_layer`` and ``save_layer``, then ``flush_saves``. ``close()`` waits for queued stores."""
+
+    def __init__(self, client: KDNClient, caches: Sequence[torch.Tensor], layout: PagedKVLayout, *,
+                 wait_timeout_s: float = 120.0, on_event: Callable[[dict], None] | None = None) -> None:
+        for cache in caches:
+            layout.check(cache)
+        if len(caches) != client.layout.num_layers:
+            raise ValueError(f"{len(caches)} KV cache tensors for a {client.layout.num_layers}-layer layout")
+        self.client = client
+        self.caches = list(caches)
+        self.layout = layout
+        self.block_size = layout.block_size
+        self.wait_timeout_s = wait_timeout_s
+        self.on_event = on_event or (lambda event: None)
+        self._ready = [threading.Event() for _ in self.caches]
+        for event in self._ready:
+            event.set()
+        self._failed: set[int] = set()
+        self._lock = threading.Lock()
+        self._loader: threading.Thread | None = None
+        self._saves: list[tuple[SaveSpec, torch.Tensor, list[bool], float]] = []
+        self.pending_stores: list = []
+
+    # -- loads ---------------------------------------------------------------------------------------------------
+    def start_load(self, specs: Sequence[LoadSpec]) -> None:
+        """Fetch and verify every spec's chunks, then write them layer by layer in the background."""
+        self._join_loader()
+        specs = [s for s in specs if s.end > s.start]
+        if not specs:
+            return
+        for event in self._ready:
+            event.clear()
+        t0 = time.perf_counter()
+        streams = []
+        for spec in specs:
+            try:
+                stream = self.client.retrieve_layers(spec.token_ids[:spec.end], max_tokens=spec.end)
+            except Exception as exc:  # noqa: BLE001 - any failure is a miss for this request
+                log.warning("KDN retrieve failed for %s: %s", spec.req_id, exc)
+                stream = None
+            got = stream.num_tokens // self.block_size * self.block_size if stream is not None else 0
+            if got < spec.end:
+                self._fail(spec, max(got, spec.start))
+            streams.append((spec, stream, got))
+        self._loader = threading.Thread(target=self._load_layers, args=(streams, t0), name="kdn-vllm-load",
+                                        daemon=True)
+        self._loader.start()
+
+    def _fail(self, spec: LoadSpec, from_token: int) -> None:
+        with self._lock:
+            self._failed.update(spec.block_ids[from_token // self.block_size:spec.end // self.block_size])
+
+    def _load_layers(self, streams: list, t0: float) -> None:
+        live = [(spec, stream, got) for spec, stream, got in streams if stream is not None and got > spec.start]
+        iters = [iter(stream) for _, stream, _ in live]
+        layer = 0
+        try:
+            while layer < len(self.caches):
+                end = layer + 1
+                for (spec, _, got), it in zip(live, iters):
+                    start, stop, kv = next(it)
+                    if start != layer:
+                        raise RuntimeError(f"layer group {start}:{stop} out of order (expected {layer})")
+                    blocks = spec.block_ids[spec.start // self.block_size:got // self.block_size]
+                    for i in range(stop - start):
+                        self.layout.scatter(self.caches[start + i], blocks, kv[i, :, spec.start:got])
+                    end = stop
+                if not live:
+                    end = len(self.caches)
+                for i in range(layer, end):
+                    self._ready[i].set()
+                layer = end
+        except Exception as exc:  # noqa: BLE001 - report, let vLLM recompute
+            log.warning("KDN layer load failed at layer %d: %s", layer, exc)
+            for spec, _, _got in live:
+                self._fail(spec, spec.start)
+        finally:
+            for event in self._ready:
+                event.set()
+        seconds = time.perf_counter() - t0
+        for spec, stream, got in streams:
+            loaded = max(0, got - spec.start)
+            self.on_event({"event": "load", "req": spec.req_id, "tokens": loaded, "requested_tokens":
+                           spec.end - spec.start, "bytes": stream.bytes if stream is not None and loaded else 0,
+                           "chunks": len(stream.objects) if stream is not None and loaded else 0,
+                           "seconds": round(seconds, 4)})
+
+    def wait_for_layer(self, index: int) -> None:
+        """Block until layer ``index`` of this step's loads is in the paged cache."""
+        if not self._ready[index].wait(self.wait_timeout_s):
+            log.error("KDN load of layer %d timed out after %.0f s", index, self.wait_timeout_s)
+
+    def _join_loader(self) -> None:
+        if self._loader is not None:
+            self._loader.join()
+            self._loader = None
+
+    def take_failed_blocks(self) -> set[int]:
+        """Block ids whose KV could not be loaded since the last call (vLLM recomputes them)."""
+        with self._lock:
+            failed, self._failed = self._failed, set()
+        return failed
+
+    # -- stores --------------------------------------------------------------------------------------------------
+    def begin_saves(self, specs: Sequence[SaveSpec]) -> None:
+        """Allocate staging tensors for this step's saves (``[layers, 2, tokens, heads, dim]`` each)."""
+        layout = self.client.layout
+        dtype = self.caches[0].dtype
+        self._saves = [(spec, torch.empty(layout.shape(len(spec.token_ids)), dtype=dtype),
+                        [False] * len(self.caches), time.perf_counter()) for spec in specs]
+
+    def save_layer(self, index: int, cache: torch.Tensor | None = None) -> None:
+        """Copy layer ``index`` of every saved request out of the paged cache (call after its attention ran)."""
+        cache = self.caches[index] if cache is None else cache
+        for spec, staging, done, _ in self._saves:
+            self.layout.gather(cache, spec.block_ids, out=staging[index])
+            done[index] = True
+
+    def flush_saves(self) -> None:
+        """Queue this step's complete staging tensors for storage (returns at once)."""
+        saves, self._saves = self._saves, []
+        for spec, staging, done, t0 in saves:
+            if not all(done):
+                log.warning("KDN store of %s skipped: %d of %d layers saved", spec.req_id, sum(done), len(done))
+                continue
+            try:
+                future = self.client.store(spec.token_ids, staging, copy=False)
+            except Exception as exc:  # noqa: BLE001 - a store never fails the engine step
+                log.warning("KDN store of %s failed: %s", spec.req_id, exc)
+                continue
+            future.add_done_callback(self._stored_callback(spec, t0))
+            self.pending_stores = [f for f in self.pending_stores if not f.done()] + [future]
+
+    def _stored_callback(self, spec: SaveSpec, t0: float):
+        def done(future) -> None:
+            result = future.result()
+            self.on_event({"event": "store", "req": spec.req_id, "tokens": len(spec.token_ids),
+                           "stored": result.stored, "skipped": result.skipped, "failed": result.failed,
+                           "dropped": result.dropped, "seconds": round(time.perf_counter() - t0, 4)})
+        return done
+
+    def close(self) -> None:
+        self._join_loader()
+        self.client.close()

@@ -1,0 +1,149 @@
+"""The vLLM connector below the engine boundary, in the main venv (no vLLM): paged layout, planning, worker I/O.
+
+The worker tests go through a real KDN cluster (controller + two nodes as subprocesses). The real vLLM engine
+is exercised in ``test_vllm_engine.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from connectors.vllm.config import ConnectorSettings, check_chunk_size
+from connectors.vllm.paged import PagedKVLayout
+from connectors.vllm.plan import LoadSpec, SaveSpec, SchedulerPlanner
+from connectors.vllm.worker import KVWorker
+from kdn.client import KDNClient
+from kdn.errors import ConfigError
+
+BS, HEADS, DIM, LAYERS, CHUNK = 32, 2, 16, 4, 64
+
+
+def vec_writer(key, value, key_cache, value_cache, slots) -> None:
+    """vLLM CPU ``vec`` ISA order (as probed from the real kernel): keys ``[dim, block]``, values ``[block, dim]``."""
+    bs = key_cache.shape[2]
+    for i, slot in enumerate(slots.tolist()):
+        b, t = divmod(slot, bs)
+        for h in range(key.shape[1]):
+            k_region = key_cache[b, h].reshape(-1)  # views of the contiguous cache rows
+            k_region.view(-1, bs)[:, t] = key[i, h]
+            value_cache[b, h, t] = value[i, h]
+
+
+def paged(writer=vec_writer) -> PagedKVLayout:
+    return PagedKVLayout.probe(writer, BS, HEADS, DIM, torch.bfloat16)
+
+
+def test_probe_finds_the_transposed_key_order():
+    layout = paged()
+    t, d = 3, 5
+    assert int(layout.perm_k[t * DIM + d]) == d * BS + t
+    assert torch.equal(layout.perm_v, torch.arange(BS * DIM))
+
+
+@pytest.mark.parametrize("writer", [vec_writer, None], ids=["vec", "natural"])
+def test_scatter_gather_match_the_engine_writer(writer):
+    layout = paged(writer) if writer else PagedKVLayout.natural(BS, HEADS, DIM)
+    cache = torch.zeros(6, HEADS, BS, 2 * DIM, dtype=torch.bfloat16)
+    kv = torch.randn(2, 2 * BS, HEADS, DIM).to(torch.bfloat16)
+    layout.scatter(cache, [4, 1], kv)
+    assert torch.equal(layout.gather(cache, [4, 1]), kv)
+    if writer:  # the engine's own writer produces the same bytes
+        ref = torch.zeros_like(cache)
+        key_cache, value_cache = ref.view(6, HEADS, 2 * BS, DIM).chunk(2, dim=2)
+        writer(kv[0], kv[1], key_cache, value_cache, torch.tensor([4 * BS + i for i in range(BS)]
+                                                                   + [1 * BS + i for i in range(BS)]))
+        assert torch.equal(ref, cache)
+    out = torch.empty(2, BS, HEADS, DIM, dtype=torch.bfloat16)
+    assert torch.equal(layout.gather(cache, [1], out=out), kv[:, BS:])
+
+
+def test_planner_aligns_loads_and_stores():
+    stored = {"hit": 0}
+    planner = SchedulerPlanner(lambda tokens: stored["hit"], block_size=BS, chunk_size=CHUNK)
+    prompt = list(range(200))  # 3 whole chunks (192) + 8
+    assert planner.num_new_matched_tokens("a", prompt, 0) == 0
+    planner.after_alloc("a", 0)
+    plan = planner.build([("a", prompt, list(range(7)), 0)], [], {"a": 200})
+    assert plan.loads == [] and [s.req_id for s in plan.saves] == ["a"]
+    assert len(plan.saves[0].token_ids) == 192 and plan.saves[0].block_ids == list(range(6))
+    planner.finished("a")
+
+    stored["hit"] = 250  # more than usable: capped to whole chunks, leaving >= 1 token to compute
+    assert planner.num_new_matched_tokens("b", prompt, 32) == 192 - 32
+    planner.after_alloc("b", 160)
+    plan = planner.build([("b", prompt, list(range(10, 17)), 192)], [], {"b": 8})
+    assert plan.loads == [LoadSpec("b", prompt[:192], list(range(10, 16)), 32, 192)]
+    assert plan.saves == []  # every whole chunk came from KDN
+    # An identical-length prompt of exactly 3 chunks can load only 2 (one token must be computed).
+    assert planner.num_new_matched_tokens("c", list(range(192)), 0) == 128
+    # Per-request opt-out.
+    assert planner.num_new_matched_tokens("d", prompt, 0, {"kdn_load": False}) == 0
+
+
+def test_planner_tracks_chunked_prefill_blocks():
+    planner = SchedulerPlanner(lambda tokens: 0, block_size=BS, chunk_size=CHUNK)
+    prompt = list(range(130))
+    planner.num_new_matched_tokens("a", prompt, 0)
+    assert planner.build([("a", prompt, [0, 1], 0)], [], {"a": 64}).saves == []
+    plan = planner.build([], [("a", [2, 3, 4], False, 64)], {"a": 66})
+    assert plan.saves == [SaveSpec("a", prompt[:128], [0, 1, 2, 3])]
+    assert planner.build([], [("a", None, False, 130)], {"a": 1}).saves == []  # decoding: saved once
+
+
+def test_settings_and_chunk_alignment(tmp_path):
+    path = tmp_path / "kdn.yaml"
+    path.write_text("client: {tenant: acme, codec: lz4, chunk_size: 512}\n")
+    settings = ConnectorSettings.from_extra_config({"kdn_config": str(path), "client": {"chunk_size": 256},
+                                                    "stats_path": "x.jsonl"}, environ={"KDN_CLIENT__TENANT": "env"})
+    assert (settings.client.tenant, settings.client.codec, settings.client.chunk_size) == ("env", "lz4", 256)
+    assert settings.stats_path == "x.jsonl" and settings.load and settings.store
+    with pytest.raises(ConfigError, match="unknown key"):
+        ConnectorSettings.from_extra_config({"tenant": "x"})
+    with pytest.raises(ConfigError, match="multiple of vLLM's block size 128"):
+        check_chunk_size(200, 128)
+
+
+def worker(cluster, layout, caches, events):
+    client = KDNClient(layout, controller=cluster.address, chunk_size=CHUNK, store_partial=False, tenant="w")
+    return KVWorker(client, caches, paged(), on_event=events.append)
+
+
+def test_worker_store_then_layerwise_load_into_other_blocks(cluster, layout):
+    tokens = list(range(500, 500 + 3 * CHUNK))
+    nblocks = len(tokens) // BS
+    events: list[dict] = []
+    src = [torch.randn(16, HEADS, BS, 2 * DIM).to(torch.bfloat16) for _ in range(LAYERS)]
+    w = worker(cluster, layout, src, events)
+    src_blocks = list(range(2, 2 + nblocks))
+    w.begin_saves([SaveSpec("r1", tokens, src_blocks)])
+    for i in range(LAYERS):
+        w.save_layer(i)
+    w.flush_saves()
+    w.pending_stores[-1].result(30)
+    assert w.client.lookup(tokens).hit_tokens == len(tokens)
+
+    dst = [torch.zeros(16, HEADS, BS, 2 * DIM, dtype=torch.bfloat16) for _ in range(LAYERS)]
+    r = worker(cluster, layout, dst, events)
+    dst_blocks = list(range(15, 15 - nblocks, -1))
+    r.start_load([LoadSpec("r2", tokens, dst_blocks, BS, len(tokens))])  # first block computed locally
+    for i in range(LAYERS):
+        r.wait_for_layer(i)
+        assert torch.equal(r.layout.gather(dst[i], dst_blocks[1:]), r.layout.gather(src[i], src_blocks[1:]))
+        assert not dst[i][dst_blocks[0]].any()
+    r._join_loader()
+    assert r.take_failed_blocks() == set()
+    load = [e for e in events if e["event"] == "load"][-1]
+    assert load["tokens"] == len(tokens) - BS and load["bytes"] > 0 and load["chunks"] == 3
+    store = [e for e in events if e["event"] == "store"][-1]
+    assert (store["stored"], store["failed"]) == (3, 0)
+
+    # A prefix KDN does not have: nothing written, every block reported for recompute.
+    other = list(range(9000, 9000 + CHUNK))
+    r.start_load([LoadSpec("r3", other, [7, 8], 0, CHUNK)])
+    for i in range(LAYERS):
+        r.wait_for_layer(i)
+    r._join_loader()
+    assert r.take_failed_blocks() == {7, 8}
+    w.close()
+    r.close()
