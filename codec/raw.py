@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -51,8 +53,9 @@ def tensor_from_bytes(data: bytes | memoryview, shape, dtype: torch.dtype, *, de
     if out.device.type == "cpu" and out.is_contiguous():
         out.view(-1).view(torch.uint8).numpy()[:] = src
     else:
-        staged = torch.empty(n, dtype=torch.uint8)
-        staged.numpy()[:] = src
+        with warnings.catch_warnings():  # the source buffer is read-only; it is only read here
+            warnings.simplefilter("ignore", UserWarning)
+            staged = torch.frombuffer(data, dtype=torch.uint8)
         out.copy_(staged.view(dtype).view(shape))
     return out
 
@@ -63,9 +66,9 @@ class RawCodec(Codec):
     name = "raw"
     lossless = True
 
-    def encode(self, kv: torch.Tensor) -> bytes:
+    def encode(self, kv: torch.Tensor, *, layer_start: int | None = None) -> bytes:
         return tensor_bytes(kv)
 
-    def decode(self, data, num_layers, num_tokens, *, meta=b"", device="cpu", out=None):
+    def decode(self, data, num_layers, num_tokens, *, meta=b"", device="cpu", out=None, layer_start=None):
         shape = self.layout.shape(num_tokens, num_layers)
         return tensor_from_bytes(data, shape, torch_dtype(self.layout.dtype), device=device, out=out)

@@ -26,7 +26,7 @@ def encode_chunk(kv: torch.Tensor, *, key: str, layout: KVLayout, codec: Codec |
     if isinstance(codec, str):
         codec = get_codec(codec, layout)
     group = max(1, int(layer_group))
-    sections = [(ls, min(ls + group, layout.num_layers), codec.encode(kv[ls:ls + group]))
+    sections = [(ls, min(ls + group, layout.num_layers), codec.encode(kv[ls:ls + group], layer_start=ls))
                 for ls in range(0, layout.num_layers, group)]
     return build_object(codec=codec.name, key=key, fingerprint=layout.fingerprint(), num_tokens=kv.shape[2],
                         start=start, num_layers=layout.num_layers, sections=sections, codec_meta=codec.meta())
@@ -45,7 +45,8 @@ def iter_layer_groups(data: bytes | memoryview, *, key: str, layout: KVLayout, c
     for section in header.sections:
         view = verify_section(data, section)
         yield section.layer_start, section.layer_end, codec.decode(
-            view, section.layer_end - section.layer_start, header.num_tokens, meta=header.codec_meta, device=device)
+            view, section.layer_end - section.layer_start, header.num_tokens, meta=header.codec_meta, device=device,
+            layer_start=section.layer_start)
 
 
 def decode_chunk(data: bytes | memoryview, *, key: str, layout: KVLayout, codec: Codec, device="cpu",
@@ -68,5 +69,5 @@ def decode_chunk(data: bytes | memoryview, *, key: str, layout: KVLayout, codec:
     for section in header.sections:
         view = memoryview(data)[section.offset:section.offset + section.length]
         codec.decode(view, section.layer_end - section.layer_start, header.num_tokens, meta=header.codec_meta,
-                     device=device, out=out[section.layer_start:section.layer_end])
+                     device=device, out=out[section.layer_start:section.layer_end], layer_start=section.layer_start)
     return out

@@ -129,7 +129,7 @@ class LayerStream:
                     raise InvalidRequest("layer group does not align with the objects' sections")
                 view = memoryview(data)[section.offset:section.offset + section.length]
                 client.codec.decode(view, section.layer_end - section.layer_start, header.num_tokens,
-                                    meta=header.codec_meta, device=self.device,
+                                    meta=header.codec_meta, device=self.device, layer_start=section.layer_start,
                                     out=out[section.layer_start - layer_start:section.layer_end - layer_start, :,
                                             chunk.span.start:chunk.span.end])
         return out
@@ -158,7 +158,8 @@ class KDNClient:
         self.config = config
         self.layout = layout
         self.fingerprint = layout.fingerprint()
-        self.codec = get_codec(config.codec, layout)
+        options = {"profile": config.codec_profile} if config.codec_profile else {}
+        self.codec = get_codec(config.codec, layout, **options)
         if config.chunk_size <= 0:
             raise InvalidRequest("chunk_size must be positive")
         self.metrics = ClientMetrics()

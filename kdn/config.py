@@ -186,6 +186,9 @@ class ClientConfig:
     tenant: str = "default"
     token: str = ""
     codec: str = "raw"
+    """``raw``, ``lz4``, ``lossless`` or a ``cachegen-*`` level (docs/codec.md)."""
+    codec_profile: str = ""
+    """Model profile file for ``cachegen-*`` levels (``kdnctl codec profile`` writes one)."""
     chunk_size: int = 256
     """Tokens per chunk."""
     layer_group: int = 1
