@@ -151,6 +151,7 @@ def prefill(model, input_ids, source=None, *, lookup_len: int | None = None, log
                     cache.materialize()
                 except PrefixLoadError as exc:
                     log.warning("cached prefix lost mid-prefill (%s); recomputing %d tokens", exc, n)
+                    log.debug("prefix load failure", exc_info=exc.__cause__ or exc)
                     stats.fallback, stats.hit_tokens = str(exc), 0
                     loader.close()
                     cache = DynamicCache()

@@ -66,10 +66,9 @@ class _Staging:
     @classmethod
     def acquire(cls, nbytes: int) -> list[list]:
         with cls._lock:
-            for ring in cls._free:
+            for i, ring in enumerate(cls._free):
                 if ring[0][0].numel() >= nbytes:
-                    cls._free.remove(ring)
-                    return ring
+                    return cls._free.pop(i)  # by position: list.remove would compare tensors elementwise
         return [[torch.empty(nbytes, dtype=torch.uint8, pin_memory=True), None] for _ in range(cls.SLOTS)]
 
     @classmethod
