@@ -17,7 +17,7 @@ from kdn.auth import Authenticator, Principal
 from kdn.chunk import parse_header, verify_object
 from kdn.config import KDNConfig
 from kdn.controller_link import ControllerLink
-from kdn.errors import CorruptObject, InvalidRequest
+from kdn.errors import ConfigError, CorruptObject, InvalidRequest
 from kdn.keys import ChunkKey
 from kdn.metrics import NodeMetrics
 from kdn.rpc import DEFAULT_FRAME_BYTES, abort, create_server, servicer_method
@@ -86,7 +86,11 @@ class StorageNode:
             from kdn.bulk import BulkServer
 
             self._bulk = BulkServer(cfg.host, cfg.bulk_port, self, max_object_bytes=cfg.max_object_bytes)
-            self.bulk_port = self._bulk.start()
+            try:
+                self.bulk_port = self._bulk.start()
+            except OSError as exc:
+                self._server.stop(0)
+                raise ConfigError(f"cannot bind the bulk channel to {cfg.host}:{cfg.bulk_port}: {exc}") from exc
         log.info("node %s serving gRPC on %s, bulk on %s", self.node_id, self.address, self.bulk_address or "-")
         if self.link is not None:
             self.link.start()

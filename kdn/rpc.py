@@ -60,11 +60,15 @@ def make_channel(address: str) -> grpc.Channel:
 
 def create_server(host: str, port: int, workers: int = 16) -> tuple[grpc.Server, int]:
     """A gRPC server bound to ``host:port`` (port 0 picks one); returns the server and the bound port."""
+    # No SO_REUSEPORT: a second server on a busy port must fail, not silently share it.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kdn-rpc"),
-                         options=_OPTIONS)
-    bound = server.add_insecure_port(f"{host}:{port}")
+                         options=[*_OPTIONS, ("grpc.so_reuseport", 0)])
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:  # grpcio raises on a failed bind (older versions returned 0)
+        bound = 0
     if bound == 0:
-        raise errors.ConfigError(f"cannot bind gRPC server to {host}:{port}")
+        raise errors.ConfigError(f"cannot bind gRPC server to {host}:{port} (port in use?)")
     return server, bound
 
 

@@ -80,3 +80,11 @@ def test_bad_config_is_a_clear_error(tmp_path):
                           capture_output=True, text=True, timeout=60, cwd=REPO,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 2 and "unknown tier kind" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_busy_port_is_a_clear_error(served):
+    port = served.ready["controller"].rsplit(":", 1)[1]
+    proc = subprocess.run([sys.executable, "-m", "kdn", "controller", "--port", port, "--metrics-port", "-1"],
+                          capture_output=True, text=True, timeout=60, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2 and "cannot bind" in proc.stderr and "Traceback" not in proc.stderr
