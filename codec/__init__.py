@@ -1,7 +1,8 @@
 """KV codecs, registered by name and imported lazily.
 
-``get_codec(name, layout)`` returns a codec instance; ``available_codecs()`` lists the registered names.
-New codecs (CacheGen levels) register here and drop into the chunk format without changing it.
+``get_codec(name, layout, **options)`` returns a codec instance; ``available_codecs()`` lists the registered names.
+The ``cachegen-*`` levels take ``profile=ModelProfile | path`` (see :mod:`codec.profile`); without one they can
+be built but refuse to encode or decode with an :class:`InvalidRequest` that says how to make a profile.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ __all__ = ["get_codec", "available_codecs", "register_codec"]
 _REGISTRY: dict[str, str] = {
     "raw": "codec.raw:RawCodec",
     "lz4": "codec.lz4:LZ4Codec",
+    "lossless": "codec.lossless:LosslessCodec",
+    "cachegen-high": "codec.cachegen:CacheGenHigh",
+    "cachegen-default": "codec.cachegen:CacheGenDefault",
+    "cachegen-compact": "codec.cachegen:CacheGenCompact",
 }
 
 

@@ -12,6 +12,9 @@ Contract:
   cannot detect every corruption; the chunk checksum does that before decode is called).
 - ``lossless`` is True when ``decode(encode(x))`` is bit-identical to ``x``.
 - ``meta()`` returns bytes recorded once per chunk header (e.g. the profile id); ``decode`` receives them back.
+- ``layer_start`` tells the codec which model layer the group's first layer is (codecs with per-layer parameters,
+  such as CacheGen, need it; ``None`` means unknown, which such codecs accept only for a group of all layers).
+  ``encode`` and ``decode`` of one section must be given the same value.
 """
 
 from __future__ import annotations
@@ -41,10 +44,11 @@ class Codec(ABC):
         return b""
 
     @abstractmethod
-    def encode(self, kv: torch.Tensor) -> bytes:
-        """Encode ``kv`` of shape ``[layers, 2, tokens, kv_heads, head_dim]``."""
+    def encode(self, kv: torch.Tensor, *, layer_start: int | None = None) -> bytes:
+        """Encode ``kv`` of shape ``[layers, 2, tokens, kv_heads, head_dim]`` (model layers from ``layer_start``)."""
 
     @abstractmethod
     def decode(self, data: bytes | memoryview, num_layers: int, num_tokens: int, *, meta: bytes = b"",
-               device: str | torch.device = "cpu", out: torch.Tensor | None = None) -> torch.Tensor:
+               device: str | torch.device = "cpu", out: torch.Tensor | None = None,
+               layer_start: int | None = None) -> torch.Tensor:
         """Decode bytes produced by :meth:`encode` for ``num_layers`` layers of ``num_tokens`` tokens."""

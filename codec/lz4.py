@@ -15,10 +15,10 @@ class LZ4Codec(Codec):
     name = "lz4"
     lossless = True
 
-    def encode(self, kv) -> bytes:
+    def encode(self, kv, *, layer_start=None) -> bytes:
         return lz4.block.compress(tensor_bytes(kv), store_size=False)
 
-    def decode(self, data, num_layers, num_tokens, *, meta=b"", device="cpu", out=None):
+    def decode(self, data, num_layers, num_tokens, *, meta=b"", device="cpu", out=None, layer_start=None):
         shape = self.layout.shape(num_tokens, num_layers)
         size = num_layers * self.layout.layer_bytes(num_tokens)
         try:

@@ -1,0 +1,229 @@
+"""Model profiles for the CacheGen codec: statistics and rANS tables built once per model, never per chunk.
+
+``build_profile(samples, ...)`` builds a :class:`ModelProfile` from sample KV (tensors
+``[layers, 2, tokens, kv_heads, head_dim]``, each starting at position 0 of a text), optionally with per-channel
+importance (diagonal Fisher information of the model's output w.r.t. each KV channel). ``profile_model(model, texts)``
+runs a Hugging Face causal LM over sample texts to get both, and is what ``kdnctl codec profile --model PATH`` calls.
+
+How a level's step is chosen, per layer ``l``, keys/values ``kv``, channel ``c``::
+
+    base = importance ** -0.5      (with importance; otherwise the channel's standard deviation)
+    base *= geomean(std) / geomean(base)          # so that alpha is in units of a typical channel's std
+    step = min(alpha_level * base, cap * std)     # a channel never gets a step coarser than cap * its std
+
+With Fisher importance this spreads the expected output error evenly over all channels (the rate-distortion
+optimum for uniform quantizers with entropy coding): channels the model barely reads get coarse steps, shallow
+sensitive layers fine ones. Tables: channels are grouped by the spread of their integer levels (half-octave
+classes, separately for keys and values); each class gets one table. See docs/codec.md for measurements.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from codec._profile_format import LevelProfile, ModelProfile
+from codec._rans import M, normalize_freqs
+from codec.cachegen import INPUT_BITS, TRANSFORM_BITS, TRANSFORM_ONE
+from kdn.errors import InvalidRequest
+
+__all__ = ["ModelProfile", "LevelProfile", "build_profile", "profile_model", "DEFAULT_LEVELS", "load_profile"]
+
+#: alpha (step in units of a typical channel's std) per level, and the per-channel cap (in that channel's std).
+DEFAULT_LEVELS: dict[str, float] = {"high": 0.15, "default": 0.7, "compact": 3.3}
+DEFAULT_CAP = 2.0
+_MAX_ALPHABET = 256
+_TAIL = 1e-4
+
+
+def load_profile(path: str | Path) -> ModelProfile:
+    """Read a profile written by :meth:`ModelProfile.save`."""
+    return ModelProfile.load(path)
+
+
+def _stack(samples: Sequence, num_layers: int | None) -> list[np.ndarray]:
+    out = []
+    for s in samples:
+        a = s.detach().float().cpu().numpy() if hasattr(s, "detach") else np.asarray(s, dtype=np.float32)
+        if a.ndim != 5 or a.shape[1] != 2:
+            raise InvalidRequest("profile samples must be [layers, 2, tokens, kv_heads, head_dim]")
+        if num_layers is not None and a.shape[0] != num_layers:
+            raise InvalidRequest("profile samples disagree on the number of layers")
+        num_layers = a.shape[0]
+        out.append(a.reshape(a.shape[0], 2, a.shape[2], -1).astype(np.float32))
+    if not out:
+        raise InvalidRequest("build_profile needs at least one KV sample")
+    return out
+
+
+def _sink_ratio(xs: list[np.ndarray]) -> np.ndarray:
+    """Per layer: ``min(0.5, 2 r0)`` where ``r0`` is token 0's value norm over the median; 0 if ``r0 >= 0.5``."""
+    r0 = []
+    for x in xs:
+        n = np.sqrt(np.sum(x[:, 1].astype(np.float64) ** 2, axis=-1))
+        r0.append(n[:, 0] / np.median(n, axis=1))
+    r = np.max(np.stack(r0), axis=0)
+    return np.where(r < 0.5, np.minimum(0.5, 2 * r), 0.0).astype(np.float32)
+
+
+def _tables(zs: np.ndarray, chan_spread: np.ndarray, kv_index: np.ndarray):
+    """Tables for integer levels ``zs[L, 2, N, C]``: returns table_of [L, 2, C] and per-table arrays."""
+    cls = np.clip(np.round(2 * np.log2(np.maximum(chan_spread, 1e-3))), -16, 40).astype(np.int64)
+    key = kv_index * 100 + cls
+    uniq = np.unique(key)
+    table_of = np.zeros(key.shape, dtype=np.int64)
+    los, bits, sizes, freqs = [], [], [], []
+    for i, k in enumerate(uniq):
+        members = key == k
+        table_of[members] = i
+        z = zs.transpose(0, 1, 3, 2)[members].reshape(-1)
+        r = float(np.median(chan_spread[members]))
+        b = int(max(0, np.floor(np.log2(max(r, 1e-9) / 4.0))))
+        u = z >> b
+        lo, hi = (int(v) for v in np.quantile(u, [_TAIL, 1 - _TAIL], method="nearest"))
+        if hi - lo + 2 > _MAX_ALPHABET:
+            mid = int(np.median(u))
+            lo, hi = mid - (_MAX_ALPHABET - 2) // 2, mid + (_MAX_ALPHABET - 2) // 2 - 1
+        counts = np.bincount(np.clip(u - lo + 1, 0, hi - lo + 2), minlength=hi - lo + 3).astype(np.float64)
+        escapes = counts[0] + counts[-1]
+        counts = counts[:-1]
+        counts[0] = escapes
+        counts += 0.02 * counts.sum() / counts.size  # keep every symbol codable at a sane cost
+        los.append(lo)
+        bits.append(b)
+        sizes.append(counts.size)
+        freqs.append(normalize_freqs(counts, M))
+    return table_of, los, bits, sizes, freqs
+
+
+def _subsample(x: np.ndarray, limit: int) -> np.ndarray:
+    """At most ``limit`` evenly spaced tokens of ``x[L, 2, N, C]``."""
+    n = x.shape[2]
+    return x if n <= limit else x[:, :, np.linspace(0, n - 1, limit).astype(np.int64)]
+
+
+def _klt(w: np.ndarray, group: int) -> np.ndarray:
+    """Orthonormal KLT per (layer, kv, channel group) of ``w[L, 2, N, C]`` as int16 ``[L, 2, C/G, G, G] * 2**13``."""
+    num_layers, _, n, c = w.shape
+    blocks = w.reshape(num_layers, 2, n, c // group, group).transpose(0, 1, 3, 2, 4).astype(np.float64)
+    cov = np.einsum("lkgni,lkgnj->lkgij", blocks, blocks) / n
+    _, vec = np.linalg.eigh(cov)
+    vec = vec[..., ::-1]  # largest variance first
+    sign = np.sign(np.take_along_axis(vec, np.abs(vec).argmax(axis=-2)[..., None, :], axis=-2))
+    return np.rint(vec * np.where(sign == 0, 1, sign) * TRANSFORM_ONE).astype(np.int16)
+
+
+def _coefficients(x: np.ndarray, mean: np.ndarray, weight: np.ndarray, transform: np.ndarray,
+                  shift: int) -> np.ndarray:
+    """Transform coefficients (float64, units of the weighted input) of ``x[L, 2, N, C]``, as the codec does."""
+    from codec.cachegen import forward_transform
+
+    fixed = forward_transform(x, mean, weight, transform, shift)
+    return fixed * 2.0 ** -(shift + TRANSFORM_BITS)
+
+
+def _level(name: str, y: np.ndarray, alpha: float, cap: float) -> LevelProfile:
+    ysd = np.maximum(y.std(axis=2), 1e-9)
+    step = np.minimum(alpha, cap * ysd)
+    shift = int(np.clip(11 - np.ceil(np.log2(step.max())), 0, 60))
+    step_int = np.clip(np.rint(step * 2.0 ** shift), 1, (1 << 12) - 1).astype(np.uint16)
+    z = np.rint(y / (step_int.astype(np.float64) * 2.0 ** -shift)[:, :, None]).astype(np.int64)
+    kv_index = np.broadcast_to(np.arange(2)[None, :, None], step.shape)
+    table_of, lo, bits, sizes, freqs = _tables(z, z.std(axis=2), kv_index)
+    freq = np.zeros((len(freqs), max(sizes)), dtype=np.uint16)
+    for i, f in enumerate(freqs):
+        freq[i, :f.size] = f
+    return LevelProfile(name=name, step_int=step_int, step_shift=shift, table_of=table_of.astype(np.uint16),
+                        lo=np.array(lo, dtype=np.int16), raw_bits=np.array(bits, dtype=np.uint8),
+                        size=np.array(sizes, dtype=np.uint16), freq=freq, info={"alpha": alpha, "cap": cap})
+
+
+def build_profile(samples: Sequence, *, model_id: str, importance: np.ndarray | None = None,
+                  levels: dict[str, float] | None = None, cap: float = DEFAULT_CAP, transform: bool = True,
+                  stream_channels: int | None = None, max_tokens: int = 2048, info: dict | None = None) -> ModelProfile:
+    """Build a profile from KV samples (see the module docstring); ``importance`` is ``[L, 2, C]`` if given."""
+    xs = _stack(samples, None)
+    num_layers, c = xs[0].shape[0], xs[0].shape[-1]
+    head_dim = samples[0].shape[-1]
+    n = sum(a.shape[2] - 1 for a in xs)  # token 0 (the sink) is special-cased by the codec
+    mean = (sum(a[:, :, 1:].sum(axis=2, dtype=np.float64) for a in xs) / n)
+    var = sum(((a[:, :, 1:] - mean[:, :, None]) ** 2).sum(axis=2, dtype=np.float64) for a in xs) / n
+    mean = mean.astype(np.float32)
+    std = np.maximum(np.sqrt(var), 1e-6)
+    if importance is not None:
+        importance = np.asarray(importance, dtype=np.float64).reshape(num_layers, 2, c)
+        floor = np.quantile(importance[importance > 0], 0.001) if np.any(importance > 0) else 1.0
+        weight = np.sqrt(np.maximum(importance, floor))
+    else:
+        weight = 1.0 / std
+    weight = (weight / np.exp(np.mean(np.log(std * weight)))).astype(np.float32)  # typical weighted std = 1
+    if stream_channels is None:
+        stream_channels = c if c <= 256 else max(d for d in range(1, 257) if c % d == 0)
+    x = _subsample(np.concatenate([a[:, :, 1:] for a in xs], axis=2), max_tokens)
+    w = (x - mean[:, :, None]) * weight[:, :, None]
+    # headroom: 1024x the largest weighted value seen, ~2**-15 resolution or better for typical profiles
+    shift = int(np.clip(INPUT_BITS - np.ceil(np.log2(max(float(np.abs(w).max()), 1e-6) * 1024)), 0, 40))
+    if transform:
+        tr = _klt(w, stream_channels)
+    else:
+        eye = np.eye(stream_channels, dtype=np.int16) * TRANSFORM_ONE
+        tr = np.broadcast_to(eye, (num_layers, 2, c // stream_channels) + eye.shape).copy()
+    y = _coefficients(x, mean, weight, tr, shift)
+    lvls = {name: _level(name, y, alpha, cap) for name, alpha in (levels or DEFAULT_LEVELS).items()}
+    prof = ModelProfile(model_id=model_id, num_layers=num_layers, num_kv_heads=c // head_dim, head_dim=head_dim,
+                        stream_channels=stream_channels, mean=mean, weight=weight, transform=tr, input_shift=shift,
+                        sink_ratio=_sink_ratio(xs), levels=lvls,
+                        info=dict(info or {}, importance="fisher" if importance is not None else "std",
+                                  transform="klt" if transform else "identity", samples=len(xs),
+                                  tokens=int(sum(a.shape[2] for a in xs))))
+    prof.check()
+    return prof
+
+
+def profile_model(model, texts: Sequence[str], *, tokenizer=None, context: int = 1024, continuation: int = 256,
+                  fisher_samples: int = 2, calibrate: int = 1, calibration_texts: int = 2,
+                  levels: dict[str, float] | None = None, transform: bool = True, seed: int = 0,
+                  progress: Callable[[str], None] | None = None) -> ModelProfile:
+    """Profile a Hugging Face causal LM (a loaded model, a model folder, or a ``.gguf`` file) on ``texts``.
+
+    Each text gives one KV sample of its first ``context`` tokens. With ``fisher_samples > 0`` the next
+    ``continuation`` tokens are teacher-forced on top of that cache to measure per-channel importance (diagonal
+    Fisher). Then ``calibrate`` rounds rebalance layers: each (layer, K/V) is put through the ``default`` level
+    alone on the first ``calibration_texts`` texts, and its weight is scaled so that every (layer, K/V) adds the
+    same output KL divergence (the equal-slope condition, since all have the same number of values).
+    """
+    from codec._hf import kv_and_fisher, load_model, single_group_kl
+
+    def say(msg: str) -> None:
+        if progress is not None:
+            progress(msg)
+
+    model, tokenizer, model_id = load_model(model, tokenizer)
+    samples, fishers, conts = [], [], []
+    for i, text in enumerate(texts):
+        kv, fisher, cont = kv_and_fisher(model, tokenizer, text, context=context, continuation=continuation,
+                                         samples=fisher_samples, seed=seed + i)
+        samples.append(kv)
+        conts.append(cont)
+        if fisher is not None:
+            fishers.append(fisher)
+        say(f"sample {i + 1}/{len(texts)}")
+    importance = None
+    if fishers:  # token 0 (the sink) is stored verbatim; the last tokens are over-weighted by recency
+        trim = min(64, context // 8)
+        importance = np.mean([f[:, :, 1:f.shape[2] - trim].mean(axis=2) for f in fishers], axis=0)
+    info = {"texts": len(texts), "context": context, "continuation": continuation, "fisher_samples": fisher_samples,
+            "calibrate": calibrate}
+    prof = build_profile(samples, model_id=model_id, importance=importance, levels=levels, transform=transform,
+                         info=info)
+    for r in range(calibrate if importance is not None else 0):
+        kl = np.mean([single_group_kl(model, prof, "default", kv, cont)
+                      for kv, cont in list(zip(samples, conts))[:calibration_texts]], axis=0)
+        factor = np.clip(kl / np.exp(np.mean(np.log(np.maximum(kl, 1e-12)))), 1 / 16, 16)
+        importance = importance * factor[:, :, None]
+        prof = build_profile(samples, model_id=model_id, importance=importance, levels=levels, transform=transform,
+                             info=dict(info, calibration_kl=float(kl.sum())))
+        say(f"calibration {r + 1}/{calibrate}: sum of per-layer KL {kl.sum():.3g}")
+    return prof

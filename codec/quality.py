@@ -1,0 +1,106 @@
+"""Codec quality on a real model: size, KV error and what the model does with the decoded cache.
+
+Protocol (issue 12): prefill ``context`` tokens of a text, put the cache through the codec chunk by chunk (whole
+chunk objects, headers included), teacher-force the next ``continuation`` tokens on top of the decoded cache and
+compare with the same on the uncompressed cache (in the layout dtype, e.g. bf16): top-1 agreement of next-token
+predictions, mean KL(reference || decoded) and the perplexity change of the true continuation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from codec._hf import continuation_logits, prefill_kv
+from codec.base import Codec
+from codec.raw import torch_dtype
+from kdn.chunk import build_object, verify_object, verify_section
+from kdn.layout import KVLayout
+
+__all__ = ["QualityResult", "measure", "compare_logits", "chunk_object", "decode_object"]
+
+
+@dataclass
+class QualityResult:
+    codec: str
+    ratio: float
+    """Bytes of the cache in the layout dtype over bytes of all chunk objects."""
+    rel_error: float
+    """||decoded - original|| / ||original|| over the whole cache."""
+    top1: float
+    kl: float
+    ppl_change: float
+    texts: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def compare_logits(ref: torch.Tensor, got: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """Top-1 agreement, mean KL(ref || got) and relative perplexity change on ``targets`` (next tokens)."""
+    lr, lg = torch.log_softmax(ref.float(), -1), torch.log_softmax(got.float(), -1)
+    n = len(targets)
+    nll_r = -lr[:n].gather(1, targets[:, None]).mean()
+    nll_g = -lg[:n].gather(1, targets[:, None]).mean()
+    return {"top1": (ref.argmax(-1) == got.argmax(-1)).float().mean().item(),
+            "kl": (lr.exp() * (lr - lg)).sum(-1).mean().item(),
+            "ppl_change": (torch.exp(nll_g - nll_r) - 1).item()}
+
+
+def chunk_object(kv: torch.Tensor, codec: Codec, layout: KVLayout, *, start: int = 0, layer_group: int = 1) -> bytes:
+    """A chunk object with one section per ``layer_group`` layers (as ``encode_chunk``, passing ``layer_start``)."""
+    sections = [(ls, min(ls + layer_group, layout.num_layers), codec.encode(kv[ls:ls + layer_group], layer_start=ls))
+                for ls in range(0, layout.num_layers, layer_group)]
+    return build_object(codec=codec.name, key="quality", fingerprint=layout.fingerprint(), num_tokens=kv.shape[2],
+                        start=start, num_layers=layout.num_layers, sections=sections, codec_meta=codec.meta())
+
+
+def decode_object(obj: bytes, codec: Codec, layout: KVLayout) -> torch.Tensor:
+    """Verify and decode an object from :func:`chunk_object`."""
+    header = verify_object(obj, key="quality", fingerprint=layout.fingerprint(), codec=codec.name)
+    parts = [codec.decode(verify_section(obj, s), s.layer_end - s.layer_start, header.num_tokens,
+                          meta=header.codec_meta, layer_start=s.layer_start) for s in header.sections]
+    return torch.cat(parts)
+
+
+def _roundtrip(kv: torch.Tensor, codec: Codec, layout: KVLayout, chunk: int, layer_group: int):
+    parts, size = [], 0
+    for s in range(0, kv.shape[2], chunk):
+        obj = chunk_object(kv[:, :, s:s + chunk].contiguous(), codec, layout, start=s, layer_group=layer_group)
+        size += len(obj)
+        parts.append(decode_object(obj, codec, layout))
+    return torch.cat(parts, dim=2), size
+
+
+@torch.no_grad()
+def measure(model, tokenizer, texts: Sequence[str], codecs: dict[str, Codec | Callable], layout: KVLayout, *,
+            context: int = 1536, continuation: int = 384, chunk: int = 256,
+            layer_group: int = 1) -> list[QualityResult]:
+    """Run the protocol for each codec (a :class:`Codec`, or a function ``kv -> (kv_hat, stored_bytes)``)."""
+    dt = torch_dtype(layout.dtype)
+    acc: dict[str, list[dict]] = {name: [] for name in codecs}
+    for text in texts:
+        ids = tokenizer(text, return_tensors="pt").input_ids[0][:context + continuation + 1]
+        if len(ids) < context + continuation + 1:
+            raise ValueError(f"text has {len(ids)} tokens, needs {context + continuation + 1}")
+        kv = prefill_kv(model, ids[:context]).to(dt)
+        cont, targets = ids[context:context + continuation], ids[context + 1:context + continuation + 1]
+        ref, _ = continuation_logits(model, kv, cont)
+        raw_bytes = kv.numel() * kv.element_size()
+        for name, codec in codecs.items():
+            if isinstance(codec, Codec):
+                got, size = _roundtrip(kv, codec, layout, chunk, layer_group)
+            else:
+                got, size = codec(kv)
+            logits, _ = continuation_logits(model, got, cont)
+            m = compare_logits(ref, logits, targets)
+            err = ((got.float() - kv.float()).norm() / kv.float().norm()).item()
+            acc[name].append(dict(m, ratio=raw_bytes / size, rel_error=err))
+    out = []
+    for name, rows in acc.items():
+        mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+        out.append(QualityResult(codec=name, ratio=mean["ratio"], rel_error=mean["rel_error"], top1=mean["top1"],
+                                 kl=mean["kl"], ppl_change=mean["ppl_change"], texts=len(rows)))
+    return out
