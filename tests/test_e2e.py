@@ -226,13 +226,12 @@ def test_node_killed_mid_write_serves_every_acknowledged_chunk_after_restart(tmp
         c.start_node("disk-node", tiers=disk)
         c.wait_nodes(1)
         with make_client(c, layout) as client:
-            deadline = time.monotonic() + 15
-            while client.lookup(acked[-1][0]).hit_tokens < 2 * CHUNK:
-                assert time.monotonic() < deadline, "restarted node's inventory not indexed"
-                time.sleep(0.1)
             for tokens, kv in acked:
-                got = client.retrieve(tokens)
-                assert got.num_tokens == len(tokens), "an acknowledged chunk was lost"
+                # A loaded machine may time a call out (a miss by design): allow a few attempts, not a loss.
+                deadline = time.monotonic() + 20
+                while (got := client.retrieve(tokens)).num_tokens < len(tokens):
+                    assert time.monotonic() < deadline, "an acknowledged chunk was lost"
+                    time.sleep(0.2)
                 assert torch.equal(got.kv, kv)
         assert not list((tmp_path / "disk-node").rglob(".tmp-*")), "temp files left behind"
     finally:
