@@ -1,0 +1,85 @@
+"""Which tokens to recompute: KV deviation scores and the per-layer selection schedule (CacheBlend §4.3).
+
+Layer 0's K/V depend only on token embeddings and positions, so they never deviate from a full prefill; the first
+layer where deviation shows is layer 1. *Single selection* (the reference code) picks the top ``ratio`` of context
+tokens once, at layer 1. *Gradual filtering* (the paper) keeps a larger share ``start_ratio`` at layer 1 and
+narrows linearly to ``ratio`` over the next ``steps - 1`` layers, so the final set deviates on several layers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kdn.errors import InvalidRequest
+
+__all__ = ["METHODS", "SCORES", "Schedule", "schedule", "deviation", "top_tokens"]
+
+METHODS = ("gradual", "single")
+SCORES = ("value", "key", "kv")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Selection layers and the share of context tokens kept after each."""
+
+    ratios: dict[int, float]
+    """``layer -> fraction of context tokens still recomputed after that layer's selection``."""
+    first_layer: int
+
+    def keep(self, layer: int, num_context: int) -> int | None:
+        """How many context tokens to keep after ``layer`` (None when ``layer`` selects nothing)."""
+        r = self.ratios.get(layer)
+        return None if r is None else min(num_context, math.ceil(r * num_context - 1e-9))
+
+
+def schedule(num_layers: int, ratio: float, method: str = "gradual", *, first_layer: int = 1,
+             start_ratio: float | None = None, steps: int = 4) -> Schedule:
+    """The selection schedule for a model of ``num_layers`` layers.
+
+    ``gradual``: ``start_ratio`` (default ``min(1, 2 * ratio)``) at ``first_layer``, linearly down to ``ratio`` at
+    ``first_layer + steps - 1``. ``single``: ``ratio`` at ``first_layer`` only. ``first_layer`` must be >= 1
+    (selecting at layer 0 is selecting at random).
+    """
+    if not 0.0 <= ratio <= 1.0:
+        raise InvalidRequest(f"ratio must be in [0, 1], got {ratio}")
+    if method not in METHODS:
+        raise InvalidRequest(f"unknown blend method {method!r}; use one of {', '.join(METHODS)}")
+    if not 1 <= first_layer < num_layers:
+        raise InvalidRequest(f"first_layer must be in [1, {num_layers - 1}], got {first_layer}")
+    if method == "single" or steps <= 1:
+        return Schedule({first_layer: ratio}, first_layer)
+    start = min(1.0, 2.0 * ratio) if start_ratio is None else max(ratio, min(1.0, start_ratio))
+    last = min(num_layers - 1, first_layer + steps - 1)
+    n = last - first_layer
+    ratios = {first_layer + i: start + (ratio - start) * (i / n if n else 1.0) for i in range(n + 1)}
+    return Schedule(ratios, first_layer)
+
+
+def deviation(new_k: torch.Tensor, new_v: torch.Tensor, old_k: torch.Tensor, old_v: torch.Tensor,
+              score: str = "value") -> torch.Tensor:
+    """Per-token squared deviation ``[tokens]`` (float32) between recomputed and reused K/V ``[tokens, heads, dim]``.
+
+    ``value`` (the reference code's rule), ``key``, or ``kv`` (both, each normalized by its mean so neither
+    dominates by scale).
+    """
+    if score not in SCORES:
+        raise InvalidRequest(f"unknown deviation score {score!r}; use one of {', '.join(SCORES)}")
+    dv = (new_v.float() - old_v.float()).pow(2).sum(dim=(-2, -1)) if score != "key" else None
+    dk = (new_k.float() - old_k.float()).pow(2).sum(dim=(-2, -1)) if score != "value" else None
+    if dk is None:
+        return dv
+    if dv is None:
+        return dk
+    return dv / dv.mean().clamp_min(1e-12) + dk / dk.mean().clamp_min(1e-12)
+
+
+def top_tokens(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Local indices of the ``k`` highest scores, in ascending index order (an empty tensor when ``k <= 0``)."""
+    if k <= 0:
+        return torch.empty(0, dtype=torch.long, device=scores.device)
+    if k >= scores.shape[0]:
+        return torch.arange(scores.shape[0], device=scores.device)
+    return torch.topk(scores, k, sorted=False).indices.sort().values
