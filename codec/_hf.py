@@ -10,7 +10,8 @@ import torch
 
 from kdn.errors import InvalidRequest
 
-__all__ = ["load_model", "prefill_kv", "kv_and_fisher", "cache_from_kv", "continuation_logits", "single_group_kl"]
+__all__ = ["load_model", "rope_parameters", "prefill_kv", "kv_and_fisher", "cache_from_kv", "continuation_logits",
+           "single_group_kl"]
 
 
 def load_model(model, tokenizer=None, dtype: torch.dtype = torch.float32):
@@ -30,6 +31,17 @@ def load_model(model, tokenizer=None, dtype: torch.dtype = torch.float32):
     tok = tokenizer or AutoTokenizer.from_pretrained(str(path), **kwargs)
     lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kwargs).eval()
     return lm, tok, str(model)
+
+
+def rope_parameters(model) -> tuple[np.ndarray, int] | None:
+    """``(inv_freq, max_position)`` of a Hugging Face model's rotary embedding, or None if it has none."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    max_position = int(getattr(cfg, "max_position_embeddings", 0) or 32768)
+    for module in model.modules():
+        inv = getattr(module, "inv_freq", None)
+        if isinstance(inv, torch.Tensor) and inv.dim() == 1:
+            return inv.detach().double().cpu().numpy(), max_position
+    return None
 
 
 def cache_from_kv(kv: torch.Tensor, requires_grad: bool = False):

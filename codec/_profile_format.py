@@ -82,6 +82,9 @@ class ModelProfile:
     sink_ratio: np.ndarray  # float32 [L]: token 0 of a section is stored verbatim when its V norm is below
     #                          sink_ratio[l] * median V norm of the section's tokens in that layer
     levels: dict[str, LevelProfile]
+    chunk_key_mean: bool = True
+    """Keys are centred on a per-section mean (stored in the section, bf16) instead of ``mean[:, 0]``: RoPE rotates
+    the keys' mean with position, and within one chunk it barely moves."""
     info: dict = field(default_factory=dict)
 
     @property
@@ -133,6 +136,7 @@ class ModelProfile:
             offset += a.nbytes
         head = {"model_id": self.model_id, "num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads,
                 "head_dim": self.head_dim, "stream_channels": self.stream_channels, "input_shift": self.input_shift,
+                "chunk_key_mean": self.chunk_key_mean,
                 "info": self.info, "arrays": desc,
                 "levels": {n: {"step_shift": lv.step_shift, "info": lv.info} for n, lv in self.levels.items()}}
         text = json.dumps(head, sort_keys=True, separators=(",", ":")).encode()
@@ -169,7 +173,8 @@ class ModelProfile:
                        num_kv_heads=int(head["num_kv_heads"]), head_dim=int(head["head_dim"]),
                        stream_channels=int(head["stream_channels"]), mean=arrays["mean"], weight=arrays["weight"],
                        transform=arrays["transform"], input_shift=int(head["input_shift"]),
-                       sink_ratio=arrays["sink_ratio"], levels=levels, info=head.get("info", {}))
+                       sink_ratio=arrays["sink_ratio"], levels=levels, chunk_key_mean=bool(head["chunk_key_mean"]),
+                       info=head.get("info", {}))
         except (KeyError, ValueError, TypeError, struct.error) as exc:
             raise InvalidRequest(f"malformed model profile: {exc}") from exc
         prof.check()

@@ -9,6 +9,8 @@ another profile is refused with :class:`CorruptObject`.
 
 Integer pipeline (exact, so every CPU and GPU implementation produces the same bytes and the same values)::
 
+    mean = profile.mean, except for keys when profile.chunk_key_mean: the section's key mean per (layer, channel),
+           bf16(fp32(sum over tokens 1..T-1 in float64 / (T-1))) (token 0 alone when T == 1), stored in the section
     w   = fp32(fp32(x - mean) * weight)                              # x in float32, IEEE round-to-nearest-even
     xi  = clip(rint(w * 2**S_in), -2**31, 2**31)                     # S_in = profile.input_shift
     yi  = xi @ T                       (per group; int16 T = transform * 2**13; |yi| < 2**52, exact in float64)
@@ -20,13 +22,14 @@ Integer pipeline (exact, so every CPU and GPU implementation produces the same b
 Section layout (one layer group; little-endian; ``C = kv_heads * head_dim``, ``G = profile.stream_channels``)::
 
     0    u8   version (1)
-    1    u8   flags (0)
+    1    u8   flags: bit 0 = key means present (must equal profile.chunk_key_mean)
     2    u16  num_layers
     4    u32  num_tokens T
     8    u32  num_streams S = num_layers * 2 * (C / G); stream s = ((layer * 2 + kv) * C/G + group)
     12   u32  num_exceptions E
     16   u8[num_layers]  verbatim flags, then zero padding to a multiple of 4
     ..   for each flagged layer: token 0's keys then values, C values each, in the layout dtype
+    ..   if flags bit 0: num_layers * C key means, bfloat16
     ..   u32[S]       rANS word count of each stream
     ..   u32[S * 32]  final rANS states (the decoder's initial states), lane-major per stream
     ..   i32[E]       escaped integer levels, in stream order then symbol order
@@ -184,7 +187,8 @@ class CacheGenCodec(Codec):
             raise InvalidRequest(f"{self.name}: KV holds NaN or Inf; use the lossless codec for such data")
         p = self.profile
         verbatim = self._sinks(x, layers)
-        yi = forward_transform(x, p.mean[layers], p.weight[layers], p.transform[layers], p.input_shift)
+        mean, key_means = self._means(x, layers)
+        yi = forward_transform(x, mean, p.weight[layers], p.transform[layers], p.input_shift)
         scale = 2.0 ** -(p.input_shift + TRANSFORM_BITS) * tabs.inv[layers][:, :, None, :]
         z = np.clip(np.rint(yi * scale), -_ZMAX, _ZMAX).astype(np.int64)
         z[verbatim, :, 0] = 0
@@ -198,17 +202,29 @@ class CacheGenCodec(Codec):
         sym_s, tid_s = self._streams(sym), self._streams(tid)
         words, states = _rans.encode_streams(sym_s, tid_s, tabs.rans)
         exceptions = self._streams(z)[self._streams(esc)].astype("<i4")
-        parts = [_HEAD.pack(SECTION_VERSION, 0, nl, t, len(words), exceptions.size),
+        parts = [_HEAD.pack(SECTION_VERSION, int(p.chunk_key_mean), nl, t, len(words), exceptions.size),
                  _pad4(verbatim.astype(np.uint8).tobytes())]
         dt = torch_dtype(self.layout.dtype)
         for i in np.flatnonzero(verbatim):
             parts.append(_dtype_bytes(kv[i, :, 0].reshape(-1), dt))
+        parts.append(key_means)
         parts.append(np.array([len(w) // 2 for w in words], dtype="<u4").tobytes())
         parts.append(states.astype("<u4").tobytes())
         parts.append(exceptions.tobytes())
         parts.append(pack_bits(self._streams(low), self._streams(b)))
         parts.extend(words)
         return b"".join(parts)
+
+    def _means(self, x: np.ndarray, layers: slice) -> tuple[np.ndarray, bytes]:
+        """The centring means ``[nl, 2, C]`` and the key-mean bytes stored in the section."""
+        mean = self.profile.mean[layers].copy()
+        if not self.profile.chunk_key_mean:
+            return mean, b""
+        keys = x[:, 0, 1:] if x.shape[2] > 1 else x[:, 0]
+        m = torch.from_numpy((keys.astype(np.float64).sum(axis=1) / keys.shape[1]).astype(np.float32))
+        m = m.to(torch.bfloat16)
+        mean[:, 0] = m.float().numpy()
+        return mean, m.view(torch.int16).numpy().astype("<i2").tobytes()
 
     def _sinks(self, x: np.ndarray, layers: slice) -> np.ndarray:
         """Layers whose token 0 is stored verbatim (see the module docstring)."""
@@ -249,7 +265,7 @@ class CacheGenCodec(Codec):
             raise CorruptObject("cachegen section shorter than its header")
         version, flags, n_layers, n_tokens, n_streams, n_exc = _HEAD.unpack_from(view, 0)
         expected_streams = nl * 2 * (c // self.profile.stream_channels)
-        if version != SECTION_VERSION or flags != 0 or n_layers != nl or n_tokens != t \
+        if version != SECTION_VERSION or flags != int(self.profile.chunk_key_mean) or n_layers != nl or n_tokens != t \
                 or n_streams != expected_streams or n_exc > nl * 2 * t * c:
             raise CorruptObject("cachegen section header does not match the chunk, level or profile")
         pos = _HEAD.size
@@ -261,6 +277,11 @@ class CacheGenCodec(Codec):
         vbytes = 2 * c * itemsize
         vraw = view[pos:pos + vbytes * int(verbatim.sum())]
         pos += len(vraw)
+        mean = self.profile.mean[layers].copy()
+        if flags & 1:
+            kraw = np.frombuffer(view, "<i2", nl * c, pos).astype(np.int16)
+            mean[:, 0] = torch.from_numpy(kraw.copy()).view(torch.bfloat16).float().numpy().reshape(nl, c)
+            pos += 2 * nl * c
         counts = np.frombuffer(view, "<u4", n_streams, pos).astype(np.int64)
         pos += 4 * n_streams
         states = np.frombuffer(view, "<u4", n_streams * _rans.LANES, pos).reshape(n_streams, _rans.LANES)
@@ -289,7 +310,7 @@ class CacheGenCodec(Codec):
             raise CorruptObject("cachegen integer level out of range")
         p = self.profile
         ri = self._unstreams(z, nl, t).astype(np.float64) * tabs.step_int[layers][:, :, None, :]
-        y = inverse_transform(ri, p.mean[layers], p.weight[layers], p.transform[layers], lv.step_shift)
+        y = inverse_transform(ri, mean, p.weight[layers], p.transform[layers], lv.step_shift)
         if verbatim.any():
             y[verbatim, :, 0] = torch.frombuffer(bytearray(vraw), dtype=dt).reshape(-1, 2, c).float().numpy()
         return torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))

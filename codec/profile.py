@@ -32,7 +32,7 @@ from kdn.errors import InvalidRequest
 __all__ = ["ModelProfile", "LevelProfile", "build_profile", "profile_model", "DEFAULT_LEVELS", "load_profile"]
 
 #: alpha (step in units of a typical channel's std) per level, and the per-channel cap (in that channel's std).
-DEFAULT_LEVELS: dict[str, float] = {"high": 0.15, "default": 0.7, "compact": 3.3}
+DEFAULT_LEVELS: dict[str, float] = {"high": 0.15, "default": 0.7, "compact": 2.8}
 DEFAULT_CAP = 2.0
 _MAX_ALPHABET = 256
 _TAIL = 1e-4
@@ -140,17 +140,73 @@ def _level(name: str, y: np.ndarray, alpha: float, cap: float) -> LevelProfile:
                         size=np.array(sizes, dtype=np.uint16), freq=freq, info={"alpha": alpha, "cap": cap})
 
 
+def _rope_shift(xs: list[np.ndarray], head_dim: int, inv_freq: np.ndarray, max_position: int,
+                seed: int = 0) -> list[np.ndarray]:
+    """Rotate every sample token's keys by RoPE for a random extra offset in ``[0, max_position)``.
+
+    Keys are stored after RoPE, so their statistics depend on absolute position: a profile of short texts does not
+    cover the angles that slowly rotating channel pairs reach at position 8K. Spreading each sample key over all
+    positions makes the statistics position-independent. Pairs are ``(i, i + head_dim/2)`` (the rotate-half
+    convention of Llama-family models in Hugging Face).
+    """
+    rng = np.random.default_rng(seed)
+    half = head_dim // 2
+    out = []
+    for a in xs:
+        num_layers, _, t, c = a.shape
+        angle = rng.integers(0, max_position, size=t)[:, None] * np.asarray(inv_freq, np.float64)[None, :half]
+        cos, sin = np.cos(angle)[None, :, None, :], np.sin(angle)[None, :, None, :]
+        k = a[:, 0].reshape(num_layers, t, c // head_dim, head_dim).astype(np.float64)
+        x1, x2 = k[..., :half], k[..., half:]
+        rotated = np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+        b = a.copy()
+        b[:, 0] = rotated.reshape(num_layers, t, c).astype(np.float32)
+        b[:, 0, 0] = a[:, 0, 0]  # token 0 stays where it is (the sink is stored verbatim anyway)
+        out.append(b)
+    return out
+
+
+def _center_keys(xs: list[np.ndarray], chunk: int) -> list[np.ndarray]:
+    """Subtract from each ``chunk``-token piece of every sample its key mean (as the codec does per section)."""
+    out = []
+    for a in xs:
+        b = a.copy()
+        for s in range(0, a.shape[2], chunk):
+            piece = a[:, 0, s:s + chunk]
+            keys = piece[:, 1:] if piece.shape[1] > 1 else piece
+            b[:, 0, s:s + chunk] -= keys.astype(np.float64).mean(axis=1, keepdims=True).astype(np.float32)
+        out.append(b)
+    return out
+
+
 def build_profile(samples: Sequence, *, model_id: str, importance: np.ndarray | None = None,
                   levels: dict[str, float] | None = None, cap: float = DEFAULT_CAP, transform: bool = True,
-                  stream_channels: int | None = None, max_tokens: int = 2048, info: dict | None = None) -> ModelProfile:
-    """Build a profile from KV samples (see the module docstring); ``importance`` is ``[L, 2, C]`` if given."""
+                  rope: tuple[np.ndarray, int] | None = None, chunk_key_mean: bool = True, chunk_tokens: int = 256,
+                  stream_channels: int | None = None, max_tokens: int = 4096, info: dict | None = None) -> ModelProfile:
+    """Build a profile from KV samples (see the module docstring); ``importance`` is ``[L, 2, C]`` if given.
+
+    ``rope = (inv_freq, max_position)`` makes the key statistics position-independent (see :func:`_rope_shift`);
+    without it the profile is only good for positions like those of the samples. ``chunk_key_mean`` centres keys
+    per section (``chunk_tokens`` is the chunk size the statistics assume).
+    """
     xs = _stack(samples, None)
     num_layers, c = xs[0].shape[0], xs[0].shape[-1]
     head_dim = samples[0].shape[-1]
+    sink = _sink_ratio(xs)
+    if rope is not None:
+        xs = _rope_shift(xs, head_dim, rope[0], int(rope[1]))
+        if importance is not None:  # a rotating pair shares its importance
+            imp = np.asarray(importance, dtype=np.float64).reshape(num_layers, 2, c // head_dim, 2, head_dim // 2)
+            imp[:, 0] = imp[:, 0].mean(axis=2, keepdims=True)
+            importance = imp.reshape(num_layers, 2, c)
+    if chunk_key_mean:
+        xs = _center_keys(xs, chunk_tokens)
     n = sum(a.shape[2] - 1 for a in xs)  # token 0 (the sink) is special-cased by the codec
     mean = (sum(a[:, :, 1:].sum(axis=2, dtype=np.float64) for a in xs) / n)
     var = sum(((a[:, :, 1:] - mean[:, :, None]) ** 2).sum(axis=2, dtype=np.float64) for a in xs) / n
     mean = mean.astype(np.float32)
+    if chunk_key_mean:
+        mean[:, 0] = 0
     std = np.maximum(np.sqrt(var), 1e-6)
     if importance is not None:
         importance = np.asarray(importance, dtype=np.float64).reshape(num_layers, 2, c)
@@ -174,9 +230,10 @@ def build_profile(samples: Sequence, *, model_id: str, importance: np.ndarray | 
     lvls = {name: _level(name, y, alpha, cap) for name, alpha in (levels or DEFAULT_LEVELS).items()}
     prof = ModelProfile(model_id=model_id, num_layers=num_layers, num_kv_heads=c // head_dim, head_dim=head_dim,
                         stream_channels=stream_channels, mean=mean, weight=weight, transform=tr, input_shift=shift,
-                        sink_ratio=_sink_ratio(xs), levels=lvls,
+                        sink_ratio=sink, levels=lvls, chunk_key_mean=chunk_key_mean,
                         info=dict(info or {}, importance="fisher" if importance is not None else "std",
                                   transform="klt" if transform else "identity", samples=len(xs),
+                                  rope_max_position=int(rope[1]) if rope is not None else 0,
                                   tokens=int(sum(a.shape[2] for a in xs))))
     prof.check()
     return prof
@@ -184,6 +241,7 @@ def build_profile(samples: Sequence, *, model_id: str, importance: np.ndarray | 
 
 def profile_model(model, texts: Sequence[str], *, tokenizer=None, context: int = 1024, continuation: int = 256,
                   fisher_samples: int = 2, calibrate: int = 1, calibration_texts: int = 2,
+                  calibration_tokens: int = 256,
                   levels: dict[str, float] | None = None, transform: bool = True, seed: int = 0,
                   progress: Callable[[str], None] | None = None) -> ModelProfile:
     """Profile a Hugging Face causal LM (a loaded model, a model folder, or a ``.gguf`` file) on ``texts``.
@@ -191,16 +249,18 @@ def profile_model(model, texts: Sequence[str], *, tokenizer=None, context: int =
     Each text gives one KV sample of its first ``context`` tokens. With ``fisher_samples > 0`` the next
     ``continuation`` tokens are teacher-forced on top of that cache to measure per-channel importance (diagonal
     Fisher). Then ``calibrate`` rounds rebalance layers: each (layer, K/V) is put through the ``default`` level
-    alone on the first ``calibration_texts`` texts, and its weight is scaled so that every (layer, K/V) adds the
-    same output KL divergence (the equal-slope condition, since all have the same number of values).
+    alone on the first ``calibration_texts`` texts (``calibration_tokens`` of continuation), and its weight is scaled
+    so that every (layer, K/V) adds the same output KL divergence (the equal-slope condition, since all have the
+    same number of values). Calibration costs ``2 * layers`` forward passes per text and round.
     """
-    from codec._hf import kv_and_fisher, load_model, single_group_kl
+    from codec._hf import kv_and_fisher, load_model, rope_parameters, single_group_kl
 
     def say(msg: str) -> None:
         if progress is not None:
             progress(msg)
 
     model, tokenizer, model_id = load_model(model, tokenizer)
+    rope = rope_parameters(model)
     samples, fishers, conts = [], [], []
     for i, text in enumerate(texts):
         kv, fisher, cont = kv_and_fisher(model, tokenizer, text, context=context, continuation=continuation,
@@ -217,13 +277,13 @@ def profile_model(model, texts: Sequence[str], *, tokenizer=None, context: int =
     info = {"texts": len(texts), "context": context, "continuation": continuation, "fisher_samples": fisher_samples,
             "calibrate": calibrate}
     prof = build_profile(samples, model_id=model_id, importance=importance, levels=levels, transform=transform,
-                         info=info)
+                         rope=rope, info=info)
     for r in range(calibrate if importance is not None else 0):
-        kl = np.mean([single_group_kl(model, prof, "default", kv, cont)
+        kl = np.mean([single_group_kl(model, prof, "default", kv, cont[:calibration_tokens])
                       for kv, cont in list(zip(samples, conts))[:calibration_texts]], axis=0)
         factor = np.clip(kl / np.exp(np.mean(np.log(np.maximum(kl, 1e-12)))), 1 / 16, 16)
         importance = importance * factor[:, :, None]
         prof = build_profile(samples, model_id=model_id, importance=importance, levels=levels, transform=transform,
-                             info=dict(info, calibration_kl=float(kl.sum())))
+                             rope=rope, info=dict(info, calibration_kl=float(kl.sum())))
         say(f"calibration {r + 1}/{calibrate}: sum of per-layer KL {kl.sum():.3g}")
     return prof

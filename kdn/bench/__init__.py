@@ -9,6 +9,7 @@ BENCHES: dict[str, str] = {
     "placement": "kdn.bench.placement",
     "tiers": "kdn.bench.tiers",
     "connectors": "kdn.bench.connectors",
+    "codec": "kdn.bench.codec",
 }
 
 

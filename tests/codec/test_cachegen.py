@@ -178,3 +178,72 @@ def test_statistics_of_real_shape():
     steps = prof.levels["default"].step
     assert steps.shape == (6, 2, 8) and steps[0, 0, 0] > steps[-1, -1, -1]  # more important, finer
     assert np.all(prof.sink_ratio > 0)
+
+
+def _rope(k: torch.Tensor, start: int, inv_freq: np.ndarray) -> torch.Tensor:
+    """Rotate-half RoPE of keys ``[L, T, H, D]`` at positions ``start ..``."""
+    half = k.shape[-1] // 2
+    angle = torch.arange(start, start + k.shape[1], dtype=torch.float64)[:, None] * torch.from_numpy(inv_freq)
+    cos, sin = angle.cos()[None, :, None, :], angle.sin()[None, :, None, :]
+    x1, x2 = k[..., :half].double(), k[..., half:].double()
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).float()
+
+
+def test_rope_augmented_profile_is_position_independent():
+    """Keys are stored after RoPE: a profile of short samples must still code keys at position 5000 well."""
+    inv_freq = 1e4 ** (-np.arange(0, 16, 2) / 16)
+
+    def at(start: int, seed: int) -> torch.Tensor:
+        kv = synthetic_kv(256, seed).float()
+        kv[:, 0] = _rope(kv[:, 0] + 3.0, start, inv_freq)  # keys with a large mean, as real models have
+        return kv.to(torch.bfloat16)
+
+    samples = [at(0, s) for s in range(3)]
+    near, far = at(0, 20), at(5000, 21)
+    ratios = {}
+    for rope in (None, (inv_freq, 8192)):
+        prof = build_profile(samples, model_id="toy", rope=rope, levels={"default": 0.7})
+        codec = get_codec("cachegen-default", LAYOUT, profile=prof)
+        ratios[rope is not None] = [near.numel() * 2 / len(codec.encode(x)) for x in (near, far)]
+    assert ratios[True][1] > 0.9 * ratios[True][0]
+    assert ratios[True][1] > 1.2 * ratios[False][1]
+
+
+def _golden_profile() -> ModelProfile:
+    """A hand-written profile (no fitting, no LAPACK), so the bytes below depend only on the format."""
+    from codec._rans import normalize_freqs
+    from codec.profile import LevelProfile
+
+    c = 32
+    hadamard = np.array([[1]])
+    while hadamard.shape[0] < c:
+        hadamard = np.block([[hadamard, hadamard], [hadamard, -hadamard]])
+    transform = np.rint(hadamard / np.sqrt(c) * 2 ** 13).astype(np.int16)
+    freq = normalize_freqs(np.exp(-np.abs(np.arange(18) - 9) / 2.0)).astype(np.uint16)
+    level = LevelProfile(name="default", step_int=np.full((2, 2, c), 1000, np.uint16), step_shift=12,
+                         table_of=np.zeros((2, 2, c), np.uint16), lo=np.array([-8], np.int16),
+                         raw_bits=np.array([0], np.uint8), size=np.array([18], np.uint16), freq=freq[None])
+    return ModelProfile(model_id="golden", num_layers=2, num_kv_heads=1, head_dim=32, stream_channels=32,
+                        mean=np.linspace(-1, 1, 2 * 2 * c, dtype=np.float32).reshape(2, 2, c),
+                        weight=np.ones((2, 2, c), np.float32), transform=np.broadcast_to(transform, (2, 2, 1, c, c)),
+                        input_shift=16, sink_ratio=np.array([0.5, 0.0], np.float32), levels={"default": level})
+
+
+def test_golden_bitstream():
+    """Pins the version-1 bitstream: a GPU encoder must produce these bytes, a GPU decoder these values."""
+    import hashlib
+
+    layout = KVLayout("golden", 2, 1, 32, "bfloat16")
+    codec = get_codec("cachegen-default", layout, profile=_golden_profile())
+    n = np.arange(2 * 2 * 70 * 32)
+    values = ((n * 7919) % 2001 - 1000) / 300.0
+    kv = torch.from_numpy(values.astype(np.float32)).reshape(2, 2, 70, 1, 32).to(torch.bfloat16)
+    kv[:, 1, 0] *= 0.01  # a sink in layer 0 (layer 1 has sink_ratio 0)
+    data = codec.encode(kv)
+    out = codec.decode(data, 2, 70, meta=codec.meta())
+    assert hashlib.sha256(data).hexdigest()[:16] == GOLDEN_SECTION
+    assert hashlib.sha256(out.view(torch.int16).numpy().tobytes()).hexdigest()[:16] == GOLDEN_VALUES
+
+
+GOLDEN_SECTION = "68f2f240ce15b048"
+GOLDEN_VALUES = "7bcbd7911df649ec"
