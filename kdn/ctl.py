@@ -1,7 +1,8 @@
 """``kdnctl``: the admin CLI. Human-readable tables by default, ``--json`` for scripts.
 
 Commands: status, nodes, ls [PREFIX], inspect KEY, evict KEY... | --prefix P, pin KEY..., unpin KEY..., stats,
-cost (the cost-model calculator).
+cost (the cost-model calculator), codec profile (build a model profile), warm (store a corpus as
+content-keyed chunks for CacheBlend).
 """
 
 from __future__ import annotations
@@ -221,19 +222,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("keys", nargs="+")
         p.set_defaults(func=cmd_pin)
     sub.add_parser("stats", help="controller and per-node counters").set_defaults(func=cmd_stats)
-    try:
-        from costmodel.cli import add_cost_parser
-    except ImportError:
-        pass
-    else:
-        add_cost_parser(sub)
+    # Commands that open their own connections (or none): each module adds its parser and sets ``standalone``.
+    for module, name in (("costmodel.cli", "add_cost_parser"), ("codec.cli", "add_codec_parser"),
+                         ("kdn.blend.cli", "add_warm_parser")):
+        try:
+            add_parser = getattr(__import__(module, fromlist=[name]), name)
+        except (ImportError, AttributeError):
+            continue
+        add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "cost":
+        if args.command == "cost" or getattr(args, "standalone", False):
             return args.func(args)
         ctl = Ctl(args)
         try:
