@@ -158,14 +158,18 @@ class KDNClient:
         self.config = config
         self.layout = layout
         self.fingerprint = layout.fingerprint()
-        options = {"profile": config.codec_profile} if config.codec_profile else {}
-        self.codec = get_codec(config.codec, layout, **options)
         if config.chunk_size <= 0:
             raise InvalidRequest("chunk_size must be positive")
         self.metrics = ClientMetrics()
         self.metadata = call_metadata(config.token, config.tenant)
-        self._channel = make_channel(config.controller) if config.controller else None
+        self._channel = make_channel(config.controller, config.tls) if config.controller else None
         self._control = control_pb2_grpc.ControlStub(self._channel) if self._channel else None
+        try:  # may ask the controller for the codec's model profile
+            self.codec = get_codec(config.codec, layout, **self._codec_options())
+        except BaseException:
+            if self._channel is not None:
+                self._channel.close()
+            raise
         self._nodes: dict[str, NodeAddress] = {}
         self._node_clients: dict[str, NodeClient] = {}
         self._lock = threading.Lock()
@@ -205,9 +209,21 @@ class KDNClient:
             if client is None:
                 client = NodeClient(node.address, node.bulk_address, tenant=self.config.tenant,
                                     token=self.config.token, timeout_s=self.config.timeout_s,
-                                    transport=self.config.transport)
+                                    transport=self.config.transport, tls=self.config.tls)
                 self._node_clients[node.address] = client
             return client
+
+    def _codec_options(self) -> dict:
+        """``profile=`` for the codec: the configured file, else (``cachegen-*``) the controller's, cached on disk."""
+        if self.config.codec_profile:
+            return {"profile": self.config.codec_profile}
+        if not self.config.codec.startswith("cachegen"):
+            return {}
+        from kdn.profiles import default_profile_cache, fetch_profile
+
+        profile = fetch_profile(lambda request: self._call("GetProfile", request), self.fingerprint,
+                                self.config.profile_cache or default_profile_cache())
+        return {"profile": profile}
 
     def _call(self, method: str, request):
         if self._control is None:

@@ -79,6 +79,40 @@ class AuthConfig:
 
 
 @dataclass
+class TLSConfig:
+    """TLS on both planes (gRPC and the bulk channel). Off while ``cert`` and ``ca`` are empty.
+
+    Servers (controller, node) present ``cert``/``key``; clients check the server against ``ca`` and, for mutual
+    TLS, present ``cert``/``key`` too. With ``client_auth`` servers require a client certificate signed by ``ca``.
+    """
+
+    cert: str = ""
+    """PEM certificate chain of this process."""
+    key: str = ""
+    """PEM private key of ``cert``."""
+    ca: str = ""
+    """PEM CA bundle that peers' certificates must chain to."""
+    client_auth: bool = False
+    """Servers: require and verify client certificates (mutual TLS)."""
+    server_name: str = ""
+    """Clients: the name expected in server certificates when it is not the host of the address."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert or self.ca)
+
+    def validate(self) -> None:
+        if bool(self.cert) != bool(self.key):
+            raise ConfigError("tls: cert and key must be given together")
+        if self.client_auth and not self.ca:
+            raise ConfigError("tls: client_auth needs ca (the CA that signs client certificates)")
+        for name in ("cert", "key", "ca"):
+            path = getattr(self, name)
+            if path and not os.path.isfile(os.path.expanduser(path)):
+                raise ConfigError(f"tls.{name}: no such file: {path}")
+
+
+@dataclass
 class ControllerConfig:
     host: str = "127.0.0.1"
     port: int = 7070
@@ -188,7 +222,10 @@ class ClientConfig:
     codec: str = "raw"
     """``raw``, ``lz4``, ``lossless`` or a ``cachegen-*`` level (docs/codec.md)."""
     codec_profile: str = ""
-    """Model profile file for ``cachegen-*`` levels (``kdnctl codec profile`` writes one)."""
+    """Model profile file for ``cachegen-*`` levels (``kdnctl codec profile`` writes one). Empty: fetch the
+    profile of this layout from the controller once and cache it in ``profile_cache``."""
+    profile_cache: str = ""
+    """Directory for model profiles fetched from the controller ("" = ``~/.cache/kdn/profiles``)."""
     chunk_size: int = 256
     """Tokens per chunk."""
     layer_group: int = 1
@@ -202,6 +239,8 @@ class ClientConfig:
     transport: str = "bulk"
     """``bulk`` (framed TCP channel, falls back to gRPC) or ``grpc``."""
     fetch_workers: int = 4
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    """TLS towards controller and nodes (from a config file: the top-level ``tls`` section unless set here)."""
 
 
 @dataclass
@@ -215,6 +254,8 @@ class KDNConfig:
     node: NodeConfig = field(default_factory=NodeConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    """TLS of this process's servers and of its calls to other KDN processes."""
 
     def node_id(self) -> str:
         return self.node.node_id or f"{socket.gethostname()}:{self.node.port}"
@@ -351,4 +392,6 @@ def load_config(path: str | os.PathLike | None = None, *, overrides: dict[str, A
     tree = _merge(tree, flag_tree)
     config = _build(KDNConfig, tree, "config")
     config.data_dir = os.path.expanduser(config.data_dir)
+    if not config.client.tls.enabled:
+        config.client.tls = config.tls
     return config

@@ -11,6 +11,7 @@ by rendezvous hashing and leaves tiers to the nodes.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
@@ -22,6 +23,7 @@ from kdn.errors import AuthError, InvalidRequest, Unavailable
 from kdn.index import GlobalIndex, Location, NodeRecord
 from kdn.metrics import ControllerMetrics
 from kdn.placement import CostPlacement, PlaceHints
+from kdn.profiles import ProfileStore
 from kdn.rpc import create_server, servicer_method
 from kdn.v1 import common_pb2, control_pb2, control_pb2_grpc
 
@@ -46,6 +48,8 @@ class Controller:
         self.placement = CostPlacement(config.placement, self.index, _NodeMover(self))
         self.auth = Authenticator(config.auth.tokens)
         self.metrics = ControllerMetrics(registry or CollectorRegistry())
+        # codec model profiles are the controller's only durable state: kept in <data_dir>/profiles
+        self.profiles = ProfileStore(os.path.join(config.data_dir, "profiles") if config.data_dir else None)
         self.started_at = time.monotonic()
         self.counters = {"lookups": 0, "lookup_keys": 0, "lookup_hits": 0}
         self.port = 0
@@ -55,7 +59,7 @@ class Controller:
 
     def start(self) -> Controller:
         cfg = self.config.controller
-        self._server, self.port = create_server(cfg.host, cfg.port)
+        self._server, self.port = create_server(cfg.host, cfg.port, tls=self.config.tls)
         control_pb2_grpc.add_ControlServicer_to_server(ControlServicer(self), self._server)
         self._server.start()
         if self.cost_driven:
@@ -88,7 +92,7 @@ class Controller:
             if client is None or client.address != record.address:
                 token = next((t for t, p in self.config.auth.tokens.items() if p == "@admin"), "")
                 client = NodeClient(record.address, tenant="default", token=token, transport="grpc",
-                                    timeout_s=5.0)
+                                    timeout_s=5.0, tls=self.config.tls)
                 self._node_clients[record.node_id] = client
             return client
 
@@ -313,3 +317,18 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
             tiers = [control_pb2.TierValue(**t) for t in data.pop("tiers")]
             out.append(control_pb2.KeyExplanation(tiers=tiers, **data))
         return control_pb2.ExplainReply(keys=out)
+
+    @servicer_method
+    def PutProfile(self, request, context):  # noqa: N802
+        self._admin(context)
+        return control_pb2.PutProfileReply(profile_id=self.c.profiles.put(request.profile, list(request.fingerprints)))
+
+    @servicer_method
+    def GetProfile(self, request, context):  # noqa: N802
+        self._principal(context)
+        found = self.c.profiles.get(request.profile_id, request.fingerprint)
+        if found is None:
+            return control_pb2.GetProfileReply(found=False)
+        pid, data = found
+        return control_pb2.GetProfileReply(found=True, profile_id=pid,
+                                           profile=b"" if request.have_id == pid else data)

@@ -46,7 +46,7 @@ class ControllerLink:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kdn-controller-link", daemon=True)
-        self._channel = make_channel(self.address)
+        self._channel = make_channel(self.address, config.tls)
         self._stub = control_pb2_grpc.ControlStub(self._channel)
 
     def start(self) -> None:

@@ -37,7 +37,7 @@ class Ctl:
         self.tenant = args.tenant or config.client.tenant
         self.metadata = call_metadata(self.token, self.tenant)
         self.timeout = args.timeout
-        self.channel = make_channel(self.address)
+        self.channel = make_channel(self.address, config.tls)
         self.stub = control_pb2_grpc.ControlStub(self.channel)
 
     def call(self, method: str, request):

@@ -77,12 +77,12 @@ class StorageNode:
     # -- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> StorageNode:
         cfg = self.config.node
-        self._server, self.grpc_port = create_server(cfg.host, cfg.port)
+        self._server, self.grpc_port = create_server(cfg.host, cfg.port, tls=self.config.tls)
         if not cfg.node_id:
             self.node_id = f"{socket.gethostname()}:{self.grpc_port}"
         data_pb2_grpc.add_DataServicer_to_server(DataServicer(self), self._server)
         self._server.start()
-        if cfg.bulk_port >= 0:
+        if cfg.bulk_port >= 0 and not self.config.tls.enabled:  # no TLS on the bulk channel yet: gRPC only
             from kdn.bulk import BulkServer
 
             self._bulk = BulkServer(cfg.host, cfg.bulk_port, self, max_object_bytes=cfg.max_object_bytes)

@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -18,6 +19,9 @@ from kdn.errors import AuthError, InvalidRequest, Unavailable
 from kdn.rpc import DEFAULT_FRAME_BYTES, make_channel, raise_from_rpc
 from kdn.tiers.base import Buffer
 from kdn.v1 import data_pb2, data_pb2_grpc
+
+if TYPE_CHECKING:
+    from kdn.config import TLSConfig
 
 __all__ = ["NodeClient"]
 
@@ -30,16 +34,17 @@ class NodeClient:
     """Thread-safe client of one node. ``transport``: ``bulk`` (with gRPC fallback) or ``grpc``."""
 
     def __init__(self, address: str, bulk_address: str = "", *, tenant: str = "default", token: str = "",
-                 timeout_s: float = 10.0, transport: str = "bulk") -> None:
+                 timeout_s: float = 10.0, transport: str = "bulk", tls: TLSConfig | None = None) -> None:
         if transport not in ("bulk", "grpc"):
             raise InvalidRequest(f"transport must be 'bulk' or 'grpc', got {transport!r}")
         self.address = address
-        self.bulk_address = bulk_address if transport == "bulk" else ""
+        # With TLS every byte goes over gRPC until the bulk channel speaks TLS too.
+        self.bulk_address = bulk_address if transport == "bulk" and not (tls and tls.enabled) else ""
         self.tenant = tenant
         self.token = token
         self.timeout_s = timeout_s
         self.metadata = call_metadata(token, tenant)
-        self._channel = make_channel(address)
+        self._channel = make_channel(address, tls)
         self._stub = data_pb2_grpc.DataStub(self._channel)
         self._bulk = None
         self._bulk_down_until = 0.0

@@ -6,11 +6,15 @@ import logging
 from collections.abc import Callable
 from concurrent import futures
 from functools import wraps
-from typing import Any, NoReturn, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import grpc
 
 from kdn import errors
+
+if TYPE_CHECKING:
+    from kdn.config import TLSConfig
 
 __all__ = ["MAX_MESSAGE_BYTES", "make_channel", "create_server", "raise_from_rpc", "servicer_method", "abort",
            "status_of"]
@@ -53,18 +57,42 @@ def status_of(exc: errors.KDNError) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
-def make_channel(address: str) -> grpc.Channel:
-    """An insecure channel with KDN's message limits and keepalive."""
-    return grpc.insecure_channel(address, options=_OPTIONS)
+def _pem(path: str, what: str) -> bytes:
+    try:
+        return Path(path).expanduser().read_bytes()
+    except OSError as exc:
+        raise errors.ConfigError(f"cannot read TLS {what} {path}: {exc}") from exc
 
 
-def create_server(host: str, port: int, workers: int = 16) -> tuple[grpc.Server, int]:
-    """A gRPC server bound to ``host:port`` (port 0 picks one); returns the server and the bound port."""
+def make_channel(address: str, tls: TLSConfig | None = None) -> grpc.Channel:
+    """A channel with KDN's message limits and keepalive; TLS (and a client certificate) when ``tls`` is on."""
+    if tls is None or not tls.enabled:
+        return grpc.insecure_channel(address, options=_OPTIONS)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=_pem(tls.ca, "ca") if tls.ca else None,
+        private_key=_pem(tls.key, "key") if tls.key else None,
+        certificate_chain=_pem(tls.cert, "cert") if tls.cert else None)
+    options = list(_OPTIONS)
+    if tls.server_name:
+        options.append(("grpc.ssl_target_name_override", tls.server_name))
+    return grpc.secure_channel(address, credentials, options=options)
+
+
+def create_server(host: str, port: int, workers: int = 16, tls: TLSConfig | None = None) -> tuple[grpc.Server, int]:
+    """A gRPC server bound to ``host:port`` (port 0 picks one), TLS when ``tls`` has a certificate; returns the
+    server and the bound port."""
     # No SO_REUSEPORT: a second server on a busy port must fail, not silently share it.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kdn-rpc"),
                          options=[*_OPTIONS, ("grpc.so_reuseport", 0)])
+    credentials = None
+    if tls is not None and tls.cert:
+        credentials = grpc.ssl_server_credentials(
+            [(_pem(tls.key, "key"), _pem(tls.cert, "cert"))],
+            root_certificates=_pem(tls.ca, "ca") if tls.ca else None,
+            require_client_auth=tls.client_auth)
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        address = f"{host}:{port}"
+        bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError:  # grpcio raises on a failed bind (older versions returned 0)
         bound = 0
     if bound == 0:

@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tests.servers import _die_with_parent, stop
 
@@ -73,6 +74,8 @@ class Cluster:
     common: list[str] = field(default_factory=list)
     env: dict = field(default_factory=dict)
     admin_token: str = ""
+    tls: Any = None
+    """A :class:`kdn.config.TLSConfig` when the processes serve TLS."""
 
     @property
     def address(self) -> str:
@@ -99,7 +102,7 @@ class Cluster:
         from kdn.v1 import control_pb2, control_pb2_grpc
 
         token = self.admin_token
-        with make_channel(self.address) as channel:
+        with make_channel(self.address, self.tls) as channel:
             stub = control_pb2_grpc.ControlStub(channel)
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
