@@ -42,15 +42,26 @@ class StorageNode:
         self.metrics = NodeMetrics(registry or CollectorRegistry())
         self.started_at = time.monotonic()
         os.makedirs(config.data_dir, exist_ok=True)
-        tiers = [build_tier(spec.kind, spec.config, config.data_dir) for spec in config.node.tiers]
+        tiers = [self._build_tier(spec) for spec in config.node.tiers]
         self.link = ControllerLink(self, config) if config.node.controller else None
         self.store = TierStack(tiers, config.node.write_policy, on_change=self._changed)
         self.grpc_port = 0
         self.bulk_port = -1
         self._server = None
         self._bulk = None
+        self._shm = None
         self.counters = {"gets": 0, "get_hits": 0, "puts": 0, "bytes_out": 0, "bytes_in": 0, "corrupt": 0}
         self._lock = threading.Lock()
+
+    def _build_tier(self, spec):
+        """The tier of ``spec``; the ``memory`` tier lives in a shared arena when ``node.shared_memory`` is on."""
+        if spec.kind == "memory" and self.config.node.shared_memory:
+            from kdn.tiers.shared import shared_tier_or_none
+
+            tier = shared_tier_or_none(spec.config.capacity)
+            if tier is not None:
+                return tier
+        return build_tier(spec.kind, spec.config, self.config.data_dir)
 
     # -- addresses -------------------------------------------------------------------------------------------
     @property
@@ -91,14 +102,30 @@ class StorageNode:
             except OSError as exc:
                 self._server.stop(0)
                 raise ConfigError(f"cannot bind the bulk channel to {cfg.host}:{cfg.bulk_port}: {exc}") from exc
+        self._start_shm()
         log.info("node %s serving gRPC on %s, bulk on %s", self.node_id, self.address, self.bulk_address or "-")
         if self.link is not None:
             self.link.start()
         return self
 
+    def _start_shm(self) -> None:
+        """Serve same-host clients from the shared memory tier (see :mod:`kdn.shm`), when there is one."""
+        from kdn.shm import ShmServer, socket_name
+        from kdn.tiers.shared import SharedMemoryTier
+
+        tier = next((t for t in self.store.tiers if isinstance(t, SharedMemoryTier)), None)
+        if tier is None:
+            return
+        try:
+            self._shm = ShmServer(socket_name(self.address), tier, self).start()
+        except OSError as exc:
+            log.warning("shared memory channel %s not served: %s", socket_name(self.address), exc)
+
     def stop(self, grace_s: float = 2.0) -> None:
         if self.link is not None:
             self.link.stop()
+        if self._shm is not None:
+            self._shm.stop()
         if self._bulk is not None:
             self._bulk.stop(grace_s)
         if self._server is not None:
@@ -129,13 +156,18 @@ class StorageNode:
         for i, item in zip(allowed, found):
             if item is not None:
                 out[i] = item[0]
-        hits = sum(1 for d in out if d is not None)
-        nbytes = sum(len(d) for d in out if d is not None)
-        self._count(gets=len(keys), get_hits=hits, bytes_out=nbytes)
-        self.metrics.objects.labels("get", "hit").inc(hits)
-        self.metrics.objects.labels("get", "miss").inc(len(keys) - hits)
-        self.metrics.bytes.labels("out").inc(nbytes)
+        self.account_get(transport, len(keys), sum(1 for d in out if d is not None),
+                         sum(len(d) for d in out if d is not None), count_request=False)
         return out
+
+    def account_get(self, transport: str, keys: int, hits: int, nbytes: int, count_request: bool = True) -> None:
+        """Count a served get (also the shared-memory leases of :mod:`kdn.shm`)."""
+        if count_request:
+            self.metrics.requests.labels("get", transport).inc()
+        self._count(gets=keys, get_hits=hits, bytes_out=nbytes)
+        self.metrics.objects.labels("get", "hit").inc(hits)
+        self.metrics.objects.labels("get", "miss").inc(keys - hits)
+        self.metrics.bytes.labels("out").inc(nbytes)
 
     def check_object(self, principal: Principal, key: str, data: Buffer) -> None:
         """Raise unless ``data`` is an intact object of ``key`` that the caller may store."""

@@ -1,7 +1,10 @@
-"""A client of one storage node's data plane: the bulk byte channel when the node has one, gRPC otherwise.
+"""A client of one storage node's data plane: shared memory for a node on this host, then the bulk byte channel
+when the node has one, gRPC otherwise.
 
-The bulk channel carries payload bytes; if it fails (refused, reset), the call is retried once over gRPC and the
-bulk channel is not used again for ``BULK_RETRY_S`` seconds.
+Gets try the node's shared arena first (:mod:`kdn.shm`; zero-copy, same host and user only); keys it does not hold
+there go over the bulk channel. If the shared-memory channel cannot be used it is not tried again for
+``SHM_RETRY_S`` seconds. The bulk channel carries payload bytes; if it fails (refused, reset), the call is retried
+once over gRPC and the bulk channel is not used again for ``BULK_RETRY_S`` seconds.
 """
 
 from __future__ import annotations
@@ -28,13 +31,16 @@ __all__ = ["NodeClient"]
 log = logging.getLogger(__name__)
 
 BULK_RETRY_S = 5.0
+SHM_RETRY_S = 30.0
 
 
 class NodeClient:
-    """Thread-safe client of one node. ``transport``: ``bulk`` (with gRPC fallback) or ``grpc``."""
+    """Thread-safe client of one node. ``transport``: ``bulk`` (shared memory on the same host when
+    ``shared_memory``, else the bulk channel, with gRPC fallback) or ``grpc`` (gRPC only)."""
 
     def __init__(self, address: str, bulk_address: str = "", *, tenant: str = "default", token: str = "",
-                 timeout_s: float = 10.0, transport: str = "bulk", tls: TLSConfig | None = None) -> None:
+                 timeout_s: float = 10.0, transport: str = "bulk", tls: TLSConfig | None = None,
+                 shared_memory: bool = True) -> None:
         if transport not in ("bulk", "grpc"):
             raise InvalidRequest(f"transport must be 'bulk' or 'grpc', got {transport!r}")
         self.address = address
@@ -48,9 +54,15 @@ class NodeClient:
         self._stub = data_pb2_grpc.DataStub(self._channel)
         self._bulk = None
         self._bulk_down_until = 0.0
+        self._shm = None
+        self._shm_worked = False
+        # ``grpc`` means every byte over gRPC (no bulk channel, no shared memory).
+        self._shm_down_until = 0.0 if shared_memory and transport == "bulk" else float("inf")
         self._lock = threading.Lock()
 
     def close(self) -> None:
+        if self._shm is not None:
+            self._shm.close()
         if self._bulk is not None:
             self._bulk.close()
         self._channel.close()
@@ -77,9 +89,43 @@ class NodeClient:
         log.warning("bulk channel %s failed (%s); using gRPC for %.0f s", self.bulk_address, exc, BULK_RETRY_S)
         self._bulk_down_until = time.monotonic() + BULK_RETRY_S
 
+    # -- shared memory ------------------------------------------------------------------------------------------
+    def _get_shared(self, keys: Sequence[str]) -> list[Buffer | None]:
+        """Objects read in place from the node's shared arena; ``None`` for keys it cannot give that way."""
+        if time.monotonic() < self._shm_down_until:
+            return [None] * len(keys)
+        with self._lock:
+            if self._shm is None:
+                from kdn.shm import ShmClient
+
+                self._shm = ShmClient(self.address, token=self.token, tenant=self.tenant, timeout_s=self.timeout_s)
+            shm = self._shm
+        try:
+            out = shm.get_many(keys)
+            self._shm_worked = True
+            return out
+        except AuthError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure of this path means: use the network path
+            log.log(logging.WARNING if self._shm_worked else logging.DEBUG,
+                    "shared memory of %s unavailable (%s); using the network for %.0f s", self.address, exc,
+                    SHM_RETRY_S)
+            self._shm_down_until = time.monotonic() + SHM_RETRY_S
+            return [None] * len(keys)
+
     # -- operations ---------------------------------------------------------------------------------------------
     def get_many(self, keys: Sequence[str]) -> list[Buffer | None]:
         """Whole objects for ``keys`` (``None`` for misses). Raises Unavailable/DeadlineExceeded/AuthError."""
+        out = self._get_shared(keys)
+        missing = [i for i, data in enumerate(out) if data is None]
+        if len(missing) < len(keys):
+            if missing:
+                for i, data in zip(missing, self._get_remote([keys[i] for i in missing])):
+                    out[i] = data
+            return out
+        return self._get_remote(keys)
+
+    def _get_remote(self, keys: Sequence[str]) -> list[Buffer | None]:
         bulk = self._bulk_client()
         if bulk is not None:
             try:

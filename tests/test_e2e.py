@@ -27,15 +27,17 @@ def make_client(cluster, layout, **kw) -> KDNClient:
 
 
 @pytest.mark.parametrize("codec", ["raw", "lz4"])
-@pytest.mark.parametrize("transport", ["bulk", "grpc"])
+@pytest.mark.parametrize("transport", ["shm", "bulk", "grpc"])
 def test_round_trip_bit_identical_across_clients(cluster, layout, codec, transport):
     tokens = list(range(1000, 1000 + 7 * CHUNK + 5))  # 7 full chunks and a partial one
     kv = kv_for(layout, len(tokens))
-    with make_client(cluster, layout, codec=codec, transport=transport) as writer:
+    # "shm": same-host shared memory first (the default); "bulk": the TCP bulk channel alone; "grpc": gRPC alone.
+    options = {"transport": "grpc" if transport == "grpc" else "bulk", "shared_memory": transport == "shm"}
+    with make_client(cluster, layout, codec=codec, **options) as writer:
         result = writer.store(tokens, kv).result(30)
         assert (result.stored, result.failed) == (8, 0), result
     # A second client that only knows the controller finds and fetches every chunk.
-    with make_client(cluster, layout, codec=codec, transport=transport) as reader:
+    with make_client(cluster, layout, codec=codec, **options) as reader:
         assert reader.lookup(tokens).hit_tokens == len(tokens)
         got = reader.retrieve(tokens)
         assert got.num_tokens == len(tokens)

@@ -20,6 +20,7 @@ from connectors.hf.cache import KDNPrefixCache, PrefixLoadError, cache_kwarg, ch
 from connectors.hf.loader import LayerLoader
 from kdn.errors import InvalidRequest
 from kdn.layout import KVLayout
+from kdn.shm_source import fast_source
 
 __all__ = ["prefill", "kdn_generate", "run_forward", "PrefillResult", "PrefillStats", "GenerateResult"]
 
@@ -131,6 +132,7 @@ def prefill(model, input_ids, source=None, *, lookup_len: int | None = None, log
             t0 = time.perf_counter()
             stream = source.retrieve_layers(ids[0, :lookup_len].tolist(), device=device if direct else "cpu",
                                             max_tokens=lookup_len)
+            stream = fast_source(stream, device)  # raw objects in a same-host node's shared memory
             stats.retrieve_s = time.perf_counter() - t0
             if stream.num_tokens:
                 stats.hit_tokens, stats.bytes = stream.num_tokens, stream.bytes

@@ -53,6 +53,7 @@ class _HostStream:
     """
 
     writes_device = True
+    enqueue_only = True  # on a GPU decode_group only enqueues copies from pinned memory
 
     def __init__(self, entries: list[_Entry], num_layers: int) -> None:
         self.num_tokens = sum(e.length for e in entries)

@@ -7,6 +7,12 @@ A *layer source* is anything shaped like :class:`kdn.client.LayerStream`: ``num_
 ``writes_device = True`` (or any source when the loader is built with ``direct=True``, e.g. a GPU codec decoder)
 is handed a GPU ``out`` directly, inside the loader's copy stream, and may issue non-blocking work there; other
 sources decode into a pinned host staging buffer that the loader then copies to the GPU asynchronously.
+
+A direct source whose class also sets ``enqueue_only = True`` promises that ``decode_group`` only *enqueues*
+asynchronous device work on the current stream (copies from pinned or CUDA-registered host memory, kernels) and
+never waits. The loader then issues every group at ``start()``, in the caller's thread, with one event per group:
+the model's layer ``i`` waits for its copies on the GPU (``wait_event``) and nothing waits on the host, so there
+is no loader thread handing layers over through the GIL.
 """
 
 from __future__ import annotations
@@ -83,6 +89,20 @@ class _Staging:
             del cls._free[:-2]  # keep the two largest
 
 
+_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+    """One copy stream per device, shared by every loader. (``torch.cuda.Stream()`` hands out pool streams in
+    turn, and the caching allocator reuses a freed block only on its own stream: a new stream per load left up to
+    32 prefixes' worth of GPU memory cached and forced allocator flushes, with device syncs, mid-load.)"""
+    key = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+    stream = _streams.get(key)
+    if stream is None:
+        stream = _streams.setdefault(key, torch.cuda.Stream(key))
+    return stream
+
+
 class LayerLoader:
     """Feeds one cached prefix to a :class:`~connectors.hf.cache.KDNPrefixCache`, layer by layer.
 
@@ -111,15 +131,37 @@ class LayerLoader:
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="kdn-hf-loader", daemon=True)
         self._cuda = self.device.type == "cuda"
-        self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
+        self._copy_stream = _copy_stream(self.device) if self._cuda else None
         self._ring: list[list] | None = None
         covered = sorted(self._group_of)
         if covered != list(range(n)):
             raise PrefixLoadError(f"layer groups {self.groups} do not cover {n} layers")
 
     def start(self) -> LayerLoader:
-        self._thread.start()
+        if self._cuda and self.direct and getattr(self.source, "enqueue_only", False):
+            self._enqueue_all()
+        else:
+            self._thread.start()
         return self
+
+    def _enqueue_all(self) -> None:
+        """Issue every group's copies now (``enqueue_only`` sources): events order them before their use."""
+        self.trace.start = time.perf_counter()
+        try:
+            for i, (start, end) in enumerate(self.groups):
+                self._publish(start, end, *self._load(i, start, end))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which falls back to recompute
+            self._error = exc
+            for ev in self._ready:
+                ev.set()
+
+    def _publish(self, start: int, end: int, kv: torch.Tensor, event) -> None:
+        now = time.perf_counter()
+        for layer in range(start, end):
+            self._kv[layer] = kv[layer - start]
+            self._events[layer] = event
+            self.trace.ready[layer] = now
+            self._ready[layer].set()
 
     def close(self) -> None:
         self._stop = True
@@ -160,13 +202,7 @@ class LayerLoader:
                 self._credits.acquire()  # at most `lookahead` groups ahead of the model
                 if self._stop:
                     return
-                kv, event = self._load(i, start, end)
-                now = time.perf_counter()
-                for layer in range(start, end):
-                    self._kv[layer] = kv[layer - start]
-                    self._events[layer] = event
-                    self.trace.ready[layer] = now
-                    self._ready[layer].set()
+                self._publish(start, end, *self._load(i, start, end))
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which falls back to recompute
             self._error = exc
         finally:

@@ -325,10 +325,10 @@ class TwoLevelAllocator:
 class PoolEntry:
     """One object's slot in a :class:`PoolIndex`."""
 
-    __slots__ = ("key", "offset", "size", "pins", "ready", "dead")
+    __slots__ = ("key", "offset", "size", "pad", "pins", "ready", "dead")
 
-    def __init__(self, key: str, offset: int, size: int) -> None:
-        self.key, self.offset, self.size = key, offset, size
+    def __init__(self, key: str, offset: int, size: int, pad: int = 0) -> None:
+        self.key, self.offset, self.size, self.pad = key, offset, size, pad  # the object starts at offset + pad
         self.pins = 1  # the writer's pin until publish()
         self.ready = False  # published: visible to get/contains/keys
         self.dead = False  # dropped from the index while pinned: its slot is freed by the last unpin()
@@ -391,18 +391,19 @@ class PoolIndex:
             self._dead_pinned -= 1
             self.allocator.free(entry.offset)
 
-    def reserve(self, key: str, size: int, on_victim=None) -> PoolEntry | None:
-        """A pending entry (pinned by the writer) for ``size`` bytes, evicting LRU objects as needed; ``None``
-        when it cannot be placed. ``on_victim(entry)`` runs for each evicted object before its slot is freed."""
+    def reserve(self, key: str, size: int, on_victim=None, pad: int = 0) -> PoolEntry | None:
+        """A pending entry (pinned by the writer) for ``size`` bytes placed ``pad`` bytes into its allocation,
+        evicting LRU objects as needed; ``None`` when it cannot be placed. ``on_victim(entry)`` runs for each
+        evicted object before its slot is freed."""
         alloc = self.allocator
-        if not alloc.fits(size):
+        if not alloc.fits(size + pad):
             return None
         while True:
-            offset = alloc.allocate(size)
+            offset = alloc.allocate(size + pad)
             if offset is not None:
-                entry = self._pending[key] = PoolEntry(key, offset, size)
+                entry = self._pending[key] = PoolEntry(key, offset, size, pad)
                 return entry
-            victim = self._victim(size)
+            victim = self._victim(size + pad)
             if victim is None:
                 return None
             if on_victim is not None:

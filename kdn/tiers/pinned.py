@@ -90,13 +90,18 @@ class Lease:
         return self._tier
 
     @property
+    def offset(self) -> int:
+        """Where the object's first byte lies in the pool."""
+        return self._entry.offset + self._entry.pad
+
+    @property
     def tensor(self) -> Any:
         """A 1-D ``torch.uint8`` view of the object's bytes on the pool's device (read only by convention)."""
-        return self._live()._tensor(self._entry.offset, self.nbytes)
+        return self._live()._tensor(self.offset, self.nbytes)
 
     def view(self) -> memoryview:
         """A read-only memoryview of the object's bytes (host pools only)."""
-        return self._live()._view(self._entry.offset, self.nbytes)
+        return self._live()._view(self.offset, self.nbytes)
 
     def release(self) -> None:
         """Unpin the object; idempotent."""
@@ -143,6 +148,10 @@ class PoolTier(Tier):
     def _release_memory(self) -> None:
         """Drop the pool's memory (on close, once nothing is pinned)."""
 
+    def _pad(self, data: Any) -> int:
+        """Bytes to skip at the start of an object's allocation (e.g. to align its payload); 0 by default."""
+        return 0
+
     # -- Tier --------------------------------------------------------------------------------------------------
     @property
     def capacity_bytes(self) -> int:
@@ -168,18 +177,18 @@ class PoolTier(Tier):
 
         def on_victim(victim: PoolEntry) -> None:
             if keep:
-                evicted.append((victim.key, self._read(victim.offset, victim.size)))
+                evicted.append((victim.key, self._read(victim.offset + victim.pad, victim.size)))
 
         with self._lock:
             if self._closed:
                 return False
             if self._index.lookup(key) is not None or self._index.is_pending(key):
                 return True
-            entry = self._index.reserve(key, size, on_victim)
+            entry = self._index.reserve(key, size, on_victim, pad=self._pad(data))
         try:
             if entry is not None:
                 try:
-                    self._write(entry.offset, data)
+                    self._write(entry.offset + entry.pad, data)
                 except BaseException:
                     with self._lock:
                         self._index.abort(entry)
@@ -213,7 +222,7 @@ class PoolTier(Tier):
                 out.append(None)
                 continue
             with lease:
-                out.append(self._read(lease._entry.offset, lease.nbytes))
+                out.append(self._read(lease.offset, lease.nbytes))
         return out
 
     def contains_many(self, keys: Sequence[str]) -> list[bool]:
