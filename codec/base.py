@@ -35,6 +35,8 @@ class Codec(ABC):
 
     name: ClassVar[str]
     lossless: ClassVar[bool]
+    #: True when ``encode`` of a CUDA tensor runs on the GPU (callers then keep the KV where it is).
+    encodes_on_device: ClassVar[bool] = False
 
     def __init__(self, layout: KVLayout) -> None:
         self.layout = layout

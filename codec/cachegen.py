@@ -53,7 +53,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from codec import _rans
+from codec import _gpu, _rans
 from codec._bits import pack_bits, run_bytes, unpack_bits
 from codec._profile_format import LevelProfile, ModelProfile
 from codec.base import Codec
@@ -117,6 +117,7 @@ class CacheGenCodec(Codec):
 
     name: ClassVar[str] = "cachegen"
     level: ClassVar[str] = ""
+    encodes_on_device: ClassVar[bool] = True
     lossless = False
 
     def __init__(self, layout, profile: ModelProfile | str | Path | None = None) -> None:
@@ -182,6 +183,8 @@ class CacheGenCodec(Codec):
         check_kv(kv, self.layout, num_layers=kv.shape[0] if kv.dim() == 5 else None)
         nl, _, t = kv.shape[:3]
         layers = self._layers(nl, layer_start)
+        if kv.is_cuda and _gpu.available():
+            return bytes(_gpu.for_codec(self, kv.device).encode([kv.detach()], layers.start)[0])
         x = kv.detach().to(device="cpu", dtype=torch.float32).reshape(nl, 2, t, -1).numpy()
         if not np.all(np.isfinite(x)):
             raise InvalidRequest(f"{self.name}: KV holds NaN or Inf; use the lossless codec for such data")
@@ -237,16 +240,17 @@ class CacheGenCodec(Codec):
     # -- decode ----------------------------------------------------------------------------------------------
     def decode(self, data, num_layers, num_tokens, *, meta=b"", device="cpu", out=None, layer_start=None):
         tabs = self._require()
-        if meta != self._meta:
-            if meta[:2] == META_MAGIC and len(meta) == len(self._meta):
-                raise CorruptObject(f"chunk was encoded with model profile {meta[3:].hex()}, this codec uses "
-                                    f"{self._meta[3:].hex()}")
-            raise CorruptObject(f"{self.name}: chunk metadata is not a CacheGen profile id")
+        self._check_meta(meta)
         layers = self._layers(num_layers, layer_start)
         shape = self.layout.shape(num_tokens, num_layers)
         dt = torch_dtype(self.layout.dtype)
         if out is not None and (tuple(out.shape) != tuple(shape) or out.dtype != dt):
             raise InvalidRequest(f"out has shape {tuple(out.shape)}/{out.dtype}, expected {tuple(shape)}/{dt}")
+        target_device = out.device if out is not None else torch.device(device)
+        if target_device.type == "cuda" and _gpu.available() and dt in _GPU_DTYPES:
+            target = out if out is not None else torch.empty(shape, dtype=dt, device=target_device)
+            _gpu.for_codec(self, target.device).decode([data], num_layers, num_tokens, layers.start, [target])
+            return target
         try:
             y = self._decode_values(memoryview(data), num_layers, num_tokens, layers, tabs, dt)
         except (ValueError, IndexError, struct.error) as exc:
@@ -256,6 +260,45 @@ class CacheGenCodec(Codec):
             return result.to(device)
         out.copy_(result)
         return out
+
+    def _check_meta(self, meta: bytes) -> None:
+        if meta != self._meta:
+            if meta[:2] == META_MAGIC and len(meta) == len(self._meta):
+                raise CorruptObject(f"chunk was encoded with model profile {meta[3:].hex()}, this codec uses "
+                                    f"{self._meta[3:].hex()}")
+            raise CorruptObject(f"{self.name}: chunk metadata is not a CacheGen profile id")
+
+    # -- batches (one GPU launch sequence for many sections) -----------------------------------------------
+    def encode_batch(self, kvs: list[torch.Tensor], *, layer_start: int | None = None) -> list[bytes]:
+        """Encode sections of one shape; on CUDA all of them at once (same bytes as :meth:`encode` each)."""
+        if not kvs or not all(k.is_cuda for k in kvs) or not _gpu.available():
+            return [self.encode(k, layer_start=layer_start) for k in kvs]
+        self._require()
+        for k in kvs:
+            check_kv(k, self.layout, num_layers=kvs[0].shape[0])
+            if k.shape != kvs[0].shape or k.device != kvs[0].device:
+                raise InvalidRequest("encode_batch needs sections of one shape on one device")
+        layers = self._layers(kvs[0].shape[0], layer_start)
+        return [bytes(v) for v in _gpu.for_codec(self, kvs[0].device).encode([k.detach() for k in kvs],
+                                                                            layers.start)]
+
+    def decode_batch(self, sections: list, num_layers: int, num_tokens: int, *, outs: list[torch.Tensor],
+                     meta: bytes = b"", layer_start: int | None = None) -> list[torch.Tensor]:
+        """Decode sections of one shape into ``outs`` (e.g. token slices of the engine's cache); on CUDA all of
+        them at once. Raises CorruptObject when any section is bad."""
+        self._require()
+        self._check_meta(meta)
+        layers = self._layers(num_layers, layer_start)
+        shape, dt = self.layout.shape(num_tokens, num_layers), torch_dtype(self.layout.dtype)
+        if len(outs) != len(sections) or any(tuple(o.shape) != tuple(shape) or o.dtype != dt for o in outs):
+            raise InvalidRequest(f"decode_batch needs one output of shape {tuple(shape)}/{dt} per section")
+        if outs and all(o.is_cuda for o in outs) and _gpu.available() and dt in _GPU_DTYPES \
+                and all(o.stride() == outs[0].stride() and o.device == outs[0].device for o in outs):
+            _gpu.for_codec(self, outs[0].device).decode(sections, num_layers, num_tokens, layers.start, outs)
+            return outs
+        for data, o in zip(sections, outs):
+            self.decode(data, num_layers, num_tokens, meta=meta, out=o, layer_start=layer_start)
+        return outs
 
     def _decode_values(self, view: memoryview, nl: int, t: int, layers: slice, tabs: _LevelTables,
                        dt: torch.dtype) -> torch.Tensor:
@@ -314,6 +357,9 @@ class CacheGenCodec(Codec):
         if verbatim.any():
             y[verbatim, :, 0] = torch.frombuffer(bytearray(vraw), dtype=dt).reshape(-1, 2, c).float().numpy()
         return torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))
+
+
+_GPU_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def _pad4(b: bytes) -> bytes:
