@@ -25,12 +25,17 @@ import numpy as np
 
 from kdn.errors import InvalidRequest
 
-__all__ = ["ModelProfile", "LevelProfile", "PROFILE_MAGIC", "PROFILE_VERSION"]
+__all__ = ["ModelProfile", "LevelProfile", "PROFILE_MAGIC", "PROFILE_VERSION", "profile_id"]
 
 PROFILE_MAGIC = b"KDNP"
 PROFILE_VERSION = 1
 _HEAD = struct.Struct("<4sHI")
 _DTYPES = {"<f4", "<u2", "<i2", "|u1", "<i4"}
+
+
+def profile_id(data: bytes | memoryview) -> bytes:
+    """The 16-byte id of a serialized profile (see the module docstring)."""
+    return hashlib.blake2b(data, digest_size=16, person=b"kdn-profile-v1").digest()
 
 
 @dataclass
@@ -189,4 +194,4 @@ class ModelProfile:
 
     def profile_id(self) -> bytes:
         """16-byte id of this profile (hash of its serialized bytes); recorded in every chunk it encodes."""
-        return hashlib.blake2b(self.to_bytes(), digest_size=16, person=b"kdn-profile-v1").digest()
+        return profile_id(self.to_bytes())

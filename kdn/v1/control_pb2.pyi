@@ -282,3 +282,37 @@ class ExplainReply(_message.Message):
     KEYS_FIELD_NUMBER: _ClassVar[int]
     keys: _containers.RepeatedCompositeFieldContainer[KeyExplanation]
     def __init__(self, keys: _Optional[_Iterable[_Union[KeyExplanation, _Mapping]]] = ...) -> None: ...
+
+class PutProfileRequest(_message.Message):
+    __slots__ = ("profile", "fingerprints")
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINTS_FIELD_NUMBER: _ClassVar[int]
+    profile: bytes
+    fingerprints: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, profile: _Optional[bytes] = ..., fingerprints: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class PutProfileReply(_message.Message):
+    __slots__ = ("profile_id",)
+    PROFILE_ID_FIELD_NUMBER: _ClassVar[int]
+    profile_id: bytes
+    def __init__(self, profile_id: _Optional[bytes] = ...) -> None: ...
+
+class GetProfileRequest(_message.Message):
+    __slots__ = ("profile_id", "fingerprint", "have_id")
+    PROFILE_ID_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    HAVE_ID_FIELD_NUMBER: _ClassVar[int]
+    profile_id: bytes
+    fingerprint: bytes
+    have_id: bytes
+    def __init__(self, profile_id: _Optional[bytes] = ..., fingerprint: _Optional[bytes] = ..., have_id: _Optional[bytes] = ...) -> None: ...
+
+class GetProfileReply(_message.Message):
+    __slots__ = ("found", "profile_id", "profile")
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_ID_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    found: bool
+    profile_id: bytes
+    profile: bytes
+    def __init__(self, found: _Optional[bool] = ..., profile_id: _Optional[bytes] = ..., profile: _Optional[bytes] = ...) -> None: ...

@@ -94,6 +94,16 @@ class ControlStub:
                 request_serializer=kdn_dot_v1_dot_control__pb2.ExplainRequest.SerializeToString,
                 response_deserializer=kdn_dot_v1_dot_control__pb2.ExplainReply.FromString,
                 _registered_method=True)
+        self.PutProfile = channel.unary_unary(
+                '/kdn.v1.Control/PutProfile',
+                request_serializer=kdn_dot_v1_dot_control__pb2.PutProfileRequest.SerializeToString,
+                response_deserializer=kdn_dot_v1_dot_control__pb2.PutProfileReply.FromString,
+                _registered_method=True)
+        self.GetProfile = channel.unary_unary(
+                '/kdn.v1.Control/GetProfile',
+                request_serializer=kdn_dot_v1_dot_control__pb2.GetProfileRequest.SerializeToString,
+                response_deserializer=kdn_dot_v1_dot_control__pb2.GetProfileReply.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -179,6 +189,20 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutProfile(self, request, context):
+        """Codec model profiles (docs/codec.md): stored once by the controller, fetched and cached by clients.
+        Upload needs the admin role; any authenticated caller may read.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetProfile(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -241,6 +265,16 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.Explain,
                     request_deserializer=kdn_dot_v1_dot_control__pb2.ExplainRequest.FromString,
                     response_serializer=kdn_dot_v1_dot_control__pb2.ExplainReply.SerializeToString,
+            ),
+            'PutProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutProfile,
+                    request_deserializer=kdn_dot_v1_dot_control__pb2.PutProfileRequest.FromString,
+                    response_serializer=kdn_dot_v1_dot_control__pb2.PutProfileReply.SerializeToString,
+            ),
+            'GetProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetProfile,
+                    request_deserializer=kdn_dot_v1_dot_control__pb2.GetProfileRequest.FromString,
+                    response_serializer=kdn_dot_v1_dot_control__pb2.GetProfileReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -567,6 +601,60 @@ class Control:
             '/kdn.v1.Control/Explain',
             kdn_dot_v1_dot_control__pb2.ExplainRequest.SerializeToString,
             kdn_dot_v1_dot_control__pb2.ExplainReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kdn.v1.Control/PutProfile',
+            kdn_dot_v1_dot_control__pb2.PutProfileRequest.SerializeToString,
+            kdn_dot_v1_dot_control__pb2.PutProfileReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kdn.v1.Control/GetProfile',
+            kdn_dot_v1_dot_control__pb2.GetProfileRequest.SerializeToString,
+            kdn_dot_v1_dot_control__pb2.GetProfileReply.FromString,
             options,
             channel_credentials,
             insecure,
