@@ -17,6 +17,7 @@ from transformers import DynamicCache
 from connectors.hf.cache import cache_from_kv, kv_from_cache
 from connectors.hf.generate import run_forward
 from kdn.blend.blend import BlendResult, blend, concat_chunks
+from kdn.blend.ratio import choose_ratio, prefill_seconds
 from kdn.blend.rope import rope_inv_freq
 from kdn.errors import InvalidRequest
 from kdn.keys import ChunkKey, content_key
@@ -25,7 +26,7 @@ __all__ = ["BlendStats", "BlendGenerateResult", "chunk_kv", "fetch_chunk_kvs", "
            "tokenize_chunks"]
 
 #: ``method`` values of :func:`blend_generate`: the two selection rules, plus the two baselines.
-GENERATE_METHODS = ("gradual", "single", "naive", "full")
+GENERATE_METHODS = ("kdn", "gradual", "single", "naive", "full")
 
 
 @dataclass
@@ -39,9 +40,14 @@ class BlendStats:
     query_tokens: int = 0
     recomputed_tokens: int = 0
     """Context tokens recomputed through the last layer."""
+    ratio: float = 0.0
+    """The recompute ratio used (chosen by :func:`kdn.blend.ratio.choose_ratio` when none was given)."""
     compute_fraction: float = 1.0
     """Q/K/V rows computed over all layers, relative to a full prefill."""
     fetch_s: float = 0.0
+    """Fetching and computing the chunks' KV (misses included)."""
+    load_s: float = 0.0
+    """Fetching the chunks' KV from KDN (lookup, transfer, decode)."""
     blend_s: float = 0.0
 
 
@@ -87,7 +93,9 @@ def fetch_chunk_kvs(model, chunk_ids: list[list[int]], client=None, *, store: bo
     keys: list[ChunkKey] = []
     if client is not None:
         keys = _content_keys(client, chunk_ids)
+        t0 = time.perf_counter()
         found = client.get_chunks(keys, device="cpu")
+        stats.load_s = time.perf_counter() - t0
     out, puts = [], []
     for i, ids in enumerate(chunk_ids):
         kv = found[i]
@@ -121,15 +129,18 @@ def greedy(model, cache, logits: torch.Tensor, max_new_tokens: int, eos: int | N
 
 @torch.no_grad()
 def blend_generate(model, tokenizer, chunks: Sequence[str | Sequence[int]], query: str | Sequence[int],
-                   client=None, *, ratio: float = 0.15, method: str = "gradual", max_new_tokens: int = 32,
+                   client=None, *, ratio: float | None = None, method: str = "kdn", max_new_tokens: int = 32,
                    store: bool = True, stop_at_eos: bool = True, chunk_kvs: Sequence[torch.Tensor] | None = None,
                    **blend_kwargs) -> BlendGenerateResult:
     """Answer ``query`` after ``chunks`` (texts or token-id lists), reusing their KV from KDN at any position.
 
-    ``method``: ``gradual`` / ``single`` (selective recompute of ``ratio`` of the context tokens), ``naive``
+    ``method``: ``kdn`` (default) / ``gradual`` / ``single`` (selective recompute of ``ratio`` of the context
+    tokens; see :mod:`kdn.blend.select`), ``naive``
     (reuse every chunk's KV as is, compute only the query) or ``full`` (plain prefill, no reuse; the reference).
     ``chunk_kvs`` (position-0 KV per chunk) skips the KDN lookup (for evaluations that reuse them). ``blend_kwargs``
     go to :func:`kdn.blend.blend` (``score``, ``start_ratio``, ``steps``, ``first_layer``).
+    ``ratio=None`` picks it with :func:`kdn.blend.ratio.choose_ratio`: the measured fetch time of the chunks that
+    hit against the model's profiled prefill time, never below 15 %.
     """
     if method not in GENERATE_METHODS:
         raise InvalidRequest(f"unknown method {method!r}; use one of {', '.join(GENERATE_METHODS)}")
@@ -158,6 +169,9 @@ def blend_generate(model, tokenizer, chunks: Sequence[str | Sequence[int]], quer
             logits = run_forward(model, torch.tensor([q_ids], device=device), cache)
             stats.recomputed_tokens, stats.compute_fraction = 0, len(q_ids) / len(all_ids)
         else:
+            if ratio is None:
+                ratio = choose_ratio(prefill_seconds(model, len(all_ids)), stats.load_s if stats.hits else 0.0)
+            stats.ratio = ratio
             res: BlendResult = blend(model, kvs, all_ids, ratio=ratio, method=method, **blend_kwargs)
             cache = cache_from_kv(res.kv, model.config)
             logits = res.logits

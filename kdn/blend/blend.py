@@ -5,10 +5,12 @@ Inputs are chunk KVs computed alone at position 0 (content-keyed) plus every tok
 
 * layers before the first selection layer run in full (their K/V replace the reused ones — layer 0 never deviates);
 * at a selection layer, Q/K/V are computed for the current token set, the recomputed K/V overwrite the reused rows,
-  context tokens are ranked by K/V deviation and only the top ones (plus every query token) go on;
+  context tokens are ranked by K/V deviation (by default weighted by the query tokens' attention to them) and only
+  the top ones (plus every query token) go on;
 * attention runs for the kept tokens over all keys (causal by position), then the MLP, for the kept tokens only.
 
-Everything is batched index gather/scatter in plain torch, so the same code runs on CPU and GPU. Supported:
+Everything is batched index gather/scatter in plain torch, so the same code runs on CPU and GPU; on CUDA, chunks in
+host memory are copied layer by layer on a side stream, overlapping the recompute. Supported:
 Llama-, Mistral- and Qwen2-style decoder layers (``input_layernorm``, ``self_attn.{q,k,v,o}_proj``,
 ``post_attention_layernorm``, ``mlp``), full attention.
 """
@@ -16,6 +18,7 @@ Llama-, Mistral- and Qwen2-style decoder layers (``input_layernorm``, ``self_att
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -23,10 +26,24 @@ import torch.nn.functional as F
 
 from connectors.hf.cache import check_supported
 from kdn.blend.rope import rerotate, rope_inv_freq
-from kdn.blend.select import Schedule, deviation, schedule, top_tokens
+from kdn.blend.select import DEFAULT_SCORE, Schedule, deviation, schedule, top_tokens
 from kdn.errors import InvalidRequest
 
 __all__ = ["BlendResult", "blend", "concat_chunks"]
+
+
+
+def _has_gqa() -> bool:
+    """Whether SDPA takes ``enable_gqa`` (torch >= 2.5): grouped KV heads without copies."""
+    try:
+        F.scaled_dot_product_attention(torch.zeros(1, 2, 1, 2), torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2),
+                                       enable_gqa=True)
+    except (TypeError, RuntimeError):
+        return False
+    return True
+
+
+_GQA = _has_gqa()
 
 
 @dataclass
@@ -82,23 +99,64 @@ def _check_layers(model) -> None:
 def _attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
     """Queries ``[1, heads, n, d]`` at positions ``q_pos`` over all keys ``[1, kv_heads, N, d]`` (causal)."""
     n_keys = k.shape[2]
-    mask = torch.arange(n_keys, device=q.device)[None, :] <= q_pos[:, None]  # [n, N]
     groups = q.shape[1] // k.shape[1]
-    if groups > 1:
+    if groups > 1 and not _GQA:
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None, None], scale=attn.scaling)
+    extra = {"enable_gqa": True} if groups > 1 and _GQA else {}
+    if q.shape[2] == n_keys:  # every token: a plain causal prefill (flash kernels on the GPU)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling, **extra)
+    mask = torch.arange(n_keys, device=q.device)[None, :] <= q_pos[:, None]  # [n, N]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None, None], scale=attn.scaling, **extra)
+
+
+def _query_attention(attn, q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Mean attention weight ``[N]`` (float32) of the query tokens ``q [1, heads, n, d]`` on context keys
+    ``[N, kv_heads, d]`` (softmax over the context only)."""
+    k = keys.transpose(0, 1).float()  # [kv_heads, N, d]
+    qf = q[0].float().reshape(k.shape[0], -1, q.shape[-1])  # [kv_heads, groups * n, d]
+    probs = torch.softmax(qf @ k.transpose(1, 2) * attn.scaling, dim=-1)
+    return probs.mean(dim=(0, 1))
+
+
+def _stage(kv: torch.Tensor, chunk_kvs: Sequence[torch.Tensor], inv_freq: torch.Tensor) -> list | None:
+    """Write the chunks, re-rotated to their places, into ``kv[:, :, :n_ctx]``.
+
+    Host chunks for a CUDA ``kv`` are copied layer by layer on a side stream, so loading overlaps the recompute
+    of earlier layers (the paper's pipelining); the per-layer events are returned for the compute stream to wait
+    on. Otherwise the copy is done now and None is returned.
+    """
+    pipelined = kv.is_cuda and all(not c.is_cuda for c in chunk_kvs)
+    stream = torch.cuda.Stream(kv.device) if pipelined else None
+    if stream is not None:
+        stream.wait_stream(torch.cuda.current_stream(kv.device))
+    events = []
+    with torch.cuda.stream(stream) if stream is not None else nullcontext():
+        for layer in range(kv.shape[0]):
+            start = 0
+            for chunk in chunk_kvs:
+                n = int(chunk.shape[2])
+                dst = kv[layer, :, start:start + n]
+                dst.copy_(chunk[layer], non_blocking=pipelined)
+                if start:
+                    dst[0] = rerotate(dst[0], start, inv_freq)
+                start += n
+            if stream is not None:
+                events.append(torch.cuda.Event())
+                events[-1].record(stream)
+    return events or None
 
 
 @torch.no_grad()
 def blend(model, chunk_kvs: Sequence[torch.Tensor], input_ids: Sequence[int] | torch.Tensor, *,
-          ratio: float = 0.15, method: str = "gradual", score: str = "value", first_layer: int = 1,
-          start_ratio: float | None = None, steps: int = 4, plan: Schedule | None = None) -> BlendResult:
+          ratio: float = 0.15, method: str = "kdn", score: str | None = None, first_layer: int = 1,
+          start_ratio: float | None = None, steps: int | None = None, plan: Schedule | None = None) -> BlendResult:
     """Blend ``chunk_kvs`` (position-0 KV of consecutive chunks) under ``input_ids`` (all prompt tokens: the
     chunks' tokens, then the query's) and recompute the tokens that matter.
 
     ``ratio`` is the share of context tokens recomputed through the last layer (1.0 is a full prefill);
-    ``method`` is ``gradual`` or ``single`` (see :mod:`kdn.blend.select`); ``score`` the deviation rule. Query
+    ``method`` is ``kdn``, ``gradual`` or ``single`` (see :mod:`kdn.blend.select`); ``score`` the deviation rule
+    (default: the method's, :data:`kdn.blend.select.DEFAULT_SCORE`). Query
     tokens (everything after the chunks) are always recomputed. Returns the blended KV and the last logits.
     """
     _check_layers(model)
@@ -108,17 +166,20 @@ def blend(model, chunk_kvs: Sequence[torch.Tensor], input_ids: Sequence[int] | t
     ids = torch.as_tensor(input_ids, device=device).reshape(1, -1)
     n_total = ids.shape[1]
     inv_freq = rope_inv_freq(model, device=device)
-    reused = concat_chunks([kv.to(device=device, dtype=dtype) for kv in chunk_kvs], inv_freq)
-    n_ctx = reused.shape[2]
+    if not chunk_kvs:
+        raise InvalidRequest("no chunks to blend")
+    n_ctx = sum(int(c.shape[2]) for c in chunk_kvs)
     if n_ctx >= n_total:
         raise InvalidRequest(f"the query is empty: {n_total} tokens, {n_ctx} of them in chunks")
-    if reused.shape[0] != len(layers):
-        raise InvalidRequest(f"chunk KV has {reused.shape[0]} layers, the model {len(layers)}")
+    if any(c.shape[0] != len(layers) for c in chunk_kvs):
+        raise InvalidRequest(f"chunk KV has {chunk_kvs[0].shape[0]} layers, the model {len(layers)}")
+    score = score or DEFAULT_SCORE.get(method, "value")
     plan = plan or schedule(len(layers), ratio, method, first_layer=first_layer, start_ratio=start_ratio,
                             steps=steps)
-    kv = torch.empty((len(layers), 2, n_total, reused.shape[3], reused.shape[4]), dtype=dtype, device=device)
-    kv[:, :, :n_ctx] = reused
-    del reused
+    shape = chunk_kvs[0].shape
+    kv = torch.empty((len(layers), 2, n_total, shape[3], shape[4]), dtype=dtype, device=device)
+    on_host = device.type == "cuda" and all(not c.is_cuda for c in chunk_kvs)
+    events = _stage(kv, [c if on_host else c.to(device) for c in chunk_kvs], inv_freq)
 
     hidden = inner.embed_tokens(ids)  # [1, N, H]
     positions = torch.arange(n_total, device=device)
@@ -126,6 +187,8 @@ def blend(model, chunk_kvs: Sequence[torch.Tensor], input_ids: Sequence[int] | t
     sel = positions  # token positions still being recomputed (sorted)
     recomputed: list[int] = []
     for idx, layer in enumerate(layers):
+        if events:
+            torch.cuda.current_stream(device).wait_event(events[idx])
         attn = layer.self_attn
         hd = attn.head_dim
         x = layer.input_layernorm(hidden)
@@ -142,11 +205,15 @@ def blend(model, chunk_kvs: Sequence[torch.Tensor], input_ids: Sequence[int] | t
         if keep_ctx is not None:
             ctx_local = torch.nonzero(sel < n_ctx).flatten()
             ctx_pos = sel[ctx_local]
-            dev = deviation(k_rows[ctx_local], v_rows[ctx_local], kv[idx, 0, ctx_pos], kv[idx, 1, ctx_pos], score)
-            keep_local = torch.cat((ctx_local[top_tokens(dev, keep_ctx)], torch.nonzero(sel >= n_ctx).flatten()))
+            base = score.removesuffix("-attn")
+            dev = deviation(k_rows[ctx_local], v_rows[ctx_local], kv[idx, 0, ctx_pos], kv[idx, 1, ctx_pos], base)
         kv[idx, 0].index_copy_(0, sel, k_rows)
         kv[idx, 1].index_copy_(0, sel, v_rows)
         if keep_ctx is not None:
+            if score.endswith("-attn"):
+                w = _query_attention(attn, q[:, :, sel >= n_ctx], kv[idx, 0, :n_ctx])[ctx_pos]
+                dev = dev / dev.mean().clamp_min(1e-12) * (w / w.mean().clamp_min(1e-12))
+            keep_local = torch.cat((ctx_local[top_tokens(dev, keep_ctx)], torch.nonzero(sel >= n_ctx).flatten()))
             q, hidden, sel = q[:, :, keep_local], hidden[:, keep_local], sel[keep_local]
         keys = kv[idx, 0].transpose(0, 1).unsqueeze(0)
         values = kv[idx, 1].transpose(0, 1).unsqueeze(0)

