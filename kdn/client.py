@@ -37,6 +37,7 @@ from kdn.layout import KVLayout
 from kdn.metrics import ClientMetrics
 from kdn.node_client import NodeClient
 from kdn.rpc import make_channel, raise_from_rpc
+from kdn.shm import is_shared
 from kdn.v1 import control_pb2, control_pb2_grpc
 
 __all__ = ["KDNClient", "LookupResult", "ChunkHit", "RetrieveResult", "StoreResult", "LayerStream"]
@@ -123,15 +124,28 @@ class LayerStream:
         if out is None:
             out = torch.empty(layout.shape(self.num_tokens, layer_end - layer_start),
                               dtype=torch_dtype(layout.dtype), device=self.device)
+        # Codecs with a batched device decoder (CacheGen on CUDA) get every section of one shape in one call.
+        batched = getattr(client.codec, "decode_batch", None) if out.is_cuda else None
+        batches: dict[tuple, tuple[list, list]] = {}
         for chunk, data, header in self.objects:
             for section in header.sections_for(layer_start, layer_end):
                 if section.layer_start < layer_start or section.layer_end > layer_end:
                     raise InvalidRequest("layer group does not align with the objects' sections")
                 view = memoryview(data)[section.offset:section.offset + section.length]
+                target = out[section.layer_start - layer_start:section.layer_end - layer_start, :,
+                             chunk.span.start:chunk.span.end]
+                if batched is not None:
+                    views, outs = batches.setdefault(
+                        (section.layer_start, section.layer_end, header.num_tokens, bytes(header.codec_meta)),
+                        ([], []))
+                    views.append(view)
+                    outs.append(target)
+                    continue
                 client.codec.decode(view, section.layer_end - section.layer_start, header.num_tokens,
                                     meta=header.codec_meta, device=self.device, layer_start=section.layer_start,
-                                    out=out[section.layer_start - layer_start:section.layer_end - layer_start, :,
-                                            chunk.span.start:chunk.span.end])
+                                    out=target)
+        for (start, end, num_tokens, meta), (views, outs) in batches.items():
+            batched(views, end - start, num_tokens, outs=outs, meta=meta, layer_start=start)
         return out
 
     def __iter__(self):
@@ -209,7 +223,8 @@ class KDNClient:
             if client is None:
                 client = NodeClient(node.address, node.bulk_address, tenant=self.config.tenant,
                                     token=self.config.token, timeout_s=self.config.timeout_s,
-                                    transport=self.config.transport, tls=self.config.tls)
+                                    transport=self.config.transport, tls=self.config.tls,
+                                    shared_memory=self.config.shared_memory)
                 self._node_clients[node.address] = client
             return client
 
@@ -327,10 +342,13 @@ class KDNClient:
             if data is None:
                 break
             try:
+                # Objects read in place from a node's shared memory (same host) were verified at put time.
                 header = verify_object(data, key=str(chunk.key), fingerprint=self.fingerprint,
-                                       codec=self.codec.name)
+                                       codec=self.codec.name, check_payload=not is_shared(data))
                 if header.num_layers != self.layout.num_layers or header.num_tokens != chunk.span.num_tokens:
                     raise CorruptObject("object shape does not match its key")
+                if bytes(header.codec_meta) != self.codec.meta():  # e.g. another CacheGen model profile
+                    raise CorruptObject("object was encoded with other codec parameters")
             except CorruptObject as exc:
                 log.warning("chunk %s rejected: %s", chunk.key, exc)
                 self.metrics.fallbacks.labels("corrupt").inc()
@@ -378,7 +396,7 @@ class KDNClient:
             return [None] * len(chunks)
         out = []
         for chunk, data in zip(chunks, datas):
-            if data is not None:
+            if data is not None and not is_shared(data):  # shared objects: checked once, in retrieve_layers
                 try:
                     verify_object(data, key=str(chunk.key), fingerprint=self.fingerprint, codec=self.codec.name,
                                   check_payload=False)
@@ -498,7 +516,12 @@ class KDNClient:
         missing = [i for i, nodes in enumerate(self.locate([k for k, _, _ in chunks], probe=True)) if not nodes]
         if not missing:
             return outcomes, ""
-        objects = {i: encode_chunk(chunks[i][1].cpu(), key=names[i], layout=self.layout, codec=self.codec,
+        on_device = self.codec.encodes_on_device
+
+        def source(kv):  # one copy per chunk to the host, unless the codec encodes on the GPU
+            return kv if on_device and kv.is_cuda else kv.cpu()
+
+        objects = {i: encode_chunk(source(chunks[i][1]), key=names[i], layout=self.layout, codec=self.codec,
                                    start=chunks[i][2], layer_group=self.config.layer_group) for i in missing}
         placed = self._call("Place", control_pb2.PlaceRequest(
             keys=[names[i] for i in missing], sizes=[len(objects[i]) for i in missing],

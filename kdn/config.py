@@ -208,6 +208,9 @@ class NodeConfig:
     """Objects larger than this are refused."""
     write_policy: str = "write-through"
     """``write-through`` (puts also go to every durable tier) or ``write-back`` (demote on eviction)."""
+    shared_memory: bool = True
+    """Keep the ``memory`` tier in a shared-memory arena that clients on this host (same user) map and read in
+    place (``docs/protocol.md``, "Shared memory"); off: a private memory tier."""
     tiers: list[TierSpec] = field(default_factory=lambda: [
         TierSpec.parse({"kind": "memory", "capacity": "1GiB"}),
         TierSpec.parse({"kind": "disk", "capacity": "10GiB"}),
@@ -239,6 +242,9 @@ class ClientConfig:
     transport: str = "bulk"
     """``bulk`` (framed TCP channel, falls back to gRPC) or ``grpc``."""
     fetch_workers: int = 4
+    shared_memory: bool = True
+    """Read objects in place from the shared memory of nodes on this host (with ``transport: bulk``; falls back
+    to the bulk channel)."""
     tls: TLSConfig = field(default_factory=TLSConfig)
     """TLS towards controller and nodes (from a config file: the top-level ``tls`` section unless set here)."""
 

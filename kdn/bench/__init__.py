@@ -10,6 +10,7 @@ BENCHES: dict[str, str] = {
     "tiers": "kdn.bench.tiers",
     "connectors": "kdn.bench.connectors",
     "codec": "kdn.bench.codec",
+    "blend": "kdn.bench.blend",
 }
 
 

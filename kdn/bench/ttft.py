@@ -5,9 +5,12 @@ For each context length T (batch 1) the prompt is T tokens whose first T - suffi
 - ``full``   prefill all T tokens (the baseline).
 - ``ideal``  the load-bound ideal: one copy of the prefix KV from pinned host memory, then the suffix prefill.
 - ``host``   (a) the in-process CPU tier: :class:`connectors.hf.HostKVCache` (decoded KV in pinned memory).
-- ``node``   (b) a storage node in a child process (memory tier), over loopback, ``raw`` codec.
+- ``node``   (b) a storage node in a child process (memory tier), ``raw`` codec, read in place from the node's
+  shared memory (same host: :mod:`kdn.shm`), straight to the GPU.
+- ``node-bulk`` (b') the same node over loopback through the bulk TCP channel (shared memory off).
 - ``disk``   (c) a storage node with only a disk tier, page cache dropped before every run (cold reads).
-- ``cachegen`` (d) the default CacheGen level through the memory node (skipped when no CacheGen codec exists).
+- ``cachegen`` (d) the default CacheGen level through the memory node (skipped when no CacheGen codec exists),
+  decoded on the GPU when the codec decodes there faster than on the CPU (else on the CPU; a note says which).
 
 Every KDN path uses layer-pipelined loading (the suffix prefill of layer i overlaps loading of later layers).
 Rows give TTFT, speed-up over ``full`` and the fraction of the ideal's speed-up reached, the hit, time spent
@@ -17,6 +20,7 @@ peak GPU memory above the model's weights and its overhead over the ideal path.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import select
@@ -36,7 +40,7 @@ SHAPES = {
     "tiny-llama": dict(vocab_size=32000, hidden_size=256, intermediate_size=768, num_hidden_layers=8,
                        num_attention_heads=8, num_key_value_heads=2, rope_theta=10000.0),
 }
-COLUMNS = ["context", "path", "ttft_ms", "speedup", "of_ideal", "hit", "MiB", "retrieve_ms", "wait_ms",
+COLUMNS = ["context", "path", "ttft_ms", "speedup", "of_ideal", "hit", "MiB", "retrieve_ms", "prefill_ms", "wait_ms",
            "gpu_peak_MiB", "gpu_overhead_MiB", "same_token"]
 
 
@@ -49,7 +53,7 @@ def add_arguments(parser) -> None:
                         help="auto: llama3-8b (random bf16 weights) on cuda; smollm2 (real) or tiny-llama on cpu")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--chunk-size", type=int, default=256)
-    parser.add_argument("--paths", default="host,node,disk,cachegen", help="KDN paths to run (comma list)")
+    parser.add_argument("--paths", default="host,node,node-bulk,disk,cachegen", help="KDN paths to run (comma list)")
     parser.add_argument("--cachegen", help="CacheGen codec name (default: the registered default level)")
     parser.add_argument("--work-dir", help="where child nodes keep data (default: a temp dir)")
 
@@ -127,10 +131,11 @@ class _Server:
                 line += os.read(self.proc.stdout.fileno(), 4096)
         self.address = json.loads(line.split(b"\n")[0])["controller"]
 
-    def client(self, layout, codec: str, chunk_size: int):
+    def client(self, layout, codec: str, chunk_size: int, **overrides):
         from kdn.client import KDNClient
 
-        client = KDNClient(layout, controller=self.address, codec=codec, chunk_size=chunk_size, timeout_s=300.0)
+        client = KDNClient(layout, controller=self.address, codec=codec, chunk_size=chunk_size, timeout_s=300.0,
+                           **overrides)
         deadline = time.monotonic() + 30
         while not client.refresh_nodes():
             if time.monotonic() > deadline:
@@ -161,10 +166,15 @@ class _Server:
                 self.proc.wait()
 
 
+def _progress(text: str) -> None:
+    """One progress line on stderr (the table comes at the end, on stdout)."""
+    print(f"[ttft {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
 def _measure(paths: list[tuple[str, object, object]], repeats: int, cuda: bool) -> dict[str, tuple]:
     """Run every ``(name, fn, before)`` once to warm up, then ``repeats`` rounds of all paths in turn (so a noisy
     machine slows every path alike). Per path: median seconds, the last info, the peak GPU bytes above the start.
-    ``before`` (untimed) runs before each call."""
+    ``before`` (untimed) and a garbage collection run before each call."""
     import torch
 
     times: dict[str, list[float]] = {name: [] for name, _, _ in paths}
@@ -174,6 +184,7 @@ def _measure(paths: list[tuple[str, object, object]], repeats: int, cuda: bool) 
         for name, fn, before in paths:
             if before:
                 before()
+            gc.collect()  # as timeit does: no collection of earlier garbage inside a timed call
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -181,6 +192,7 @@ def _measure(paths: list[tuple[str, object, object]], repeats: int, cuda: bool) 
             t0 = time.perf_counter()
             infos[name] = fn()
             elapsed = time.perf_counter() - t0
+            _progress(f"round {round_} {name}: {1e3 * elapsed:.1f} ms")
             if round_:
                 times[name].append(elapsed)
                 if cuda:
@@ -210,26 +222,28 @@ def run(args) -> dict:
         sources["host"] = host
     cap = f"{int(kv_bytes * 1.3) + (256 << 20)}"
     try:
-        if wanted & {"node", "cachegen"}:
+        if wanted & {"node", "node-bulk", "cachegen"}:
             _start(servers, "node", work, f"[{{kind: memory, capacity: {cap}}}]", notes)
         if "disk" in wanted:
             _start(servers, "disk", work, f"[{{kind: disk, capacity: {cap}}}]", notes)
         for path in ("node", "disk"):
             if path in wanted and path in servers:
                 sources[path] = servers[path].client(layout, "raw", args.chunk_size)
+        if "node-bulk" in wanted and "node" in servers:
+            sources["node-bulk"] = servers["node"].client(layout, "raw", args.chunk_size, shared_memory=False)
         if "cachegen" in wanted and "node" not in servers:
             notes.append("cachegen path skipped: it runs through the memory node, which did not start")
+        lazy = {}  # the cachegen client needs a model profile, built from the first context's KV
         if "cachegen" in wanted and "node" in servers:
             codec = _cachegen_name(args.cachegen, notes)
             if codec:
-                try:
-                    sources["cachegen"] = servers["node"].client(layout, codec, args.chunk_size)
-                except Exception as exc:  # noqa: BLE001 - a missing optional path is a note, not a failure
-                    notes.append(f"cachegen ({codec}) unavailable: {exc}")
+                lazy["cachegen"] = (codec, layout, work)
         rows = []
         for ctx in contexts:
-            rows += _context_rows(ctx, args, model, sources, servers, cuda, notes)
+            rows += _context_rows(ctx, args, model, sources, servers, cuda, notes, lazy)
             host.clear()
+        if "node" in sources:
+            notes.append(_shm_note(sources["node"]))
     finally:
         for source in sources.values():
             source.close()
@@ -263,7 +277,8 @@ def _cachegen_name(requested: str | None, notes: list[str]) -> str | None:
     return default
 
 
-def _context_rows(ctx: int, args, model, sources: dict, servers: dict, cuda: bool, notes: list[str]) -> list[dict]:
+def _context_rows(ctx: int, args, model, sources: dict, servers: dict, cuda: bool, notes: list[str],
+                  lazy: dict) -> list[dict]:
     import torch
 
     from connectors.hf import cache_from_kv, kv_from_cache, prefill
@@ -289,23 +304,35 @@ def _context_rows(ctx: int, args, model, sources: dict, servers: dict, cuda: boo
         return {"token": logits.argmax(-1).item()}
 
     paths = [("full", full, None), ("ideal", ideal, None)]
-    for path in ("host", "node", "disk", "cachegen"):
+    if "cachegen" in lazy:
+        _progress("building the cachegen profile")
+        client = _cachegen_client(servers["node"], *lazy.pop("cachegen"), kv_host, args.chunk_size, notes)
+        if client is not None:
+            sources["cachegen"] = client
+    for path in ("host", "node", "node-bulk", "disk", "cachegen"):
         source = sources.get(path)
         if source is None:
             continue
-        if path == "cachegen" and getattr(source.codec, "profile", True) is None:
-            _profile(source, kv_host, notes)
-        stored = source.store(tokens[:prefix], kv_host, copy=False).result(600)
+        device_decode = False
+        if path == "cachegen" and not getattr(source, "probed", False):
+            source.probed = True
+            source.device_decode = cuda and _device_decode(source, kv_host, notes)
+        if path == "cachegen":
+            device_decode = source.device_decode
+        # CacheGen encodes where the KV is: on a GPU that is the engine's cache, and the encoder runs there.
+        kv_store = kv_host.to(model.device) if path == "cachegen" and cuda else kv_host
+        _progress(f"context {ctx}: storing the prefix through {path}")
+        stored = source.store(tokens[:prefix], kv_store, copy=False).result(600)
         if getattr(stored, "failed", 0) or getattr(stored, "error", ""):
             notes.append(f"{path} @ {ctx}: store incomplete ({stored.error or stored})"[:400])
             if not stored.stored and not stored.skipped:
                 continue
 
-        def reuse(source=source):
-            res = prefill(model, ids, source, lookup_len=prefix)
+        def reuse(source=source, device_decode=device_decode):
+            res = prefill(model, ids, source, lookup_len=prefix, device_decode=device_decode)
             s = res.stats
             return {"token": res.logits.argmax(-1).item(), "hit": s.hit_tokens, "MiB": s.bytes / 2**20,
-                    "retrieve_ms": 1e3 * s.retrieve_s, "wait_ms": 1e3 * s.load_wait_s}
+                    "retrieve_ms": 1e3 * s.retrieve_s, "prefill_ms": 1e3 * s.prefill_s, "wait_ms": 1e3 * s.load_wait_s}
 
         paths.append((path, reuse, servers["disk"].drop_page_cache if path == "disk" else None))
     measured = _measure(paths, args.repeats, cuda)
@@ -319,23 +346,72 @@ def _context_rows(ctx: int, args, model, sources: dict, servers: dict, cuda: boo
     return rows
 
 
-def _profile(client, kv, notes: list[str]) -> None:
-    """Give a CacheGen client a model profile built from this run's KV (statistics only, no Fisher importance:
-    fine for timing; quality is measured in ``docs/codec.md``). KDNClient has no profile setting yet."""
-    from codec import get_codec
+_CACHEGEN_LAYER_GROUP = 8
+
+
+def _cachegen_client(server, codec: str, layout, work: Path, kv, chunk_size: int, notes: list[str]):
+    """A CacheGen client whose model profile is built from this run's KV (statistics only, no Fisher importance:
+    fine for timing; quality is measured in ``docs/codec.md``), or None (noted)."""
     from codec.profile import build_profile
 
     try:
-        sample = kv[:, :, :2048].float().cpu()
-        profile = build_profile([sample], model_id=client.layout.model_id)
-        client.codec = get_codec(client.codec.name, client.layout, profile=profile)
-    except Exception as exc:  # noqa: BLE001 - the path is reported as skipped
-        notes.append(f"cachegen: cannot build a profile ({exc})")
+        profile = build_profile([kv[:, :, :512].float().cpu()], model_id=layout.model_id)
+        path = work / "cachegen.profile"
+        profile.save(path)
+        # Sections of 8 layers: the GPU decoder then gets 8 layers of every chunk per call (per-call costs amortized).
+        return server.client(layout, codec, chunk_size, codec_profile=str(path), layer_group=_CACHEGEN_LAYER_GROUP)
+    except Exception as exc:  # noqa: BLE001 - a missing optional path is a note, not a failure
+        notes.append(f"cachegen ({codec}) unavailable: {str(exc)[:200]}")
+        return None
+
+
+def _shm_note(client) -> str:
+    """How the ``node`` path read: the shared arena's mapping and whether CUDA registered it."""
+    for node in client._node_clients.values():
+        mapping = getattr(getattr(node, "_shm", None), "_mapping", None)
+        if mapping is not None:
+            return (f"node: read in place from a {mapping.size / 2**30:.2f} GiB shared arena; CUDA-registered: "
+                    f"{mapping.registered} (took {mapping.register_s:.2f} s, once)")
+    return "node: shared memory not used (objects came over the network)"
+
+
+def _device_decode(client, kv, notes: list[str]) -> bool:
+    """Whether the client's codec decodes a 256-token layer on the GPU (into ``out``) correctly and faster than on
+    the CPU: then the cachegen path hands it GPU memory (``prefill(device_decode=True)``)."""
+    import torch
+
+    codec = client.codec
+    sample = kv[:1, :, :256].contiguous()
+    try:
+        data = codec.encode(sample, layer_start=0)
+        args = (data, 1, sample.shape[2])
+        kw = {"meta": codec.meta(), "layer_start": 0}
+        timings = {}
+        for device in ("cpu", "cuda"):
+            out = torch.empty(sample.shape, dtype=sample.dtype, device=device)
+            codec.decode(*args, device=device, out=out, **kw)  # warm-up
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(3):
+                codec.decode(*args, device=device, out=out, **kw)
+            torch.cuda.synchronize()
+            timings[device] = (time.perf_counter() - t0) / 3
+            timings[device + "_out"] = out.cpu()
+    except Exception as exc:  # noqa: BLE001 - the CPU decode path stays
+        notes.append(f"cachegen: GPU decode unavailable ({type(exc).__name__}: {str(exc)[:120]}); CPU decode")
+        return False
+    same = torch.equal(timings["cpu_out"], timings["cuda_out"])
+    faster = timings["cuda"] < 0.5 * timings["cpu"]
+    notes.append(f"cachegen: decode of 1 layer x 256 tokens {1e3 * timings['cpu']:.2f} ms on CPU, "
+                 f"{1e3 * timings['cuda']:.2f} ms to GPU ({'bit-identical' if same else 'differs'}); "
+                 f"path decodes on the {'GPU' if faster else 'CPU'}")
+    return faster
 
 
 def _row(ctx, path, t, t_full, t_ideal, info, peak, peak_ideal, ref_token, cuda) -> dict:
     row = {"context": ctx, "path": path, "ttft_ms": 1e3 * t, "speedup": t_full / t, "of_ideal": t_ideal / t,
            "hit": info.get("hit", ""), "MiB": info.get("MiB", ""), "retrieve_ms": info.get("retrieve_ms", ""),
+           "prefill_ms": info.get("prefill_ms", ""),
            "wait_ms": info.get("wait_ms", ""), "same_token": info.get("token") == ref_token}
     if cuda:
         row["gpu_peak_MiB"] = peak / 2**20

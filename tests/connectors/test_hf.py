@@ -163,18 +163,15 @@ def test_layer_lost_mid_prefill_falls_back_to_full_recompute(smol, prompts, refe
 
 
 @pytest.mark.skipif("cachegen-default" not in available_codecs(), reason="no CacheGen codec")
-def test_cachegen_agreement_reported(smol, prompts, reference, cluster, record_property):
-    from codec import get_codec
+def test_cachegen_agreement_reported(smol, prompts, reference, cluster, record_property, tmp_path):
     from codec.profile import build_profile
 
     layout = layout_for(smol[0])
     profile = build_profile([reference["kv_A"]], model_id=layout.model_id)  # statistics only (no Fisher)
+    profile.save(tmp_path / "smollm2.kdnp")
     with KDNClient(layout, controller=cluster.address, chunk_size=CHUNK, codec="cachegen-default",
-                   tenant="t-cachegen") as client:
-        client.codec = get_codec("cachegen-default", layout, profile=profile)  # no client setting for it yet
+                   codec_profile=str(tmp_path / "smollm2.kdnp"), tenant="t-cachegen") as client:
         stored = client.store(prompts["A"][:LEN_A - 1], reference["kv_A"]).result(60)
-        if "layer_start" in stored.error:
-            pytest.skip(f"the client does not pass layer_start to codecs yet: {stored.error}")
         assert stored.stored == 5, stored
         some = gen(smol, prompts["B"], client)
     assert some.stats.hit_tokens == 2 * CHUNK and some.stats.fallback == ""

@@ -12,12 +12,13 @@ def test_ttft_bench_smoke(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     ttft.add_arguments(parser)
     args = parser.parse_args(["--device", "cpu", "--model", "tiny-llama", "--contexts", "96", "--suffix", "8",
-                              "--repeats", "1", "--chunk-size", "32", "--paths", "host,node,disk",
+                              "--repeats", "1", "--chunk-size", "32", "--paths", "host,node,node-bulk,disk",
                               "--work-dir", str(tmp_path)])
     result = ttft.run(args)
     rows = {r["path"]: r for r in result["rows"]}
-    assert set(rows) == {"full", "ideal", "host", "node", "disk"}, result["notes"]
-    for path in ("host", "node", "disk"):
+    assert set(rows) == {"full", "ideal", "host", "node", "node-bulk", "disk"}, result["notes"]
+    for path in ("host", "node", "node-bulk", "disk"):
         assert rows[path]["hit"] == 88 and rows[path]["same_token"], rows[path]
         assert rows[path]["speedup"] > 0 and rows[path]["of_ideal"] > 0
     assert "ttft_ms" in capsys.readouterr().out
+    assert any(n.startswith("node: read in place") for n in result["notes"]), result["notes"]
