@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -169,6 +170,11 @@ class _Conn:
     def send(self, parts: list[Any]) -> None:
         """Send buffers in order with ``sendmsg`` (no concatenation; one wakeup of the peer per batch)."""
         parts = [p for p in parts if len(p)]
+        if isinstance(self.sock, ssl.SSLSocket):  # TLS has no sendmsg: one record stream, buffer by buffer
+            for part in parts:
+                self.arm()
+                self.sock.sendall(part)
+            return
         i = 0
         while i < len(parts):
             self.arm()
@@ -203,8 +209,10 @@ class BulkServer:
 
     def __init__(self, host: str, port: int, handler: BulkHandler, *, max_object_bytes: int,
                  max_connections: int = 256, io_timeout_s: float = 30.0, idle_timeout_s: float = 600.0,
-                 max_batch_bytes: int = 256 << 20, sock_buf_bytes: int = SOCK_BUF_BYTES) -> None:
+                 max_batch_bytes: int = 256 << 20, sock_buf_bytes: int = SOCK_BUF_BYTES,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.host, self.port, self.handler = host, port, handler
+        self.ssl_context = ssl_context
         self.max_object_bytes = int(max_object_bytes)
         self.max_connections = max_connections
         self.io_timeout_s, self.idle_timeout_s = io_timeout_s, idle_timeout_s
@@ -300,6 +308,8 @@ class BulkServer:
         conn = _Conn(sock)
         try:
             sock.settimeout(self.io_timeout_s)  # per receive and per sendmsg; idle waits are counted below
+            if self.ssl_context is not None:  # handshake in this connection's thread, never in the accept loop
+                conn.sock = self.ssl_context.wrap_socket(sock, server_side=True)
             principal = self._hello(conn)
             while principal is not None and not self._stopping:
                 op, count = _REQ.unpack(self._next_request(conn))
@@ -454,9 +464,11 @@ class BulkClient:
     """
 
     def __init__(self, address: str, *, token: str = "", tenant: str = "", timeout_s: float = 10.0,
-                 pool_size: int = 4, sock_buf_bytes: int = SOCK_BUF_BYTES) -> None:
+                 pool_size: int = 4, sock_buf_bytes: int = SOCK_BUF_BYTES,
+                 ssl_context: ssl.SSLContext | None = None, server_name: str = "") -> None:
         self.address = address
         self._host, self._port = _split_address(address)
+        self._ssl, self._server_name = ssl_context, server_name or self._host
         token_b, tenant_b = token.encode(), tenant.encode()
         self._hello = _block(_HELLO.pack(MAGIC, PROTOCOL_VERSION, len(token_b), len(tenant_b)), token_b, tenant_b)
         self.timeout_s = timeout_s
@@ -569,6 +581,8 @@ class BulkClient:
                     sock, error = None, exc
             if sock is None:
                 raise error
+            if self._ssl is not None:
+                sock = self._ssl.wrap_socket(sock, server_hostname=self._server_name)
             conn = _Conn(sock)
             conn.deadline = deadline
             conn.send([self._hello])

@@ -20,7 +20,7 @@ from kdn.controller_link import ControllerLink
 from kdn.errors import ConfigError, CorruptObject, InvalidRequest
 from kdn.keys import ChunkKey
 from kdn.metrics import NodeMetrics
-from kdn.rpc import DEFAULT_FRAME_BYTES, abort, create_server, servicer_method
+from kdn.rpc import DEFAULT_FRAME_BYTES, abort, create_server, servicer_method, ssl_context
 from kdn.tiering import TierStack
 from kdn.tiers import build_tier
 from kdn.tiers.base import Buffer
@@ -93,10 +93,11 @@ class StorageNode:
             self.node_id = f"{socket.gethostname()}:{self.grpc_port}"
         data_pb2_grpc.add_DataServicer_to_server(DataServicer(self), self._server)
         self._server.start()
-        if cfg.bulk_port >= 0 and not self.config.tls.enabled:  # no TLS on the bulk channel yet: gRPC only
+        if cfg.bulk_port >= 0:
             from kdn.bulk import BulkServer
 
-            self._bulk = BulkServer(cfg.host, cfg.bulk_port, self, max_object_bytes=cfg.max_object_bytes)
+            self._bulk = BulkServer(cfg.host, cfg.bulk_port, self, max_object_bytes=cfg.max_object_bytes,
+                                    ssl_context=ssl_context(self.config.tls, server=True))
             try:
                 self.bulk_port = self._bulk.start()
             except OSError as exc:

@@ -19,7 +19,7 @@ import grpc
 
 from kdn.auth import call_metadata
 from kdn.errors import AuthError, InvalidRequest, Unavailable
-from kdn.rpc import DEFAULT_FRAME_BYTES, make_channel, raise_from_rpc
+from kdn.rpc import DEFAULT_FRAME_BYTES, make_channel, raise_from_rpc, ssl_context
 from kdn.tiers.base import Buffer
 from kdn.v1 import data_pb2, data_pb2_grpc
 
@@ -44,8 +44,9 @@ class NodeClient:
         if transport not in ("bulk", "grpc"):
             raise InvalidRequest(f"transport must be 'bulk' or 'grpc', got {transport!r}")
         self.address = address
-        # With TLS every byte goes over gRPC until the bulk channel speaks TLS too.
-        self.bulk_address = bulk_address if transport == "bulk" and not (tls and tls.enabled) else ""
+        self.bulk_address = bulk_address if transport == "bulk" else ""
+        self._bulk_ssl = ssl_context(tls, server=False) if self.bulk_address else None
+        self._server_name = tls.server_name if tls else ""
         self.tenant = tenant
         self.token = token
         self.timeout_s = timeout_s
@@ -82,7 +83,8 @@ class NodeClient:
                 from kdn.bulk import BulkClient
 
                 self._bulk = BulkClient(self.bulk_address, token=self.token, tenant=self.tenant,
-                                        timeout_s=self.timeout_s)
+                                        timeout_s=self.timeout_s, ssl_context=self._bulk_ssl,
+                                        server_name=self._server_name)
             return self._bulk
 
     def _bulk_failed(self, exc: Exception) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Callable
 from concurrent import futures
 from functools import wraps
@@ -16,8 +17,8 @@ from kdn import errors
 if TYPE_CHECKING:
     from kdn.config import TLSConfig
 
-__all__ = ["MAX_MESSAGE_BYTES", "make_channel", "create_server", "raise_from_rpc", "servicer_method", "abort",
-           "status_of"]
+__all__ = ["MAX_MESSAGE_BYTES", "make_channel", "create_server", "ssl_context", "raise_from_rpc", "servicer_method",
+           "abort", "status_of"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,24 @@ def _pem(path: str, what: str) -> bytes:
         return Path(path).expanduser().read_bytes()
     except OSError as exc:
         raise errors.ConfigError(f"cannot read TLS {what} {path}: {exc}") from exc
+
+
+def ssl_context(tls: TLSConfig | None, *, server: bool) -> ssl.SSLContext | None:
+    """The ``ssl`` context of the bulk channel for ``tls`` (same files and rules as gRPC), or None when TLS is off
+    (for a server: when it has no certificate)."""
+    if tls is None or not tls.enabled or (server and not tls.cert):
+        return None
+    try:
+        if server:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=tls.ca or None)
+            context.verify_mode = ssl.CERT_REQUIRED if tls.client_auth else ssl.CERT_NONE
+        else:
+            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca or None)
+        if tls.cert:
+            context.load_cert_chain(str(Path(tls.cert).expanduser()), str(Path(tls.key).expanduser()))
+    except (OSError, ssl.SSLError) as exc:
+        raise errors.ConfigError(f"cannot set up TLS for the bulk channel: {exc}") from exc
+    return context
 
 
 def make_channel(address: str, tls: TLSConfig | None = None) -> grpc.Channel:

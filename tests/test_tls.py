@@ -98,6 +98,12 @@ def test_round_trip_over_tls_and_untrusted_peers_refused(tmp_path, pki, client_a
             assert client.store(prompt, kv).result(30).stored == 3
             hit = client.retrieve(prompt)
             assert hit.num_tokens == len(prompt) and torch.equal(hit.kv, kv)
+        # The bulk channel speaks TLS too: a client without shared memory reads over it, not over gRPC.
+        with KDNClient(LAYOUT, controller=c.address, chunk_size=CHUNK, tls=tls, shared_memory=False) as client:
+            hit = client.retrieve(prompt)
+            assert hit.num_tokens == len(prompt) and torch.equal(hit.kv, kv)
+            bulk = [n for n in client._node_clients.values() if n.bulk_address]
+            assert bulk and all(n._bulk is not None and n._bulk_down_until == 0.0 for n in bulk)
         # A client that trusts another CA, or speaks plaintext, gets nothing (and no data leaves in clear).
         for bad in (TLSConfig(ca=pki["other_ca"]), TLSConfig()):
             with KDNClient(LAYOUT, controller=c.address, chunk_size=CHUNK, tls=bad, timeout_s=3) as client:
