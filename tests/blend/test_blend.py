@@ -17,7 +17,7 @@ from connectors.hf import kv_from_cache, layout_for
 from connectors.hf.blend import blend_generate, chunk_kv, tokenize_chunks
 from connectors.hf.generate import run_forward
 from kdn.blend import blend, concat_chunks, rope_inv_freq, schedule
-from kdn.blend.quality import wiki_corpus
+from kdn.blend.quality import parse_method, wiki_corpus
 from kdn.blend.ratio import MIN_RATIO, choose_ratio, load_seconds
 from kdn.blend.warm import iter_chunks, warm
 from kdn.cli import main as cli_main
@@ -97,6 +97,19 @@ def test_query_tokens_always_recomputed(smol, small):
                 method="single")
     assert res.selected.numel() == 0
     assert res.recomputed[2:] == [len(query)] * (len(res.recomputed) - 2)  # layers 0 and 1 ran in full
+
+
+def test_forced_tokens_and_quota(smol, small):
+    """``sink`` / ``tail`` tokens go through every layer on top of the ratio; ``quota`` splits it by chunk."""
+    model, _ = smol
+    chunks, query = small
+    kvs, ids = [chunk_kv(model, c) for c in chunks], [t for c in chunks for t in c] + query
+    res = blend(model, kvs, ids, ratio=0.0, sink=2, tail=3)
+    assert res.selected.tolist() == [0, 1, 40, 41, 80, 81, 117, 118, 119]
+    res = blend(model, kvs, ids, ratio=0.3, quota=True)
+    assert [int(((res.selected >= s) & (res.selected < s + 40)).sum()) for s in (0, 40, 80)] == [12, 12, 12]
+    assert parse_method("kdn+s12+w2+t16+f0.6+q") == ("kdn", {"steps": 12, "sink": 2, "tail": 16,
+                                                             "start_ratio": 0.6, "quota": True})
 
 
 def test_concatenated_layer0_kv_equals_prefill(smol, small):
