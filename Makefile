@@ -9,7 +9,7 @@ test:
 	bash scripts/install.sh --test
 	bash scripts/install_engines.sh
 	.venv/bin/ruff check .
-	.venv/bin/python -m pytest
+	KDN_STRICT_SKIPS=1 .venv/bin/python -m pytest
 
 lint:
 	.venv/bin/ruff check .
