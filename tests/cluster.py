@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.servers import _die_with_parent, stop
+from tests.servers import die_with_parent, stop
 
 __all__ = ["Proc", "Cluster", "start_kdn"]
 
@@ -46,8 +46,8 @@ def start_kdn(args: list[str], log: Path, env: dict | None = None, timeout: floa
     environ.pop("KDN_CONFIG", None)
     err = open(log, "ab")  # noqa: SIM115 - handed to the child
     try:
-        popen = subprocess.Popen(full, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, env=environ,
-                                 cwd=REPO, preexec_fn=_die_with_parent)
+        popen = subprocess.Popen(die_with_parent(full), stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
+                                 env=environ, cwd=REPO)
     finally:
         err.close()
     deadline = time.monotonic() + timeout

@@ -9,10 +9,8 @@ redis-tools``). ``--redis-url`` is not needed: tests own their servers.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -26,19 +24,23 @@ import pytest
 __all__ = ["free_port", "start_redis", "start_redis_cluster", "start_moto", "stop", "redis_server",
            "redis_cluster", "moto_server", "require"]
 
-_PR_SET_PDEATHSIG = 1
+# A trampoline that asks for SIGKILL when its parent dies, then execs the real command (the request survives exec).
+# Not ``preexec_fn``: that makes Python fork() instead of vfork(), which runs gRPC's fork handlers in the child; its
+# event engine then restarts a poller on a closed epoll fd and aborts the child before exec (grpc/grpc#43055).
+_TRAMPOLINE = ("import ctypes, os, sys; ctypes.CDLL('libc.so.6').prctl(1, 9); "
+               "os.execvp(sys.argv[1], sys.argv[1:])")
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+def die_with_parent(args: Sequence[str]) -> list[str]:
+    """``args`` wrapped so that the process gets SIGKILL when the test process dies (``PR_SET_PDEATHSIG``)."""
+    return [sys.executable, "-c", _TRAMPOLINE, *args]
 
 
 def _spawn(args: Sequence[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     log = open(log_path, "ab")  # noqa: SIM115 - handed to the child
     try:
-        return subprocess.Popen(list(args), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, preexec_fn=_die_with_parent)
+        return subprocess.Popen(die_with_parent(args), stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env)
     finally:
         log.close()
 
