@@ -14,7 +14,8 @@ Default model: Llama-3-8B-shaped random bf16 weights on cuda, a tiny Llama on cp
 
 Quality (``--quality``, CPU, real SmolLM2-135M-Instruct): issue 13's table on Wikipedia-summary RAG prompts
 (:mod:`kdn.blend.quality`): full prefill, prefix caching, naive reuse, single selection and gradual filtering at
-15 %, the ``kdn`` rule at 5 / 15 / 30 % and a sweep for the smallest ratio agreeing with full prefill on >= 95 %.
+15 %, the ``kdn`` rule at 5 / 15 / 30 % (and its previous form, ``kdn+s8+w0+f0.5``, at 15 %) and a sweep for the
+smallest ratio agreeing with full prefill on >= 95 %.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 __all__ = ["add_arguments", "run", "QUALITY_CONFIGS"]
 
 QUALITY_CONFIGS = [("full", 1.0), ("prefix", 0.0), ("naive", 0.0), ("single", 0.15), ("gradual", 0.15),
-                   ("kdn", 0.05), ("kdn", 0.15), ("kdn:kv", 0.15), ("kdn", 0.3)]
+                   ("kdn", 0.05), ("kdn", 0.15), ("kdn+s8+w0+f0.5", 0.15), ("kdn:kv", 0.15), ("kdn", 0.3)]
 SPEED_COLUMNS = ["path", "context", "chunks", "ttft_ms", "speedup", "load_ms", "blend_ms", "compute", "ratio",
                  "rule_ratio", "MiB"]
 QUALITY_COLUMNS = ["method", "ratio", "agreement", "f1", "kl", "compute", "answer_em", "answer_f1"]
@@ -60,7 +61,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--f1-tokens", type=int, default=16, help="quality: greedy answer length for F1")
     parser.add_argument("--sweep", default="0.5,0.7,0.9", help="quality: extra kdn ratios for the >= 95 %% search")
     parser.add_argument("--methods", help="quality: METHOD:RATIO list instead of the default rows "
-                                          "(e.g. naive:0,kdn:0.15; kdn:key:0.15 for another score)")
+                                          "(e.g. naive:0,kdn:0.15; kdn:key:0.15 for another score; "
+                                          "kdn+s12+w2+t16+f0.6+q:0.15 for rule options, see parse_method)")
 
 
 def run(args) -> dict:

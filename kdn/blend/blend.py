@@ -6,7 +6,7 @@ Inputs are chunk KVs computed alone at position 0 (content-keyed) plus every tok
 * layers before the first selection layer run in full (their K/V replace the reused ones — layer 0 never deviates);
 * at a selection layer, Q/K/V are computed for the current token set, the recomputed K/V overwrite the reused rows,
   context tokens are ranked by K/V deviation (by default weighted by the query tokens' attention to them) and only
-  the top ones (plus every query token) go on;
+  the top ones (plus every query token and the forced ones: each chunk's first token by default) go on;
 * attention runs for the kept tokens over all keys (causal by position), then the MLP, for the kept tokens only.
 
 Everything is batched index gather/scatter in plain torch, so the same code runs on CPU and GPU; on CUDA, chunks in
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from connectors.hf.cache import check_supported
 from kdn.blend.rope import rerotate, rope_inv_freq
-from kdn.blend.select import DEFAULT_SCORE, Schedule, deviation, schedule, top_tokens
+from kdn.blend.select import DEFAULT_SCORE, DEFAULT_SINK, Schedule, deviation, schedule, top_tokens
 from kdn.errors import InvalidRequest
 
 __all__ = ["BlendResult", "blend", "concat_chunks"]
@@ -152,18 +152,17 @@ def _stage(kv: torch.Tensor, chunk_kvs: Sequence[torch.Tensor], inv_freq: torch.
 def blend(model, chunk_kvs: Sequence[torch.Tensor], input_ids: Sequence[int] | torch.Tensor, *,
           ratio: float = 0.15, method: str = "kdn", score: str | None = None, first_layer: int = 1,
           start_ratio: float | None = None, steps: int | None = None, plan: Schedule | None = None,
-          sink: int = 0, tail: int = 0, quota: bool = False) -> BlendResult:
+          sink: int | None = None, tail: int = 0, quota: bool = False) -> BlendResult:
     """Blend ``chunk_kvs`` (position-0 KV of consecutive chunks) under ``input_ids`` (all prompt tokens: the
     chunks' tokens, then the query's) and recompute the tokens that matter.
 
     ``ratio`` is the share of context tokens recomputed through the last layer (1.0 is a full prefill);
     ``method`` is ``kdn``, ``gradual`` or ``single`` (see :mod:`kdn.blend.select`); ``score`` the deviation rule
-    (default: the method's, :data:`kdn.blend.select.DEFAULT_SCORE`). Query
-    tokens (everything after the chunks) are always recomputed. Experimental knobs (off by default): ``sink``
-    recomputes the first ``sink`` tokens of every chunk and ``tail`` the last ``tail`` context tokens through every
-    layer, *on top of* the ratio (the cost shows in ``compute_fraction``); ``quota`` splits each selection's
-    budget over the chunks by length instead of ranking the whole context at once. Returns the blended KV and the
-    last logits.
+    (default: the method's, :data:`kdn.blend.select.DEFAULT_SCORE`). Query tokens (everything after the chunks)
+    are always recomputed. ``sink`` (default: the method's, :data:`kdn.blend.select.DEFAULT_SINK`) forces the
+    first ``sink`` tokens of every chunk and ``tail`` the last ``tail`` context tokens through every layer, *on top
+    of* the ratio (the cost shows in ``compute_fraction``); ``quota`` splits each selection's budget over the
+    chunks by length instead of ranking the whole context at once. Returns the blended KV and the last logits.
     """
     _check_layers(model)
     device, dtype = model.device, model.dtype
@@ -180,6 +179,7 @@ def blend(model, chunk_kvs: Sequence[torch.Tensor], input_ids: Sequence[int] | t
     if any(c.shape[0] != len(layers) for c in chunk_kvs):
         raise InvalidRequest(f"chunk KV has {chunk_kvs[0].shape[0]} layers, the model {len(layers)}")
     score = score or DEFAULT_SCORE.get(method, "value")
+    sink = DEFAULT_SINK.get(method, 0) if sink is None else sink
     plan = plan or schedule(len(layers), ratio, method, first_layer=first_layer, start_ratio=start_ratio,
                             steps=steps)
     shape = chunk_kvs[0].shape

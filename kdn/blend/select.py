@@ -4,11 +4,12 @@ Layer 0's K/V depend only on token embeddings and positions, so they never devia
 layer where deviation shows is layer 1. *Single selection* (the reference code) picks the top ``ratio`` of context
 tokens once, at layer 1. *Gradual filtering* (the paper) keeps a larger share ``start_ratio`` at layer 1 and
 narrows linearly to ``ratio`` over the next ``steps - 1`` layers, so the final set deviates on several layers.
-*kdn* (the default) is gradual filtering tuned on SmolLM2 RAG prompts: a wide first set (at least half the context)
-narrowed over 8 layers, ranked by key *and* value deviation weighted by the attention the query tokens pay to each
-token at that layer (``kv-attn``). Layer-1 deviation alone predicts poorly which tokens matter (on those prompts
-selecting by it is worse than naive reuse); a deviating token the query does not look at barely changes the answer,
-while one it looks at changes it a lot (see ``docs/blend.md``).
+*kdn* (the default) is gradual filtering tuned on SmolLM2 RAG prompts: a wide first set (at least 60 % of the
+context) narrowed over 16 layers, ranked by key *and* value deviation weighted by the attention the query tokens pay
+to each token at that layer (``kv-attn``), plus each chunk's first token (an attention sink when the chunk is
+computed alone) recomputed through every layer (:data:`DEFAULT_SINK`). Layer-1 deviation alone predicts poorly
+which tokens matter (on those prompts selecting by it is worse than naive reuse); a deviating token the query does
+not look at barely changes the answer, while one it looks at changes it a lot (see ``docs/blend.md``).
 
 Scores: ``value`` (the reference code), ``key``, ``kv`` (both, each normalized by its mean), and ``*-attn``: the
 same times the query tokens' mean attention weight on the token (recomputed keys, softmax over the context).
@@ -23,12 +24,14 @@ import torch
 
 from kdn.errors import InvalidRequest
 
-__all__ = ["METHODS", "SCORES", "DEFAULT_SCORE", "Schedule", "schedule", "deviation", "top_tokens"]
+__all__ = ["METHODS", "SCORES", "DEFAULT_SCORE", "DEFAULT_SINK", "Schedule", "schedule", "deviation", "top_tokens"]
 
 METHODS = ("kdn", "gradual", "single")
 SCORES = ("value", "key", "kv", "value-attn", "key-attn", "kv-attn")
 #: The deviation score of each method when none is given.
 DEFAULT_SCORE = {"kdn": "kv-attn", "gradual": "value", "single": "value"}
+#: Tokens at the start of every chunk recomputed through every layer, on top of the ratio, per method.
+DEFAULT_SINK = {"kdn": 1}
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,7 @@ def schedule(num_layers: int, ratio: float, method: str = "kdn", *, first_layer:
 
     ``gradual``: ``start_ratio`` (default ``min(1, 2 * ratio)``) at ``first_layer``, linearly down to ``ratio`` at
     ``first_layer + steps - 1`` (``steps`` default 4). ``kdn``: the same with defaults ``start_ratio =
-    max(0.5, 2 * ratio)`` and ``steps = 8``. ``single``: ``ratio`` at ``first_layer`` only. ``first_layer`` must be
+    max(0.6, 2 * ratio)`` and ``steps = 16``. ``single``: ``ratio`` at ``first_layer`` only. ``first_layer`` must be
     >= 1 (selecting at layer 0 is selecting at random).
     """
     if not 0.0 <= ratio <= 1.0:
@@ -61,11 +64,11 @@ def schedule(num_layers: int, ratio: float, method: str = "kdn", *, first_layer:
     if not 1 <= first_layer < num_layers:
         raise InvalidRequest(f"first_layer must be in [1, {num_layers - 1}], got {first_layer}")
     if steps is None:
-        steps = 8 if method == "kdn" else 4
+        steps = 16 if method == "kdn" else 4
     if method == "single" or steps <= 1:
         return Schedule({first_layer: ratio}, first_layer)
     if start_ratio is None:
-        start_ratio = max(0.5, 2.0 * ratio) if method == "kdn" else 2.0 * ratio
+        start_ratio = max(0.6, 2.0 * ratio) if method == "kdn" else 2.0 * ratio
     start = max(ratio, min(1.0, start_ratio))
     last = min(num_layers - 1, first_layer + steps - 1)
     n = last - first_layer

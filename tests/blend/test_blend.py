@@ -52,8 +52,8 @@ def test_schedules():
     g = schedule(30, 0.15, "gradual")
     assert list(g.ratios) == [1, 2, 3, 4] and g.ratios[1] == pytest.approx(0.3) and g.ratios[4] == 0.15
     assert g.keep(4, 100) == 15 and g.keep(5, 100) is None
-    k = schedule(30, 0.15)  # the default rule: wide first set, narrowed over 8 layers
-    assert list(k.ratios) == list(range(1, 9)) and k.ratios[1] == 0.5 and k.ratios[8] == pytest.approx(0.15)
+    k = schedule(30, 0.15)  # the default rule: wide first set, narrowed over 16 layers
+    assert list(k.ratios) == list(range(1, 17)) and k.ratios[1] == 0.6 and k.ratios[16] == pytest.approx(0.15)
     assert all(a >= b for a, b in zip(list(k.ratios.values()), list(k.ratios.values())[1:]))
     assert schedule(30, 0.3).ratios[1] == pytest.approx(0.6)
     with pytest.raises(InvalidRequest):
@@ -84,7 +84,8 @@ def test_blend_generate_full_ratio_same_greedy_tokens(smol, small):
     same = blend_generate(model, tok, chunks, query, ratio=1.0, max_new_tokens=6, stop_at_eos=False)
     assert same.tokens == full.tokens
     low = blend_generate(model, tok, chunks, query, ratio=0.15, max_new_tokens=1)
-    assert low.stats.recomputed_tokens == 18 and low.stats.compute_fraction < 0.5  # ceil(0.15 * 120)
+    # ceil(0.15 * 120), plus each chunk's first token (kdn's default sink)
+    assert low.stats.recomputed_tokens == 18 + 3 and low.stats.compute_fraction < 0.5
     auto = blend_generate(model, tok, chunks, query, max_new_tokens=1)  # no ratio: the rule, floor 15 %
     assert auto.stats.ratio >= 0.15 and auto.stats.recomputed_tokens >= 18
 
@@ -106,7 +107,7 @@ def test_forced_tokens_and_quota(smol, small):
     kvs, ids = [chunk_kv(model, c) for c in chunks], [t for c in chunks for t in c] + query
     res = blend(model, kvs, ids, ratio=0.0, sink=2, tail=3)
     assert res.selected.tolist() == [0, 1, 40, 41, 80, 81, 117, 118, 119]
-    res = blend(model, kvs, ids, ratio=0.3, quota=True)
+    res = blend(model, kvs, ids, ratio=0.3, quota=True, sink=0)
     assert [int(((res.selected >= s) & (res.selected < s + 40)).sum()) for s in (0, 40, 80)] == [12, 12, 12]
     assert parse_method("kdn+s12+w2+t16+f0.6+q") == ("kdn", {"steps": 12, "sink": 2, "tail": 16,
                                                              "start_ratio": 0.6, "quota": True})
