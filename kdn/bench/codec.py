@@ -1,4 +1,5 @@
-"""Codec speed (CPU path) and, with --quality, size and fidelity on a real model against baseline quantizers.
+"""Codec speed (CPU path; GPU kernels with --device cuda) and, with --quality, size and fidelity on a real
+model against baseline quantizers.
 
 Speed section: encode and decode MB/s (of KV in the layout dtype) of every codec on one chunk of a
 Llama-3-8B-shaped (default) or SmolLM2-shaped cache with random values, next to a plain numpy copy of the same
