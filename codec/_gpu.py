@@ -307,13 +307,12 @@ class GpuCacheGen:
         km_bits = torch.empty((nsec, nl, c), dtype=torch.int16, device=dev)
         if p.chunk_key_mean:
             self._launch("enc_keymean", _blocks(nsec * nl * c), (x, km, km_bits, i32(nsec), i32(nl), i32(t), i32(c)))
-        vflag = np.zeros((nsec, nl), dtype=bool)
         if t >= 2:
             norms = torch.empty((nsec, nl, t), dtype=torch.float64, device=dev)
             self._launch("enc_norms", _blocks(nsec * nl * t), (x, norms, i32(nsec), i32(nl), i32(t), i32(c)))
-            norms_h = norms.cpu().numpy()
-            for k in range(nsec):  # the CPU path's expression, per section
-                vflag[k] = norms_h[k][:, 0] < lay.sink_ratio * np.median(norms_h[k], axis=1)
+            vflag_dev = sink_flags(norms, torch.from_numpy(lay.sink_ratio).to(dev)).to(torch.uint8)
+        else:
+            vflag_dev = torch.zeros((nsec, nl), dtype=torch.uint8, device=dev)
         big = torch.empty(s_n * nsec * n, dtype=torch.float64, device=dev)
         self._launch("enc_forward", nsec * nl * 2 * t, (
             x, km, lay.mean, lay.weight, np.float64(2.0 ** p.input_shift), i32(p.chunk_key_mean), big, err,
@@ -324,7 +323,6 @@ class GpuCacheGen:
         sym = torch.empty(nsec * s_n * n, dtype=torch.uint8, device=dev)
         low = torch.empty(nsec * s_n * n, dtype=torch.int16, device=dev)
         zesc = torch.empty(nsec * s_n * n, dtype=torch.int32, device=dev)
-        vflag_dev = torch.from_numpy(vflag.astype(np.uint8)).to(dev)
         self._launch("enc_symbols", (s_n * nsec, _blocks(n, 4 * _THREADS)), (
             y, lay.scale, vflag_dev, lay.tidmap, self.raw_bits_dev, self.lo, self.size, sym, low, zesc,
             i32(nsec), i32(s_n), i32(t), i32(g), i32(nl)))
@@ -337,6 +335,7 @@ class GpuCacheGen:
             sym, self.enc, i32(self.alphabet), lay.tidmap, scratch, i32(cap), states, counts[0], counts[1], err,
             i32(nsec), i32(s_n), i32(t), i32(g)))
         counts_h, esc_h = counts.cpu().numpy().reshape(2, nsec, s_n).astype(np.int64)
+        vflag = vflag_dev.cpu().numpy().astype(bool)
         exc_counts = esc_h.sum(axis=1)
         code = int(err.item())
         if code & 64:
@@ -386,6 +385,17 @@ class GpuCacheGen:
             hnp[start[k]:start[k] + len(blob)] = np.frombuffer(blob, np.uint8)
         mv = memoryview(hnp)
         return [mv[start[k]:start[k] + sizes[k]] for k in range(nsec)]
+
+
+def sink_flags(norms: torch.Tensor, sink_ratio: torch.Tensor) -> torch.Tensor:
+    """Which layers store token 0 verbatim: ``norms [..., layers, T]`` (float64, T >= 2), the CPU path's
+    ``norms[:, 0] < sink_ratio * np.median(norms, axis=1)`` on the device (numpy's median: the middle value, or
+    the mean ``(a + b) / 2`` of the two middle ones), so the flags are identical and need no host round trip."""
+    t = norms.shape[-1]
+    ordered = norms.sort(dim=-1).values
+    mid = ordered[..., t // 2]
+    median = mid if t % 2 else (ordered[..., t // 2 - 1] + mid) / 2
+    return norms[..., 0] < sink_ratio * median
 
 
 def _pad4(b: bytes) -> bytes:

@@ -34,6 +34,9 @@ def add_codec_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--continuation", type=int, default=256, help="teacher-forced tokens for the importance")
     p.add_argument("--fisher-samples", type=int, default=4, help="label samples for the importance (0: none)")
     p.add_argument("--calibrate", type=int, default=1, help="calibration rounds (each ~2 x layers passes)")
+    p.add_argument("--stream-channels", type=int,
+                   help="channels per transform group (default: all up to 256, else one KV head; larger groups "
+                        "compress a little better, smaller ones decode faster)")
     p.set_defaults(func=run_profile, standalone=True)
     return codec
 
@@ -71,7 +74,8 @@ def run_profile(args: argparse.Namespace) -> int:
     _say(f"profiling on {len(usable)} text(s) x {args.context} tokens")
     profile = profile_model(model, usable, tokenizer=tokenizer, context=args.context,
                             continuation=args.continuation, fisher_samples=args.fisher_samples,
-                            calibrate=args.calibrate if args.fisher_samples else 0, progress=_say)
+                            calibrate=args.calibrate if args.fisher_samples else 0,
+                            stream_channels=args.stream_channels, progress=_say)
     profile.model_id = layout_id
     data = profile.to_bytes()
     out = Path(args.out or f"{Path(str(layout_id)).name.removesuffix('.gguf') or 'model'}.kdnp")

@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="cuda: GPU speed of a whole cache (--gpu-tokens) against a pinned device-to-host copy")
     parser.add_argument("--gpu-tokens", type=int, default=8192, help="cache tokens for --device cuda")
+    parser.add_argument("--compare-group", type=int, default=256,
+                        help="--device cuda: one more cachegen-default row with this many channels per transform "
+                             "group (0: none)")
     parser.add_argument("--check-chunks", type=int, default=4,
                         help="--device cuda: chunks whose GPU bytes and values are compared with the CPU path")
     parser.add_argument("--quality", action="store_true", help="also run the real-model quality table")
@@ -208,6 +211,10 @@ def _speed_gpu(args) -> list[dict]:
     for name in args.codecs.split(","):
         if name.startswith("cachegen"):
             rows.append(_gpu_row(get_codec(name, layout, profile=profile), kv, args, copy_s))
+    if args.compare_group and args.compare_group != profile.stream_channels:
+        wide = build_profile([(torch.randn(layout.shape(512), generator=gen) * scale).to(torch.bfloat16)],
+                             model_id=args.shape, max_tokens=512, stream_channels=args.compare_group)
+        rows.append(_gpu_row(get_codec("cachegen-default", layout, profile=wide), kv, args, copy_s))
     return rows
 
 
@@ -258,7 +265,8 @@ def _gpu_row(codec, kv, args, copy_s: float) -> dict:
         same_bytes, same_values = same_bytes + ok_b, same_values + ok_v
     checked = check * nbytes / nchunks
     return {"codec": codec.name, "device": torch.cuda.get_device_name(kv.device), "tokens": nchunks * chunk,
-            "chunk": chunk, "layer_group": group, "ratio": nbytes / size,
+            "chunk": chunk, "layer_group": group, "transform_group": codec.profile.stream_channels,
+            "ratio": nbytes / size,
             "encode_gbs": nbytes / enc_s / 1e9, "decode_gbs": nbytes / dec_s / 1e9,
             "decode_h2d_gbs": nbytes / h2d_s / 1e9, "pinned_d2h_gbs": nbytes / copy_s / 1e9,
             "encode_vs_copy": copy_s / enc_s, "decode_vs_copy": copy_s / dec_s,

@@ -247,3 +247,30 @@ def test_golden_bitstream():
 
 GOLDEN_SECTION = "68f2f240ce15b048"
 GOLDEN_VALUES = "7bcbd7911df649ec"
+
+
+@pytest.mark.parametrize("tokens", [2, 3, 255, 256])
+def test_device_sink_flags_match_numpy_median(tokens):
+    """The GPU encoder's sink flags (computed with torch, no host round trip) equal the CPU path's numpy rule."""
+    from codec._gpu import sink_flags
+
+    rng = np.random.default_rng(tokens)
+    norms = rng.random((4, 6, tokens)) * rng.random((4, 6, 1))
+    norms[..., 0] *= rng.random((4, 6)) * 0.6
+    ratio = rng.random(6) * 0.6
+    want = np.stack([n[:, 0] < ratio * np.median(n, axis=1) for n in norms])
+    got = sink_flags(torch.from_numpy(norms), torch.from_numpy(ratio)).numpy()
+    assert want.any() and not want.all()
+    np.testing.assert_array_equal(got, want)
+
+
+def test_default_transform_group():
+    """All channels up to 256 (SmolLM2's 192), else one KV head (Llama-3-8B: 128 of 1024), else a divisor."""
+    from codec.profile import default_stream_channels
+
+    assert default_stream_channels(192, 64) == 192
+    assert default_stream_channels(1024, 128) == 128
+    assert default_stream_channels(600, 300) == 200
+    kv = torch.randn(2, 2, 40, 4, 96)  # 384 channels in heads of 96
+    assert build_profile([kv], model_id="wide").stream_channels == 96
+    assert build_profile([kv], model_id="wide", stream_channels=192).stream_channels == 192
