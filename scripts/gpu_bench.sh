@@ -19,7 +19,7 @@ for step in $steps; do
     case $step in
         tests) timeout "$STEP_TIMEOUT" python3 -m pytest -q -p no:cacheprovider tests/codec/test_gpu.py tests/tiers/test_gpu.py 2>&1 | tail -8 ;;
         ttft) timeout "$STEP_TIMEOUT" python3 -m kdn bench ttft --device cuda --contexts "${CONTEXTS:-2K,8K,32K}" \
-                  --repeats 3 --paths "$PATHS" --json "$OUT/ttft.json" ;;
+                  --repeats "${REPEATS:-5}" --paths "$PATHS" --json "$OUT/ttft.json" ;;
         codec) timeout "$STEP_TIMEOUT" python3 -m kdn bench codec --device cuda --json "$OUT/codec.json" ;;
         blend) timeout "$STEP_TIMEOUT" python3 -m kdn bench blend --device cuda --json "$OUT/blend.json" ;;
         *) echo "unknown step $step" ;;
