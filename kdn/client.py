@@ -478,9 +478,17 @@ class KDNClient:
                  for r in reply.results]
         return found + [[] for _ in range(len(keys) - len(found))]
 
-    def get_chunks(self, keys: Sequence[ChunkKey], *, device="cpu") -> list:
+    def get_chunks(self, keys: Sequence[ChunkKey], *, device="cpu", zero_copy: bool = False) -> list:
         """Fetch, verify and decode each object (``[layers, 2, tokens, heads, dim]``); ``None`` where missing or
-        damaged. Never raises for remote failures."""
+        damaged. Never raises for remote failures.
+
+        ``zero_copy``: ``raw`` objects read in place from a same-host node's shared memory come back as CPU
+        tensors over the mapped arena (no copy, no re-hash: the node verified them at put; header, key, fingerprint
+        and codec are checked). Each holds its object's lease until it is dropped. They are **read-only**: the
+        mapping is ``PROT_READ``, so an in-place write would crash the process; copy them to modify. With a CUDA
+        ``device`` the arena is registered with CUDA (once per mapping), so copies to the GPU run at the pinned
+        rate. Other objects are decoded onto ``device`` as usual.
+        """
         out: list = [None] * len(keys)
         try:
             found = self.locate(keys)
@@ -493,11 +501,40 @@ class KDNClient:
             if data is None:
                 continue
             try:
-                out[i] = decode_chunk(data, key=str(chunk.key), layout=self.layout, codec=self.codec, device=device)
+                view = self._shared_view(data, str(chunk.key), device) if zero_copy else None
+                out[i] = view if view is not None else decode_chunk(data, key=str(chunk.key), layout=self.layout,
+                                                                     codec=self.codec, device=device)
             except CorruptObject as exc:
                 log.warning("chunk %s rejected: %s", chunk.key, exc)
                 self.metrics.fallbacks.labels("corrupt").inc()
         return out
+
+    def _shared_view(self, data, key: str, device):
+        """A read-only CPU tensor over a ``raw`` object's KV in a mapped arena, or None (then decode a copy)."""
+        import warnings
+
+        import torch
+
+        if self.codec.name != "raw" or not is_shared(data):
+            return None
+        header = verify_object(data, key=key, fingerprint=self.fingerprint, codec="raw", check_payload=False)
+        sections = header.sections
+        nbytes = self.layout.bytes_per_token * header.num_tokens
+        if header.num_layers != self.layout.num_layers or not sections or any(
+                a.offset + a.length != b.offset for a, b in zip(sections, sections[1:])) or \
+                sum(sec.length for sec in sections) != nbytes:
+            raise CorruptObject("raw object's sections do not hold its KV back to back")
+        dtype = torch_dtype(self.layout.dtype)
+        mapping = data.obj.mapping
+        start = data.obj.offset + sections[0].offset
+        if start % torch.empty((), dtype=dtype).element_size():
+            return None  # unaligned: a decoded copy instead
+        if str(device).startswith("cuda"):
+            mapping.tensor(cuda=True)  # register the arena once: GPU copies from it run at the pinned rate
+        with warnings.catch_warnings():  # the mapping is read-only; the tensor is only read
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.frombuffer(data[sections[0].offset:sections[0].offset + nbytes], dtype=torch.uint8)
+        return raw.view(dtype).view(self.layout.shape(header.num_tokens))
 
     def put_chunks(self, chunks: Sequence[tuple[ChunkKey, object, int]]) -> list[bool]:
         """Store ``(key, kv, start)`` objects now (synchronously), skipping keys already stored; per chunk True

@@ -66,6 +66,40 @@ def test_round_trip_in_place_bit_identical(one_node, layout):
         assert fast_source(stream) is stream
 
 
+def test_content_chunks_zero_copy(one_node, layout):
+    """get_chunks(zero_copy=True): raw objects come back as CPU tensors over the node's shared arena (no copy),
+    equal to what was stored; other clients and objects get decoded copies."""
+    from kdn.keys import content_key
+
+    kvs = [kv_for(layout, n, seed=n) for n in (CHUNK, 2 * CHUNK + 3, 5)]
+    with KDNClient(layout, controller=one_node.address, chunk_size=CHUNK) as client:
+        keys = [content_key(list(range(i, i + kv.shape[2])), client.config.tenant, client.fingerprint, "raw")
+                for i, kv in enumerate(kvs)]
+        assert all(client.put_chunks([(k, kv, 0) for k, kv in zip(keys, kvs)]))
+        views = client.get_chunks([*keys, content_key([99], "default", client.fingerprint, "raw")], zero_copy=True)
+        assert views[-1] is None  # a miss stays a miss
+        arena = one_node_arena(client)
+        for view, kv in zip(views, kvs):
+            assert torch.equal(view, kv)
+            assert arena[0] <= view.data_ptr() < arena[1], "read in place from the mapped arena"
+        copies = client.get_chunks(keys[1:])  # default: decoded copies
+        assert all(torch.equal(c, kv) for c, kv in zip(copies, kvs[1:]))
+        assert not any(arena[0] <= c.data_ptr() < arena[1] for c in copies)
+    with KDNClient(layout, controller=one_node.address, chunk_size=CHUNK, shared_memory=False) as remote:
+        got = remote.get_chunks(keys[1:], zero_copy=True)  # no shared memory: copies, same values
+        assert all(torch.equal(g, kv) for g, kv in zip(got, kvs[1:]))
+
+
+def one_node_arena(client: KDNClient) -> tuple[int, int]:
+    """Address range of the (single) node's mapped arena in this client."""
+    for node in client._node_clients.values():
+        mapping = getattr(getattr(node, "_shm", None), "_mapping", None)
+        if mapping is not None:
+            base = mapping.tensor().data_ptr()
+            return base, base + mapping.size
+    raise AssertionError("no shared arena mapped")
+
+
 @pytest.fixture
 def local_node(tmp_path):
     """A node in this process (its tier's lease count is visible); clients still use its real unix socket."""
