@@ -25,8 +25,8 @@ from kdn.keys import ChunkKey, content_key
 __all__ = ["BlendStats", "BlendGenerateResult", "chunk_kv", "fetch_chunk_kvs", "blend_generate", "greedy",
            "tokenize_chunks"]
 
-#: ``method`` values of :func:`blend_generate`: the two selection rules, plus the two baselines.
-GENERATE_METHODS = ("kdn", "gradual", "single", "naive", "full")
+#: ``method`` values of :func:`blend_generate`: the selection rules, plus the two baselines.
+GENERATE_METHODS = ("kdn", "gradual", "single", "lookahead", "naive", "full")
 
 
 @dataclass
@@ -94,7 +94,8 @@ def fetch_chunk_kvs(model, chunk_ids: list[list[int]], client=None, *, store: bo
     if client is not None:
         keys = _content_keys(client, chunk_ids)
         t0 = time.perf_counter()
-        found = client.get_chunks(keys, device="cpu")
+        # raw chunks on a same-host node: views of its shared memory, copied to the GPU inside blend (pipelined)
+        found = client.get_chunks(keys, device=model.device, zero_copy=True)
         stats.load_s = time.perf_counter() - t0
     out, puts = [], []
     for i, ids in enumerate(chunk_ids):
@@ -107,7 +108,8 @@ def fetch_chunk_kvs(model, chunk_ids: list[list[int]], client=None, *, store: bo
                 puts.append((keys[i], kv, 0))
         else:
             stats.hits += 1
-            kv = kv.to(device=model.device, dtype=model.dtype)
+            if kv.dtype != model.dtype or (kv.device != model.device and kv.device.type != "cpu"):
+                kv = kv.to(device=model.device, dtype=model.dtype)  # host chunks stay: blend pipelines them
         out.append(kv)
     if puts:
         stats.stored = sum(client.put_chunks(puts))
@@ -134,8 +136,8 @@ def blend_generate(model, tokenizer, chunks: Sequence[str | Sequence[int]], quer
                    **blend_kwargs) -> BlendGenerateResult:
     """Answer ``query`` after ``chunks`` (texts or token-id lists), reusing their KV from KDN at any position.
 
-    ``method``: ``kdn`` (default) / ``gradual`` / ``single`` (selective recompute of ``ratio`` of the context
-    tokens; see :mod:`kdn.blend.select`), ``naive``
+    ``method``: ``kdn`` (default) / ``gradual`` / ``single`` / ``lookahead`` (selective recompute of ``ratio`` of
+    the context tokens; see :mod:`kdn.blend.select`), ``naive``
     (reuse every chunk's KV as is, compute only the query) or ``full`` (plain prefill, no reuse; the reference).
     ``chunk_kvs`` (position-0 KV per chunk) skips the KDN lookup (for evaluations that reuse them). ``blend_kwargs``
     go to :func:`kdn.blend.blend` (``score``, ``start_ratio``, ``steps``, ``first_layer``).
@@ -165,6 +167,7 @@ def blend_generate(model, tokenizer, chunks: Sequence[str | Sequence[int]], quer
         stats.fetch_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         if method == "naive":
+            kvs = [kv.to(device) for kv in kvs]  # zero-copy host chunks included
             cache = cache_from_kv(concat_chunks(kvs, rope_inv_freq(model, device=device)), model.config)
             logits = run_forward(model, torch.tensor([q_ids], device=device), cache)
             stats.recomputed_tokens, stats.compute_fraction = 0, len(q_ids) / len(all_ids)

@@ -35,8 +35,8 @@ __all__ = ["add_arguments", "run", "QUALITY_CONFIGS"]
 
 QUALITY_CONFIGS = [("full", 1.0), ("prefix", 0.0), ("naive", 0.0), ("single", 0.15), ("gradual", 0.15),
                    ("kdn", 0.05), ("kdn", 0.15), ("kdn+s8+w0+f0.5", 0.15), ("kdn:kv", 0.15), ("kdn", 0.3)]
-SPEED_COLUMNS = ["path", "context", "chunks", "ttft_ms", "speedup", "load_ms", "blend_ms", "compute", "ratio",
-                 "rule_ratio", "MiB"]
+SPEED_COLUMNS = ["path", "method", "context", "chunks", "ttft_ms", "speedup", "load_ms", "blend_ms", "compute",
+                 "ratio", "rule_ratio", "MiB"]
 QUALITY_COLUMNS = ["method", "ratio", "agreement", "f1", "kl", "compute", "answer_em", "answer_f1"]
 
 
@@ -50,7 +50,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--chunk-tokens", type=int, help="speed: tokens per chunk (default 512; cpu 128)")
     parser.add_argument("--query", type=int, default=32, help="speed: query tokens after the chunks")
     parser.add_argument("--ratio", type=float, default=0.15, help="speed: recompute ratio")
-    parser.add_argument("--method", default="kdn", help="speed: selection rule (kdn, gradual, single)")
+    parser.add_argument("--method", default="kdn",
+                        help="speed: selection rules, comma-separated (kdn, gradual, single, lookahead; options as in "
+                             "--methods, e.g. lookahead+e0+s4+f0.4)")
     parser.add_argument("--repeats", type=int, default=3, help="speed: timed runs per path after a warm-up")
     parser.add_argument("--paths", default="cpu,node", help="speed: chunk sources (cpu, node)")
     parser.add_argument("--prompts", type=int, default=50, help="quality: number of prompts")
@@ -165,6 +167,7 @@ def _speed(args) -> dict:
     from connectors.hf.generate import run_forward
     from kdn.bench.ttft import _build_model, _Server
     from kdn.blend import blend
+    from kdn.blend.quality import parse_method
     from kdn.blend.ratio import choose_ratio, load_seconds
     from kdn.keys import content_key
 
@@ -191,14 +194,19 @@ def _speed(args) -> dict:
     rows = [dict(path="full", context=len(ids), chunks=len(chunks), ttft_ms=1e3 * t_full, speedup=1.0,
                  compute=1.0, MiB=0.0)]
 
-    def blended(fetch):
+    def blended(fetch, rule):
+        spec, _, score = rule.partition(":")  # e.g. lookahead+e0+s16+f0.6:kv-attn-look
+        base, opts = parse_method(spec)
+        if score:
+            opts["score"] = score
+
         def fn():
             t0 = time.perf_counter()
             got = fetch()
             if cuda:
                 torch.cuda.synchronize()
             t1 = time.perf_counter()
-            res = blend(model, got, ids, ratio=args.ratio, method=args.method)
+            res = blend(model, got, ids, ratio=args.ratio, method=base, **opts)
             token = int(res.logits.argmax(-1))
             return {"load_s": t1 - t0, "blend_s": time.perf_counter() - t1, "compute": res.compute_fraction,
                     "token": token}
@@ -220,24 +228,25 @@ def _speed(args) -> dict:
             keys = [content_key(c, client.config.tenant, client.fingerprint, client.config.codec) for c in chunks]
             if not all(client.put_chunks([(k, kv.cpu(), 0) for k, kv in zip(keys, kvs)])):
                 notes.append("node: some chunks were not stored")
-            sources["blend-node"] = lambda: _all(client.get_chunks(keys, device=device))
+            # same host: views of the node's shared memory, copied to the GPU layer by layer inside blend
+            sources["blend-node"] = lambda: _all(client.get_chunks(keys, device=device, zero_copy=True))
         except RuntimeError as exc:
             notes.append(f"node path skipped: {str(exc)[-300:]}")
     try:
-        for path, fetch in sources.items():
-            t, info = _timed(blended(fetch), args.repeats, cuda)
-            rows.append(dict(path=path, context=len(ids), chunks=len(chunks), ttft_ms=1e3 * t,
+        for rule, (path, fetch) in [(r, src) for r in args.method.split(",") for src in sources.items()]:
+            t, info = _timed(blended(fetch, rule), args.repeats, cuda)
+            rows.append(dict(path=path, method=rule, context=len(ids), chunks=len(chunks), ttft_ms=1e3 * t,
                              speedup=t_full / t, load_ms=1e3 * info["load_s"], blend_ms=1e3 * info["blend_s"],
                              compute=info["compute"], ratio=args.ratio,
                              rule_ratio=choose_ratio(t_full, max(info["load_s"], load_seconds(
                                  int(mib * 2**20), path.removeprefix("blend-")))), MiB=mib))
             if info["token"] != ref["token"]:
-                notes.append(f"{path}: first token differs from full prefill (random weights; expected sometimes)")
+                notes.append(f"{path} ({rule}): first token differs from full prefill (random weights: near-ties)")
     finally:
         for server in servers:
             server.close()
     dev_name = torch.cuda.get_device_name() if cuda else "cpu"
-    return {"bench": "blend", "mode": "speed", "device": dev_name, "model": model_id, "method": args.method,
+    return {"bench": "blend", "mode": "speed", "device": dev_name, "model": model_id, "methods": args.method.split(","),
             "rows": rows, "notes": notes}
 
 

@@ -23,28 +23,23 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from connectors.hf.cache import check_supported
+from kdn.blend.attention import attend
 from kdn.blend.rope import rerotate, rope_inv_freq
-from kdn.blend.select import DEFAULT_SCORE, DEFAULT_SINK, Schedule, deviation, schedule, top_tokens
+from kdn.blend.select import (
+    DEFAULT_SCORE,
+    DEFAULT_SINK,
+    SCORES,
+    Schedule,
+    deviation,
+    preview_weight,
+    schedule,
+    top_tokens,
+)
 from kdn.errors import InvalidRequest
 
 __all__ = ["BlendResult", "blend", "concat_chunks"]
-
-
-
-def _has_gqa() -> bool:
-    """Whether SDPA takes ``enable_gqa`` (torch >= 2.5): grouped KV heads without copies."""
-    try:
-        F.scaled_dot_product_attention(torch.zeros(1, 2, 1, 2), torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2),
-                                       enable_gqa=True)
-    except (TypeError, RuntimeError):
-        return False
-    return True
-
-
-_GQA = _has_gqa()
 
 
 @dataclass
@@ -99,16 +94,7 @@ def _check_layers(model) -> None:
 
 def _attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
     """Queries ``[1, heads, n, d]`` at positions ``q_pos`` over all keys ``[1, kv_heads, N, d]`` (causal)."""
-    n_keys = k.shape[2]
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1 and not _GQA:
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
-    extra = {"enable_gqa": True} if groups > 1 and _GQA else {}
-    if q.shape[2] == n_keys:  # every token: a plain causal prefill (flash kernels on the GPU)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling, **extra)
-    mask = torch.arange(n_keys, device=q.device)[None, :] <= q_pos[:, None]  # [n, N]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None, None], scale=attn.scaling, **extra)
+    return attend(q, k, v, q_pos, attn.scaling)
 
 
 def _query_attention(attn, q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -123,25 +109,38 @@ def _query_attention(attn, q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 def _stage(kv: torch.Tensor, chunk_kvs: Sequence[torch.Tensor], inv_freq: torch.Tensor) -> list | None:
     """Write the chunks, re-rotated to their places, into ``kv[:, :, :n_ctx]``.
 
-    Host chunks for a CUDA ``kv`` are copied layer by layer on a side stream, so loading overlaps the recompute
-    of earlier layers (the paper's pipelining); the per-layer events are returned for the compute stream to wait
-    on. Otherwise the copy is done now and None is returned.
+    Per layer: one copy per chunk, then one rotation of every shifted key (per-token angles computed once). Host
+    chunks for a CUDA ``kv`` are copied on a side stream, so loading overlaps the recompute of earlier layers (the
+    paper's pipelining); the per-layer events are returned for the compute stream to wait on. Otherwise the copy is
+    done now and None is returned.
     """
     pipelined = kv.is_cuda and all(not c.is_cuda for c in chunk_kvs)
+    lengths = [int(c.shape[2]) for c in chunk_kvs]
+    first, n_ctx = lengths[0], sum(lengths)
+    # angle of each shifted token: its chunk's start position times the frequencies (as rerotate computes it)
+    starts = torch.repeat_interleave(torch.tensor([0] + lengths[:-1]).cumsum(0), torch.tensor(lengths))[first:]
+    freqs = starts.to(device=kv.device, dtype=torch.float32)[:, None] * inv_freq.to(kv.device)[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [shifted tokens, 1, rot]
+    cos, sin = emb.cos(), emb.sin()
+    rot = emb.shape[-1]
+    if rot > kv.shape[-1]:
+        raise InvalidRequest(f"{inv_freq.shape[0]} RoPE frequencies do not fit head_dim {kv.shape[-1]}")
     stream = torch.cuda.Stream(kv.device) if pipelined else None
     if stream is not None:
         stream.wait_stream(torch.cuda.current_stream(kv.device))
+        cos.record_stream(stream)  # made on the compute stream, read on the side stream
+        sin.record_stream(stream)
     events = []
     with torch.cuda.stream(stream) if stream is not None else nullcontext():
         for layer in range(kv.shape[0]):
             start = 0
-            for chunk in chunk_kvs:
-                n = int(chunk.shape[2])
-                dst = kv[layer, :, start:start + n]
-                dst.copy_(chunk[layer], non_blocking=pipelined)
-                if start:
-                    dst[0] = rerotate(dst[0], start, inv_freq)
+            for chunk, n in zip(chunk_kvs, lengths):
+                kv[layer, :, start:start + n].copy_(chunk[layer], non_blocking=pipelined)
                 start += n
+            if n_ctx > first:
+                keys = kv[layer, 0, first:n_ctx, :, :rot]
+                k = keys.float()
+                keys.copy_(k * cos + _rotate_half(k) * sin)
             if stream is not None:
                 events.append(torch.cuda.Event())
                 events[-1].record(stream)
@@ -150,19 +149,28 @@ def _stage(kv: torch.Tensor, chunk_kvs: Sequence[torch.Tensor], inv_freq: torch.
 
 @torch.no_grad()
 def blend(model, chunk_kvs: Sequence[torch.Tensor], input_ids: Sequence[int] | torch.Tensor, *,
-          ratio: float = 0.15, method: str = "kdn", score: str | None = None, first_layer: int = 1,
+          ratio: float = 0.15, method: str = "kdn", score: str | None = None, first_layer: int | None = None,
           start_ratio: float | None = None, steps: int | None = None, plan: Schedule | None = None,
-          sink: int | None = None, tail: int = 0, quota: bool = False) -> BlendResult:
+          sink: int | None = None, tail: int = 0, quota: bool = False, look_from: int = 0,
+          look_reduce: str = "mean", look_ctx: bool = False, look_rest: bool = False, look_heads: str = "mean",
+          look_last: bool = False) -> BlendResult:
     """Blend ``chunk_kvs`` (position-0 KV of consecutive chunks) under ``input_ids`` (all prompt tokens: the
     chunks' tokens, then the query's) and recompute the tokens that matter.
 
     ``ratio`` is the share of context tokens recomputed through the last layer (1.0 is a full prefill);
-    ``method`` is ``kdn``, ``gradual`` or ``single`` (see :mod:`kdn.blend.select`); ``score`` the deviation rule
+    ``method`` is ``kdn``, ``gradual``, ``single`` or ``lookahead`` (see :mod:`kdn.blend.select`); ``score`` the rule
     (default: the method's, :data:`kdn.blend.select.DEFAULT_SCORE`). Query tokens (everything after the chunks)
     are always recomputed. ``sink`` (default: the method's, :data:`kdn.blend.select.DEFAULT_SINK`) forces the
     first ``sink`` tokens of every chunk and ``tail`` the last ``tail`` context tokens through every layer, *on top
     of* the ratio (the cost shows in ``compute_fraction``); ``quota`` splits each selection's budget over the
     chunks by length instead of ranking the whole context at once. Returns the blended KV and the last logits.
+
+    ``lookahead`` first runs a preview (:func:`_preview`: the query tokens alone through every layer over the reused
+    chunk KV) and ranks by its attention on each context token: ``look_reduce`` (``mean`` / ``max``) over layers
+    ``look_from`` and deeper (``look_rest``: and no shallower than the selection layer), softmax over context and
+    query (``look_ctx``: renormalized over the context), per layer the mean over query tokens (``look_last``: the
+    last one only) and the ``look_heads`` (``mean`` / ``max``) over heads. Its query rows count in
+    ``compute_fraction``.
     """
     _check_layers(model)
     device, dtype = model.device, model.dtype
@@ -179,6 +187,10 @@ def blend(model, chunk_kvs: Sequence[torch.Tensor], input_ids: Sequence[int] | t
     if any(c.shape[0] != len(layers) for c in chunk_kvs):
         raise InvalidRequest(f"chunk KV has {chunk_kvs[0].shape[0]} layers, the model {len(layers)}")
     score = score or DEFAULT_SCORE.get(method, "value")
+    if score not in SCORES:
+        raise InvalidRequest(f"unknown blend score {score!r}; use one of {', '.join(SCORES)}")
+    if score.endswith("look") and method != "lookahead":
+        raise InvalidRequest(f"score {score!r} needs method='lookahead' (the preview pass)")
     sink = DEFAULT_SINK.get(method, 0) if sink is None else sink
     plan = plan or schedule(len(layers), ratio, method, first_layer=first_layer, start_ratio=start_ratio,
                             steps=steps)
@@ -198,10 +210,31 @@ def blend(model, chunk_kvs: Sequence[torch.Tensor], input_ids: Sequence[int] | t
     if sink > 0:
         forced |= (positions - starts[chunk_of.clamp_max(len(chunk_kvs) - 1)]) < sink
     forced &= positions < n_ctx
+    # Context positions come first in ``sel`` (sorted; the query follows), and every forced token stays selected,
+    # so the counts below are known on the host: the loop never waits for the GPU to find out what it kept.
+    n_forced, n_sel_ctx = int(forced.sum()), n_ctx
+    look = None
+    if method == "lookahead" and all(plan.keep(layer, n_ctx) >= n_ctx for layer in plan.ratios):
+        plan = Schedule({}, plan.first_layer)  # nothing to drop (ratio 1): no preview, a plain prefill
+    elif method == "lookahead":
+        look = _preview(layers, hidden[:, n_ctx:], cos_all[:, n_ctx:], sin_all[:, n_ctx:], kv, n_ctx, events,
+                        ctx_only=look_ctx, heads_max=look_heads == "max", last_only=look_last)
+    extra_rows = n_total - n_ctx if look is not None else 0
+    base = score.removesuffix("-look").removesuffix("-attn")
     recomputed: list[int] = []
     for idx, layer in enumerate(layers):
         if events:
             torch.cuda.current_stream(device).wait_event(events[idx])
+        keep_ctx = plan.keep(idx, n_ctx)
+        if keep_ctx is not None and (score == "look" or (look is not None and idx == 0)):
+            # rank by the preview alone before the layer runs (dropped tokens keep the reused K/V; at layer 0 these
+            # are exact and no deviation shows, so a lookahead selecting there ranks by the preview whatever its score)
+            ctx_pos = sel[:n_sel_ctx]
+            w = preview_weight(look, max(look_from, idx) if look_rest else look_from, reduce=look_reduce)[ctx_pos]
+            picked = _pick(w, keep_ctx, forced[ctx_pos], chunk_of[ctx_pos], quota, lengths, n_forced)
+            keep_local = torch.cat((picked, torch.arange(n_sel_ctx, sel.shape[0], device=device)))
+            hidden, sel, n_sel_ctx = hidden[:, keep_local], sel[keep_local], picked.shape[0]
+            keep_ctx = None
         attn = layer.self_attn
         hd = attn.head_dim
         x = layer.input_layernorm(hidden)
@@ -213,22 +246,23 @@ def blend(model, chunk_kvs: Sequence[torch.Tensor], input_ids: Sequence[int] | t
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         k_rows, v_rows = k[0].transpose(0, 1), v[0].transpose(0, 1)  # [n, kv_heads, d]
-        recomputed.append(n)
-        keep_ctx = plan.keep(idx, n_ctx)
+        recomputed.append(n + extra_rows)
         if keep_ctx is not None:
-            ctx_local = torch.nonzero(sel < n_ctx).flatten()
-            ctx_pos = sel[ctx_local]
-            base = score.removesuffix("-attn")
-            dev = deviation(k_rows[ctx_local], v_rows[ctx_local], kv[idx, 0, ctx_pos], kv[idx, 1, ctx_pos], base)
+            ctx_pos = sel[:n_sel_ctx]
+            dev = deviation(k_rows[:n_sel_ctx], v_rows[:n_sel_ctx], kv[idx, 0, ctx_pos], kv[idx, 1, ctx_pos], base)
         kv[idx, 0].index_copy_(0, sel, k_rows)
         kv[idx, 1].index_copy_(0, sel, v_rows)
         if keep_ctx is not None:
-            if score.endswith("-attn"):
-                w = _query_attention(attn, q[:, :, sel >= n_ctx], kv[idx, 0, :n_ctx])[ctx_pos]
+            if "-attn" in score:
+                w = _query_attention(attn, q[:, :, n_sel_ctx:], kv[idx, 0, :n_ctx])[ctx_pos]
                 dev = dev / dev.mean().clamp_min(1e-12) * (w / w.mean().clamp_min(1e-12))
-            keep_local = torch.cat((ctx_local[_pick(dev, keep_ctx, forced[ctx_pos], chunk_of[ctx_pos], quota,
-                                                    lengths)], torch.nonzero(sel >= n_ctx).flatten()))
-            q, hidden, sel = q[:, :, keep_local], hidden[:, keep_local], sel[keep_local]
+            if score.endswith("-look"):
+                w = preview_weight(look, max(look_from, idx) if look_rest else look_from, reduce=look_reduce)
+                w = w[ctx_pos]
+                dev = dev / dev.mean().clamp_min(1e-12) * (w / w.mean().clamp_min(1e-12))
+            picked = _pick(dev, keep_ctx, forced[ctx_pos], chunk_of[ctx_pos], quota, lengths, n_forced)
+            keep_local = torch.cat((picked, torch.arange(n_sel_ctx, sel.shape[0], device=device)))
+            q, hidden, sel, n_sel_ctx = q[:, :, keep_local], hidden[:, keep_local], sel[keep_local], picked.shape[0]
         keys = kv[idx, 0].transpose(0, 1).unsqueeze(0)
         values = kv[idx, 1].transpose(0, 1).unsqueeze(0)
         out = _attend(attn, q, keys, values, sel)  # [1, heads, n, d]
@@ -237,16 +271,61 @@ def blend(model, chunk_kvs: Sequence[torch.Tensor], input_ids: Sequence[int] | t
         hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
     last = inner.norm(hidden[:, -1:])
     logits = model.lm_head(last)[:, -1]
-    selected = sel[sel < n_ctx]
+    selected = sel[:n_sel_ctx]
     return BlendResult(kv=kv, logits=logits.float(), selected=selected, num_context=n_ctx, recomputed=recomputed)
 
 
+@torch.no_grad()
+def _preview(layers, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor, n_ctx: int,
+             events: list | None, *, ctx_only: bool = False, heads_max: bool = False,
+             last_only: bool = False) -> torch.Tensor:
+    """The lookahead preview: the query tokens alone (``hidden [1, n_q, H]``, rotary ``cos``/``sin [1, n_q, d]``)
+    through every layer over the reused context KV ``kv[:, :, :n_ctx]`` (their own K/V go to ``kv``'s query rows,
+    which the real pass overwrites). Returns their attention weight on each context token per layer,
+    ``[layers, n_ctx]`` float32: softmax over context and query (``ctx_only``: renormalized over the context), mean
+    over query tokens (``last_only``: the last one), mean over heads (``heads_max``: max)."""
+    n_q = hidden.shape[1]
+    n_keys = n_ctx + n_q
+    device = hidden.device
+    mask = torch.ones(n_q, n_keys, dtype=torch.bool, device=device)
+    mask[:, n_ctx:] = torch.ones(n_q, n_q, dtype=torch.bool, device=device).tril()
+    out = torch.empty(len(layers), n_ctx, dtype=torch.float32, device=device)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    for idx, layer in enumerate(layers):
+        if events:
+            torch.cuda.current_stream(device).wait_event(events[idx])
+        attn = layer.self_attn
+        hd = attn.head_dim
+        x = layer.input_layernorm(hidden)
+        q = attn.q_proj(x).view(1, n_q, -1, hd).transpose(1, 2)
+        k = attn.k_proj(x).view(1, n_q, -1, hd).transpose(1, 2)
+        v = attn.v_proj(x).view(1, n_q, -1, hd).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        kv[idx, 0, n_ctx:] = k[0].transpose(0, 1)
+        kv[idx, 1, n_ctx:] = v[0].transpose(0, 1)
+        keys = kv[idx, 0, :n_keys].transpose(0, 1).float()  # [kv_heads, N, d]
+        values = kv[idx, 1, :n_keys].transpose(0, 1).float()
+        kvh, heads = keys.shape[0], q.shape[1]
+        qf = q[0].float().reshape(kvh, -1, hd)  # [kv_heads, groups * n_q, d]
+        scores = (qf @ keys.transpose(1, 2) * attn.scaling).view(kvh, heads // kvh, n_q, n_keys)
+        probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+        ctx = probs[..., :n_ctx]
+        if ctx_only:
+            ctx = ctx / ctx.sum(-1, keepdim=True).clamp_min(1e-12)
+        per_head = (ctx[:, :, -1] if last_only else ctx.mean(2)).reshape(heads, n_ctx)
+        out[idx] = per_head.amax(0) if heads_max else per_head.mean(0)
+        o = (probs.reshape(kvh, -1, n_keys) @ values).reshape(heads, n_q, hd).to(hidden.dtype)
+        hidden = hidden + attn.o_proj(o.transpose(0, 1).reshape(1, n_q, -1))
+        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    return out
+
+
 def _pick(dev: torch.Tensor, keep: int, forced: torch.Tensor, chunk: torch.Tensor, quota: bool,
-          lengths: list[int]) -> torch.Tensor:
-    """Local indices (sorted) of the context tokens kept: every ``forced`` one plus ``keep`` of the others by
-    ``dev`` — over the whole context, or (``quota``) ``keep`` split over the chunks by their length."""
+          lengths: list[int], n_forced: int) -> torch.Tensor:
+    """Local indices (sorted) of the context tokens kept: every ``forced`` one (``n_forced`` of them) plus ``keep``
+    of the others by ``dev`` — over the whole context, or (``quota``) ``keep`` split over the chunks by length."""
     dev = dev.masked_fill(forced, float("inf"))
-    n_forced = int(forced.sum())
     if not quota:
         return top_tokens(dev, keep + n_forced)
     parts = []

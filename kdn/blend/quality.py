@@ -138,18 +138,25 @@ def _prefill_kv(model, ids: list[int], past: torch.Tensor | None = None) -> tupl
     return kv_from_cache(cache), logits.float()
 
 
-_OPTIONS = {"s": ("steps", int), "w": ("sink", int), "t": ("tail", int), "f": ("start_ratio", float)}
+_OPTIONS = {"s": ("steps", int), "w": ("sink", int), "t": ("tail", int), "f": ("start_ratio", float),
+            "e": ("first_layer", int), "l": ("look_from", int)}
+_FLAGS = {"q": ("quota", True), "x": ("look_reduce", "max"), "c": ("look_ctx", True), "r": ("look_rest", True),
+          "h": ("look_heads", "max"), "o": ("look_last", True)}
 
 
 def parse_method(name: str) -> tuple[str, dict]:
     """``kdn+s12+w2+t16+f0.6+q`` -> ``("kdn", {steps: 12, sink: 2, tail: 16, start_ratio: 0.6, quota: True})``:
     :func:`kdn.blend.blend` options for rule experiments (``s`` narrowing layers, ``w`` tokens forced at each chunk
-    start, ``t`` last context tokens forced, ``f`` share kept at the first selection layer, ``q`` per-chunk quota)."""
+    start, ``t`` last context tokens forced, ``f`` share kept at the first selection layer, ``q`` per-chunk quota;
+    ``e`` first selection layer; for ``lookahead``: ``l`` first preview layer aggregated, ``x`` max over layers
+    instead of mean, ``c`` preview attention renormalized over the context, ``r`` aggregate from the selection
+    layer down, ``h`` max over heads instead of mean, ``o`` the last query token's attention only)."""
     base, *parts = name.split("+")
     opts: dict = {}
     for part in parts:
-        if part == "q":
-            opts["quota"] = True
+        if part in _FLAGS:
+            key, value = _FLAGS[part]
+            opts[key] = value
         elif part[:1] in _OPTIONS:
             key, cast = _OPTIONS[part[:1]]
             opts[key] = cast(part[1:])

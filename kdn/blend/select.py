@@ -11,8 +11,15 @@ computed alone) recomputed through every layer (:data:`DEFAULT_SINK`). Layer-1 d
 which tokens matter (on those prompts selecting by it is worse than naive reuse); a deviating token the query does
 not look at barely changes the answer, while one it looks at changes it a lot (see ``docs/blend.md``).
 
+*lookahead* first runs a cheap *preview*: only the query tokens go through every layer on top of the reused (stale)
+chunk KV, recording how much attention they pay to each context token per layer; the real blend then selects early
+by that preview attention (aggregated over the preview's layers, :func:`preview_weight`), alone or times the
+deviation (see ``docs/blend.md``).
+
 Scores: ``value`` (the reference code), ``key``, ``kv`` (both, each normalized by its mean), and ``*-attn``: the
 same times the query tokens' mean attention weight on the token (recomputed keys, softmax over the context).
+With a preview (``lookahead``): ``look`` (the preview attention alone; no deviation needed, so it may select before
+the layer is computed, even at layer 0) and ``*-look``: any of the above times the preview attention.
 """
 
 from __future__ import annotations
@@ -24,14 +31,16 @@ import torch
 
 from kdn.errors import InvalidRequest
 
-__all__ = ["METHODS", "SCORES", "DEFAULT_SCORE", "DEFAULT_SINK", "Schedule", "schedule", "deviation", "top_tokens"]
+__all__ = ["METHODS", "SCORES", "DEFAULT_SCORE", "DEFAULT_SINK", "Schedule", "schedule", "deviation", "top_tokens",
+           "preview_weight"]
 
-METHODS = ("kdn", "gradual", "single")
-SCORES = ("value", "key", "kv", "value-attn", "key-attn", "kv-attn")
+METHODS = ("kdn", "gradual", "single", "lookahead")
+SCORES = ("value", "key", "kv", "value-attn", "key-attn", "kv-attn", "look", "value-look", "key-look", "kv-look",
+          "value-attn-look", "key-attn-look", "kv-attn-look")
 #: The deviation score of each method when none is given.
-DEFAULT_SCORE = {"kdn": "kv-attn", "gradual": "value", "single": "value"}
+DEFAULT_SCORE = {"kdn": "kv-attn", "gradual": "value", "single": "value", "lookahead": "kv-look"}
 #: Tokens at the start of every chunk recomputed through every layer, on top of the ratio, per method.
-DEFAULT_SINK = {"kdn": 1}
+DEFAULT_SINK = {"kdn": 1, "lookahead": 1}
 
 
 @dataclass(frozen=True)
@@ -48,27 +57,32 @@ class Schedule:
         return None if r is None else min(num_context, math.ceil(r * num_context - 1e-9))
 
 
-def schedule(num_layers: int, ratio: float, method: str = "kdn", *, first_layer: int = 1,
+def schedule(num_layers: int, ratio: float, method: str = "kdn", *, first_layer: int | None = None,
              start_ratio: float | None = None, steps: int | None = None) -> Schedule:
     """The selection schedule for a model of ``num_layers`` layers.
 
     ``gradual``: ``start_ratio`` (default ``min(1, 2 * ratio)``) at ``first_layer``, linearly down to ``ratio`` at
     ``first_layer + steps - 1`` (``steps`` default 4). ``kdn``: the same with defaults ``start_ratio =
-    max(0.6, 2 * ratio)`` and ``steps = 16``. ``single``: ``ratio`` at ``first_layer`` only. ``first_layer`` must be
-    >= 1 (selecting at layer 0 is selecting at random).
+    max(0.6, 2 * ratio)`` and ``steps = 16``. ``single``: ``ratio`` at ``first_layer`` only. ``lookahead``: the
+    same with defaults ``first_layer = 0``, ``start_ratio = 0.4`` and ``steps = 4``. ``first_layer`` (default 1)
+    must be >= 1 (selecting at layer 0 by deviation is selecting at random), except for ``lookahead``, whose
+    preview ranks tokens before layer 0.
     """
     if not 0.0 <= ratio <= 1.0:
         raise InvalidRequest(f"ratio must be in [0, 1], got {ratio}")
     if method not in METHODS:
         raise InvalidRequest(f"unknown blend method {method!r}; use one of {', '.join(METHODS)}")
-    if not 1 <= first_layer < num_layers:
-        raise InvalidRequest(f"first_layer must be in [1, {num_layers - 1}], got {first_layer}")
+    lowest = 0 if method == "lookahead" else 1  # the preview ranks tokens before any layer has run
+    if first_layer is None:
+        first_layer = lowest
+    if not lowest <= first_layer < num_layers:
+        raise InvalidRequest(f"first_layer must be in [{lowest}, {num_layers - 1}], got {first_layer}")
     if steps is None:
         steps = 16 if method == "kdn" else 4
     if method == "single" or steps <= 1:
         return Schedule({first_layer: ratio}, first_layer)
     if start_ratio is None:
-        start_ratio = max(0.6, 2.0 * ratio) if method == "kdn" else 2.0 * ratio
+        start_ratio = {"kdn": max(0.6, 2.0 * ratio), "lookahead": 0.4}.get(method, 2.0 * ratio)
     start = max(ratio, min(1.0, start_ratio))
     last = min(num_layers - 1, first_layer + steps - 1)
     n = last - first_layer
@@ -101,3 +115,10 @@ def top_tokens(scores: torch.Tensor, k: int) -> torch.Tensor:
     if k >= scores.shape[0]:
         return torch.arange(scores.shape[0], device=scores.device)
     return torch.topk(scores, k, sorted=False).indices.sort().values
+
+
+def preview_weight(look: torch.Tensor, layer: int = 0, *, reduce: str = "mean") -> torch.Tensor:
+    """Per-context-token weight ``[N]`` from the preview's attention ``look [layers, N]``: the ``reduce`` (``mean``
+    or ``max``) over layers ``layer`` and deeper."""
+    part = look[min(layer, look.shape[0] - 1):]
+    return part.amax(0) if reduce == "max" else part.mean(0)

@@ -17,7 +17,7 @@ from connectors.hf import kv_from_cache, layout_for
 from connectors.hf.blend import blend_generate, chunk_kv, tokenize_chunks
 from connectors.hf.generate import run_forward
 from kdn.blend import blend, concat_chunks, rope_inv_freq, schedule
-from kdn.blend.quality import parse_method, wiki_corpus
+from kdn.blend.quality import _prefill_kv, parse_method, wiki_corpus
 from kdn.blend.ratio import MIN_RATIO, choose_ratio, load_seconds
 from kdn.blend.warm import iter_chunks, warm
 from kdn.cli import main as cli_main
@@ -58,11 +58,14 @@ def test_schedules():
     assert schedule(30, 0.3).ratios[1] == pytest.approx(0.6)
     with pytest.raises(InvalidRequest):
         schedule(30, 0.15, "single", first_layer=0)  # layer 0 never deviates
+    la = schedule(30, 0.15, "lookahead")  # the preview ranks before layer 0: 40 % narrowed to 15 % by layer 3
+    assert list(la.ratios) == [0, 1, 2, 3] and la.ratios[0] == 0.4 and la.ratios[3] == pytest.approx(0.15)
+    assert schedule(30, 0.15, "lookahead", first_layer=1, steps=1).ratios == {1: 0.15}
     with pytest.raises(InvalidRequest):
         schedule(30, 1.5)
 
 
-@pytest.mark.parametrize("method", ["kdn", "gradual", "single"])
+@pytest.mark.parametrize("method", ["kdn", "gradual", "single", "lookahead"])
 def test_full_ratio_equals_full_prefill(smol, small, method):
     model, _ = smol
     chunks, query = small
@@ -98,6 +101,27 @@ def test_query_tokens_always_recomputed(smol, small):
                 method="single")
     assert res.selected.numel() == 0
     assert res.recomputed[2:] == [len(query)] * (len(res.recomputed) - 2)  # layers 0 and 1 ran in full
+
+
+def test_lookahead_preview(smol, small):
+    """The lookahead preview runs the query alone over the reused chunks: selecting nothing at layer 0 by its
+    attention is naive reuse (same logits), and its query rows count in the compute."""
+    model, _ = smol
+    chunks, query = small
+    kvs, ids = [chunk_kv(model, c) for c in chunks], [t for c in chunks for t in c] + query
+    naive_kv, naive_logits = _prefill_kv(model, query, concat_chunks(kvs, rope_inv_freq(model)))
+    res = blend(model, kvs, ids, ratio=0.0, method="lookahead", score="look", steps=1, sink=0)
+    assert res.selected.numel() == 0 and res.recomputed == [2 * len(query)] * len(res.recomputed)
+    assert torch.allclose(res.logits, naive_logits, atol=1e-3, rtol=1e-4)
+    assert torch.allclose(res.kv, naive_kv, atol=1e-4)
+    res = blend(model, kvs, ids, ratio=0.15, method="lookahead")  # 40 % at layer 0 by the preview, to 15 % by 3
+    assert res.selected.numel() == 18 + 3 and res.recomputed[4:] == [21 + 2 * len(query)] * (len(res.recomputed) - 4)
+    assert res.recomputed[0] == 48 + 3 + 2 * len(query)  # layer 0: the preview's 40 %, the chunk-start tokens
+    with pytest.raises(InvalidRequest):
+        blend(model, kvs, ids, method="kdn", score="kv-look")  # needs the preview
+    assert parse_method("lookahead+e0+l4+x+c+r+h+o") == ("lookahead", {
+        "first_layer": 0, "look_from": 4, "look_reduce": "max", "look_ctx": True, "look_rest": True,
+        "look_heads": "max", "look_last": True})
 
 
 def test_forced_tokens_and_quota(smol, small):

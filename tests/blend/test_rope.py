@@ -53,3 +53,16 @@ def test_real_layer0_keys_match_after_shift():
     assert (shifted[0, 0] - want).abs().max() <= 1e-5 * scale  # fp32 rounding only
     assert torch.equal(shifted[:, 1], alone[:, 1])  # values are not touched
     assert (alone[0, 0] - want).abs().max() > 0.1 * scale  # and the shift mattered
+
+
+def test_staged_chunks_equal_concatenated_chunks():
+    """blend's batched per-layer staging (one rotation of all shifted keys) equals per-chunk re-rotation bit for bit."""
+    from kdn.blend.blend import _stage, concat_chunks
+
+    gen = torch.Generator().manual_seed(0)
+    inv = 1.0 / (10000 ** (torch.arange(0, 48, 2, dtype=torch.float32) / 64))  # partial rotary: 48 of 64 dims
+    chunks = [torch.randn(3, 2, n, 2, 64, generator=gen).to(torch.bfloat16) for n in (5, 7, 4)]
+    kv = torch.zeros(3, 2, 19, 2, 64, dtype=torch.bfloat16)
+    assert _stage(kv, chunks, inv) is None  # CPU: nothing to wait for
+    assert torch.equal(kv[:, :, :16], concat_chunks(chunks, inv))
+    assert not kv[:, 0, 5:16].equal(torch.cat([c[:, 0] for c in chunks], 1)[:, 5:])  # shifted keys did rotate
