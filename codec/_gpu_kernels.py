@@ -43,6 +43,61 @@ __device__ __forceinline__ u16 f2h(float f) {
 }
 
 // ---------------------------------------------------------------------------------------------------- decode
+// Steps both rANS decoders share (they differ only in where the tables live).
+
+// Renormalize a warp's states: lanes whose state fell below L take the stream's next 16-bit words in lane order
+// (never past its cnt words; rd counts every word asked for, so an overrun shows as rd > cnt).
+__device__ __forceinline__ u32 renorm(u32 xn, bool need, const u8* wp, int cnt, int& rd, u32 lt) {
+    u32 m = __ballot_sync(FULL, need);
+    if (need) {
+        int k = rd + __popc(m & lt);
+        if (k < cnt) xn = (xn << 16) | (u32)wp[2 * k] | ((u32)wp[2 * k + 1] << 8);
+    }
+    rd += __popc(m);
+    return xn;
+}
+
+// Record an escape (stream << 32 | index among the stream's escapes, zout index) in the section's own slots;
+// returns E_ESC when the section declared fewer exceptions.
+__device__ __forceinline__ int record_escape(int w, int s, int sec, int nsec, i64 n, i64 zi, int index,
+                                             int* esc_n, const int* n_exc, const i64* exc_pre, i64* esc_rec) {
+    int k = atomicAdd(esc_n + sec, 1);  // records of a section: its declared exception count
+    if (k >= n_exc[sec]) return E_ESC;
+    i64 r = exc_pre[sec] + k;
+    esc_rec[2 * r] = ((i64)w << 32) | (i64)index;
+    esc_rec[2 * r + 1] = ((i64)s * nsec + sec) * n + zi;
+    return 0;
+}
+
+// The low `width` raw bits at bit position p of a stream's raw area.
+__device__ __forceinline__ u32 raw_bits(const u8* rp, i64 p, int width) {
+    if (!width) return 0;
+    const u8* bp = rp + (p >> 3);
+    int sh = (int)(p & 7);
+    u32 v = bp[0];
+    if (sh + width > 8) v |= (u32)bp[1] << 8;
+    if (sh + width > 16) v |= (u32)bp[2] << 16;
+    return (v >> sh) & ((1u << width) - 1u);
+}
+
+// Level z of a symbol (table offset lo, raw bits) written as z * step_int (exact); E_RANGE when out of range.
+__device__ __forceinline__ int put_level(double* zo, i64 zi, int sym, int lo, int width, u32 low, double step) {
+    i64 z = (i64)(sym + lo - 1) * (1LL << width) + (i64)low;
+    zo[zi] = __dmul_rn((double)z, step);
+    return z > ZMAX || z < -ZMAX ? E_RANGE : 0;
+}
+
+// End of a stream: every lane's state back at L and every word consumed; errors of the warp to err[sec].
+__device__ __forceinline__ void finish_stream(u32 x, int rd, int cnt, int bad, int lane, int w, int sec, int nesc,
+                                              int* esc_cnt, int* err) {
+    if (x != RANS_L || rd != cnt) bad |= E_END;
+    bad = __reduce_or_sync(FULL, (unsigned)bad);
+    if (lane == 0) {
+        esc_cnt[w] = nesc;
+        if (bad) atomicOr(err + sec, bad);
+    }
+}
+
 // One warp per stream w = sec * S + s; lane = rANS lane. Writes ri = z * step_int (exact) to zout[s, sec, t, g];
 // escapes are recorded (stream << 32 | index among the stream's escapes, zout index) for esc_fix, in the section's
 // own slots (exc_pre[sec] .. + n_exc[sec]), so that a corrupt section cannot take a good section's slots.
@@ -84,42 +139,16 @@ extern "C" __global__ void rans_decode(
             sym = (int)(d >> 24);
             xn = (((d >> 12) & 4095u) + 1u) * (x >> 12) + (d & 4095u);
         }
-        bool need = active && xn < RANS_L;
-        u32 m = __ballot_sync(FULL, need);
-        if (need) {
-            int k = rd + __popc(m & lt);
-            if (k < cnt) xn = (xn << 16) | (u32)wp[2 * k] | ((u32)wp[2 * k + 1] << 8);
-        }
-        rd += __popc(m);
-        x = xn;
+        x = renorm(xn, active && xn < RANS_L, wp, cnt, rd, lt);
         bool esc = active && sym == 0;
         u32 em = __ballot_sync(FULL, esc);
         if (active) {
             i64 zi = (i64)t * G + g;
             if (esc) {
-                int k = atomicAdd(esc_n + sec, 1);  // records of a section: its declared exception count
-                if (k < n_exc[sec]) {
-                    i64 r = exc_pre[sec] + k;
-                    esc_rec[2 * r] = ((i64)w << 32) | (i64)(nesc + __popc(em & lt));
-                    esc_rec[2 * r + 1] = ((i64)s * nsec + sec) * (i64)n + zi;
-                } else {
-                    bad |= E_ESC;
-                }
+                bad |= record_escape(w, s, sec, nsec, n, zi, nesc + __popc(em & lt), esc_n, n_exc, exc_pre, esc_rec);
             } else {
                 int b0 = wq[g], width = wq[g + 1] - b0;
-                u32 low = 0;
-                if (width) {
-                    i64 p = (i64)t * W + b0;
-                    const u8* bp = rp + (p >> 3);
-                    int sh = (int)(p & 7);
-                    u32 v = bp[0];
-                    if (sh + width > 8) v |= (u32)bp[1] << 8;
-                    if (sh + width > 16) v |= (u32)bp[2] << 16;
-                    low = (v >> sh) & ((1u << width) - 1u);
-                }
-                i64 z = (i64)(sym + lo[tid] - 1) * (1LL << width) + (i64)low;
-                if (z > ZMAX || z < -ZMAX) bad |= E_RANGE;
-                zo[zi] = __dmul_rn((double)z, sp[g]);
+                bad |= put_level(zo, zi, sym, lo[tid], width, raw_bits(rp, (i64)t * W + b0, width), sp[g]);
             }
         }
         nesc += __popc(em);
@@ -127,12 +156,7 @@ extern "C" __global__ void rans_decode(
         g += 32;
         while (g >= G) { g -= G; t++; }
     }
-    if (x != RANS_L || rd != cnt) bad |= E_END;
-    bad = __reduce_or_sync(FULL, (unsigned)bad);
-    if (lane == 0) {
-        esc_cnt[w] = nesc;
-        if (bad) atomicOr(err + sec, bad);
-    }
+    finish_stream(x, rd, cnt, bad, lane, w, sec, nesc, esc_cnt, err);
 }
 
 // The same decoder with the stream type's tables in shared memory: grid (ceil(nsec / warps), S), one stream type
@@ -193,43 +217,17 @@ extern "C" __global__ void rans_decode_smem(
             u32 e = s_info[u * 256 + sym];
             xn = (e & 0xffffu) * (x >> 12) + (x & 4095u) - (e >> 16);
         }
-        bool need = active && xn < RANS_L;
-        u32 m = __ballot_sync(FULL, need);
-        if (need) {
-            int k = rd + __popc(m & lt);
-            if (k < cnt) xn = (xn << 16) | (u32)wp[2 * k] | ((u32)wp[2 * k + 1] << 8);
-        }
-        rd += __popc(m);
-        x = xn;
+        x = renorm(xn, active && xn < RANS_L, wp, cnt, rd, lt);
         bool esc = active && sym == 0;
         u32 em = __ballot_sync(FULL, esc);
         if (active) {
-            int zi = t * G + g;
+            i64 zi = (i64)t * G + g;
             if (esc) {
-                int k = atomicAdd(esc_n + sec, 1);  // records of a section: its declared exception count
-                if (k < n_exc[sec]) {
-                    i64 r = exc_pre[sec] + k;
-                    esc_rec[2 * r] = ((i64)w << 32) | (i64)(nesc + __popc(em & lt));
-                    esc_rec[2 * r + 1] = ((i64)s * nsec + sec) * (i64)n + zi;
-                } else {
-                    bad |= E_ESC;
-                }
+                bad |= record_escape(w, s, sec, nsec, n, zi, nesc + __popc(em & lt), esc_n, n_exc, exc_pre, esc_rec);
             } else {
                 int width = (cf >> 8) & 15;
-                u32 low = 0;
-                if (width) {
-                    i64 p = (i64)t * W + s_wpre[g];
-                    const u8* bp = rp + (p >> 3);
-                    int sh = (int)(p & 7);
-                    u32 v = bp[0];
-                    if (sh + width > 8) v |= (u32)bp[1] << 8;
-                    if (sh + width > 16) v |= (u32)bp[2] << 16;
-                    low = (v >> sh) & ((1u << width) - 1u);
-                }
-                int lo = (int)(cf >> 12) - 32768;
-                i64 z = (i64)(sym + lo - 1) * (1LL << width) + (i64)low;
-                if (z > ZMAX || z < -ZMAX) bad |= E_RANGE;
-                zo[zi] = __dmul_rn((double)z, s_step[g]);
+                bad |= put_level(zo, zi, sym, (int)(cf >> 12) - 32768, width,
+                                 raw_bits(rp, (i64)t * W + s_wpre[g], width), s_step[g]);
             }
         }
         nesc += __popc(em);
@@ -237,12 +235,7 @@ extern "C" __global__ void rans_decode_smem(
         g += 32;
         while (g >= G) { g -= G; t++; }
     }
-    if (x != RANS_L || rd != cnt) bad |= E_END;
-    bad = __reduce_or_sync(FULL, (unsigned)bad);
-    if (lane == 0) {
-        esc_cnt[w] = nesc;
-        if (bad) atomicOr(err + sec, bad);
-    }
+    finish_stream(x, rd, cnt, bad, lane, w, sec, nesc, esc_cnt, err);
 }
 
 // One thread per recorded escape: its level comes from the section's exception list.

@@ -171,6 +171,7 @@ class ShmServer:
             except OSError:
                 if self._stopping:
                     return
+                time.sleep(0.05)  # e.g. EMFILE: back off instead of spinning (as the bulk channel does)
                 continue
             with self._lock:
                 self._conns.add(sock)

@@ -19,7 +19,7 @@ import torch
 from connectors.hf import HostKVCache, cache_from_kv, kv_from_cache, layout_for, prefill
 from connectors.hf import loader as loader_mod
 from connectors.hf.generate import run_forward
-from kdn.bench.ttft import _build_model, _contexts
+from kdn.bench.ttft import _build_model, _canary_ms, _contexts
 
 
 def _sh(cmd: str) -> str:
@@ -113,16 +113,10 @@ def main() -> None:
         return {"token": res.logits.argmax(-1).item(), "prefill_ms": 1e3 * s.prefill_s,
                 "retrieve_ms": 1e3 * s.retrieve_s, "wait_ms": 1e3 * s.load_wait_s, "hit": s.hit_tokens}
 
-    def canary() -> float:
-        """Milliseconds of a fixed pure-Python workload: the host CPU's speed right now."""
-        t0 = time.perf_counter()
-        sum(i * i for i in range(300_000))
-        return 1e3 * (time.perf_counter() - t0)
-
     rows = {"full": [], "ideal": [], "host": []}
     for r in range(args.rounds + 1):
         for name, fn in (("full", full), ("ideal", ideal), ("host", reuse)):
-            cpu = canary()
+            cpu = _canary_ms()
             rec = timed(fn)
             rec["canary_ms"] = cpu
             if r:

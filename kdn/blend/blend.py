@@ -92,11 +92,6 @@ def _check_layers(model) -> None:
         raise InvalidRequest("blend: attention with q/k norms is not supported")
 
 
-def _attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
-    """Queries ``[1, heads, n, d]`` at positions ``q_pos`` over all keys ``[1, kv_heads, N, d]`` (causal)."""
-    return attend(q, k, v, q_pos, attn.scaling)
-
-
 def _query_attention(attn, q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """Mean attention weight ``[N]`` (float32) of the query tokens ``q [1, heads, n, d]`` on context keys
     ``[N, kv_heads, d]`` (softmax over the context only)."""
@@ -265,7 +260,7 @@ def blend(model, chunk_kvs: Sequence[torch.Tensor], input_ids: Sequence[int] | t
             q, hidden, sel, n_sel_ctx = q[:, :, keep_local], hidden[:, keep_local], sel[keep_local], picked.shape[0]
         keys = kv[idx, 0].transpose(0, 1).unsqueeze(0)
         values = kv[idx, 1].transpose(0, 1).unsqueeze(0)
-        out = _attend(attn, q, keys, values, sel)  # [1, heads, n, d]
+        out = attend(q, keys, values, sel, attn.scaling)  # [1, heads, n, d], causal by position
         out = attn.o_proj(out.transpose(1, 2).reshape(1, q.shape[2], -1))
         hidden = hidden + out
         hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
