@@ -3,13 +3,13 @@
 Speed (default): a prompt of ``--context`` tokens made of ``--chunk-tokens``-token chunks plus a ``--query``-token
 question, random token ids. Each chunk's KV is computed alone at position 0 and stored under its content key
 (a) in the in-process CPU tier (pinned host memory) and (b) on a storage node in a child process (memory tier,
-``raw`` codec). Rows: ``full`` prefill (the baseline), ``blend-cpu`` and ``blend-node`` (fetch the chunks, copy
-them to the device, re-rotate, concatenate, recompute ``--ratio`` of the tokens with the ``kdn`` rule). From the
-CPU tier, :func:`kdn.blend.blend` copies each layer's KV on a side CUDA stream while earlier layers recompute
-(``load_ms`` ~0, the copies are inside ``blend_ms``); the node path fetches and decodes onto the device first, so
-its TTFT is load + blend. ``rule_ratio`` is the ratio
-:func:`kdn.blend.ratio.choose_ratio` picks from this row's load time (measured, or the tier's estimate when the
-load hides inside the blend) and the full prefill time.
+``raw`` codec). Rows: ``full`` prefill (the baseline), then per ``--method`` rule ``blend-cpu`` and ``blend-node``
+(fetch the chunks, re-rotate, concatenate, recompute ``--ratio`` of the tokens). From the CPU tier (pinned) and
+from a same-host node (``get_chunks(zero_copy=True)``: views of its CUDA-registered shared memory),
+:func:`kdn.blend.blend` copies each layer's KV on a side CUDA stream while earlier layers recompute, so
+``load_ms`` is only the lookup and the copies are inside ``blend_ms``; a node on another host would fetch and
+decode first. ``rule_ratio`` is the ratio :func:`kdn.blend.ratio.choose_ratio` picks from this row's load time
+(measured, or the tier's estimate when the load hides inside the blend) and the full prefill time.
 Default model: Llama-3-8B-shaped random bf16 weights on cuda, a tiny Llama on cpu.
 
 Quality (``--quality``, CPU, real SmolLM2-135M-Instruct): issue 13's table on Wikipedia-summary RAG prompts
