@@ -9,10 +9,12 @@ test:
 	bash scripts/install.sh --test
 	bash scripts/install_engines.sh
 	.venv/bin/ruff check .
+	.venv/bin/lint-imports
 	KDN_STRICT_SKIPS=1 .venv/bin/python -m pytest
 
 lint:
 	.venv/bin/ruff check .
+	.venv/bin/lint-imports
 
 proto:
 	scripts/gen_proto.sh

@@ -2,7 +2,7 @@
 
 ``get_codec(name, layout, **options)`` returns a codec instance; ``available_codecs()`` lists the registered names.
 The ``cachegen-*`` levels take ``profile=ModelProfile | path`` (see :mod:`codec.profile`); without one they can
-be built but refuse to encode or decode with an :class:`InvalidRequest` that says how to make a profile.
+be built but refuse to encode or decode with an :class:`InvalidInput` that says how to make a profile.
 """
 
 from __future__ import annotations
@@ -10,11 +10,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from kdn.errors import InvalidRequest
+from codec.errors import InvalidInput
 
 if TYPE_CHECKING:
-    from codec.base import Codec
-    from kdn.layout import KVLayout
+    from codec.base import Codec, ShapeLike
 
 __all__ = ["get_codec", "available_codecs", "register_codec"]
 
@@ -41,10 +40,10 @@ def codec_class(name: str) -> type[Codec]:
     try:
         target = _REGISTRY[name]
     except KeyError:
-        raise InvalidRequest(f"unknown codec {name!r}; available: {', '.join(available_codecs())}") from None
+        raise InvalidInput(f"unknown codec {name!r}; available: {', '.join(available_codecs())}") from None
     module, _, attr = target.partition(":")
     return getattr(importlib.import_module(module), attr)
 
 
-def get_codec(name: str, layout: KVLayout, **options) -> Codec:
+def get_codec(name: str, layout: ShapeLike, **options) -> Codec:
     return codec_class(name)(layout, **options)

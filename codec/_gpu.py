@@ -24,7 +24,7 @@ import torch
 
 from codec import _rans
 from codec._gpu_kernels import SOURCE
-from kdn.errors import CorruptObject, InvalidRequest
+from codec.errors import CorruptStream, InvalidInput
 
 __all__ = ["available", "GpuCacheGen", "DecodeBatch", "for_codec"]
 
@@ -122,7 +122,7 @@ class GpuCacheGen:
         self.kernels = _kernels(device.index)
         rt = tabs.rans
         if rt.alphabet > 256:
-            raise InvalidRequest("the GPU path supports tables of at most 256 symbols")
+            raise InvalidInput("the GPU path supports tables of at most 256 symbols")
         t = np.arange(rt.freq.shape[0])[:, None]
         sym = rt.slot_sym.astype(np.int64)
         f = rt.freq.astype(np.int64)[t, sym]
@@ -228,11 +228,11 @@ class GpuCacheGen:
 
     def run(self, batch: DecodeBatch, outs: list[torch.Tensor], check: bool = True) -> None:
         """Decode a prepared batch into ``outs`` (one ``[layers, 2, tokens, heads, dim]`` tensor per section, all
-        with the same strides and dtype). Raises CorruptObject (after a device sync) when any section is bad."""
+        with the same strides and dtype). Raises CorruptStream (after a device sync) when any section is bad."""
         dt = outs[0].dtype
         if dt not in _DTYPES or any(o.dtype != dt or o.stride() != outs[0].stride() or o.device != self.device
                                     for o in outs):
-            raise InvalidRequest("GPU decode needs outputs of one dtype (bf16/fp16/fp32), strides and device")
+            raise InvalidInput("GPU decode needs outputs of one dtype (bf16/fp16/fp32), strides and device")
         nsec, dev = batch.nsec, self.device
         err = torch.zeros(nsec, dtype=torch.int32, device=dev)
         escapes = torch.zeros(nsec, dtype=torch.int64, device=dev)
@@ -242,7 +242,7 @@ class GpuCacheGen:
             for k, (code, count_bad) in enumerate(bad):
                 if code or count_bad:
                     why = [m for b, m in _ERRORS.items() if code & b] or ["exception count does not match"]
-                    raise CorruptObject(f"cachegen section {k}: {'; '.join(why)}")
+                    raise CorruptStream(f"cachegen section {k}: {'; '.join(why)}")
 
     def _run_part(self, batch: DecodeBatch, a: int, b: int, outs: list[torch.Tensor], err: torch.Tensor,
                   escapes: torch.Tensor) -> None:
@@ -339,9 +339,9 @@ class GpuCacheGen:
         exc_counts = esc_h.sum(axis=1)
         code = int(err.item())
         if code & 64:
-            raise InvalidRequest(f"{self.codec.name}: KV holds NaN or Inf; use the lossless codec for such data")
+            raise InvalidInput(f"{self.codec.name}: KV holds NaN or Inf; use the lossless codec for such data")
         if code:
-            raise InvalidRequest("symbol has zero frequency in its table")
+            raise InvalidInput("symbol has zero frequency in its table")
         # section sizes and placement (sections back to back in one buffer)
         itemsize = kvs[0].element_size()
         runs = (t * lay.bits_per_token + 7) // 8
@@ -404,20 +404,20 @@ def _pad4(b: bytes) -> bytes:
 
 def _parse(view: memoryview, nl: int, t: int, c: int, s_n: int, itemsize: int, key_mean: bool, n: int,
            raw_total: int) -> dict:
-    """Offsets of a section's parts, with the CPU decoder's checks (CorruptObject on any mismatch)."""
+    """Offsets of a section's parts, with the CPU decoder's checks (CorruptStream on any mismatch)."""
     size = len(view)
     if size < _HEAD.size:
-        raise CorruptObject("cachegen section shorter than its header")
+        raise CorruptStream("cachegen section shorter than its header")
     version, flags, n_layers, n_tokens, n_streams, n_exc = _HEAD.unpack_from(view, 0)
     if version != 1 or flags != int(key_mean) or n_layers != nl or n_tokens != t or n_streams != s_n \
             or n_exc > nl * 2 * t * c:
-        raise CorruptObject("cachegen section header does not match the chunk, level or profile")
+        raise CorruptStream("cachegen section header does not match the chunk, level or profile")
     pos = _HEAD.size
     if pos + nl > size:
-        raise CorruptObject("cachegen section truncated")
+        raise CorruptStream("cachegen section truncated")
     vflags = np.frombuffer(view, np.uint8, nl, pos)
     if np.any(vflags > 1):
-        raise CorruptObject("bad verbatim flags")
+        raise CorruptStream("bad verbatim flags")
     pos += -(-nl // 4) * 4
     verbatim = {}
     for layer in np.flatnonzero(vflags):
@@ -428,7 +428,7 @@ def _parse(view: memoryview, nl: int, t: int, c: int, s_n: int, itemsize: int, k
         keymeans = pos
         pos += 2 * nl * c
     if pos + 4 * s_n > size:
-        raise CorruptObject("cachegen section truncated")
+        raise CorruptStream("cachegen section truncated")
     counts = np.frombuffer(view, "<u4", s_n, pos).astype(np.int64)
     pos += 4 * s_n
     states = pos
@@ -438,7 +438,7 @@ def _parse(view: memoryview, nl: int, t: int, c: int, s_n: int, itemsize: int, k
     raw = pos
     pos += raw_total
     if pos + 2 * int(counts.sum()) != size or np.any(counts > n + 2):
-        raise CorruptObject("cachegen section length does not match its stream table")
+        raise CorruptStream("cachegen section length does not match its stream table")
     return {"counts": counts, "states": states, "exceptions": exceptions, "raw": raw, "words": pos,
             "verbatim": verbatim, "keymeans": keymeans, "n_exc": n_exc}
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdn.errors import InvalidRequest
+from codec.errors import InvalidInput
 
 __all__ = ["load_model", "rope_parameters", "prefill_kv", "kv_and_fisher", "cache_from_kv", "continuation_logits",
            "single_group_kl"]
@@ -18,7 +18,7 @@ def load_model(model, tokenizer=None, dtype: torch.dtype = torch.float32):
     """``(model, tokenizer, model_id)`` from a loaded model, a model folder or a ``.gguf`` file (offline)."""
     if not isinstance(model, (str, Path)):
         if tokenizer is None:
-            raise InvalidRequest("profile_model: pass tokenizer= with a loaded model")
+            raise InvalidInput("profile_model: pass tokenizer= with a loaded model")
         return model.eval(), tokenizer, getattr(model.config, "_name_or_path", "") or model.config.model_type
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -63,7 +63,7 @@ def prefill_kv(model, ids: torch.Tensor) -> torch.Tensor:
     cache = model(ids[None], use_cache=True).past_key_values
     layers = cache.layers if hasattr(cache, "layers") else None
     if layers is None:
-        raise InvalidRequest("profile_model needs a transformers version whose caches expose .layers")
+        raise InvalidInput("profile_model needs a transformers version whose caches expose .layers")
     kv = torch.stack([torch.stack([lay.keys[0], lay.values[0]]) for lay in layers])  # [L, 2, H, T, D]
     return kv.permute(0, 1, 3, 2, 4).float().contiguous()
 
@@ -85,7 +85,7 @@ def kv_and_fisher(model, tokenizer, text: str, *, context: int, continuation: in
     """
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
     if len(ids) < context + continuation or context < 2:
-        raise InvalidRequest(f"profile text has {len(ids)} tokens, needs {context} + {continuation}")
+        raise InvalidInput(f"profile text has {len(ids)} tokens, needs {context} + {continuation}")
     kv = prefill_kv(model, ids[:context])
     cont = ids[context:context + continuation]
     if not samples:
@@ -106,11 +106,10 @@ def kv_and_fisher(model, tokenizer, text: str, *, context: int, continuation: in
 @torch.no_grad()
 def single_group_kl(model, profile, level: str, kv: torch.Tensor, cont: torch.Tensor, chunk: int = 256) -> np.ndarray:
     """``[L, 2]``: mean KL of the continuation when only that layer's keys or values go through ``level``."""
+    from codec.base import KVShape
     from codec.cachegen import CacheGenCodec
-    from kdn.layout import KVLayout
 
-    layout = KVLayout(profile.model_id or "profile", profile.num_layers, profile.num_kv_heads, profile.head_dim,
-                      "bfloat16")
+    layout = KVShape(profile.num_layers, profile.num_kv_heads, profile.head_dim, "bfloat16")
     codec = type("_Level", (CacheGenCodec,), {"name": f"cachegen-{level}", "level": level})(layout, profile)
     kv = kv.to(torch.bfloat16)
     ref = torch.log_softmax(continuation_logits(model, kv, cont)[0], -1)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdn.errors import InvalidRequest
+from codec.errors import InvalidInput
 
 __all__ = ["ModelProfile", "LevelProfile", "PROFILE_MAGIC", "PROFILE_VERSION", "profile_id"]
 
@@ -97,28 +97,28 @@ class ModelProfile:
         return self.num_kv_heads * self.head_dim
 
     def check(self) -> None:
-        """Raise InvalidRequest unless every array is consistent."""
+        """Raise InvalidInput unless every array is consistent."""
         L, C, G = self.num_layers, self.channels, self.stream_channels
         if G <= 0 or C % G or G > 256:
-            raise InvalidRequest("profile: stream_channels must divide kv_heads * head_dim and be <= 256")
+            raise InvalidInput("profile: stream_channels must divide kv_heads * head_dim and be <= 256")
         if self.mean.shape != (L, 2, C) or self.weight.shape != (L, 2, C) or self.sink_ratio.shape != (L,):
-            raise InvalidRequest("profile: mean/weight/sink_ratio shape mismatch")
+            raise InvalidInput("profile: mean/weight/sink_ratio shape mismatch")
         if self.transform.shape != (L, 2, C // G, G, G) or not 0 <= self.input_shift <= 40:
-            raise InvalidRequest("profile: transform shape or input_shift invalid")
+            raise InvalidInput("profile: transform shape or input_shift invalid")
         if not (np.all(np.isfinite(self.weight)) and np.all(self.weight > 0) and np.all(np.isfinite(self.mean))):
-            raise InvalidRequest("profile: weights must be positive and finite")
+            raise InvalidInput("profile: weights must be positive and finite")
         if np.any(np.abs(self.transform.astype(np.int64)) > 1 << 13):
-            raise InvalidRequest("profile: transform entries exceed 2**13")
+            raise InvalidInput("profile: transform entries exceed 2**13")
         for lv in self.levels.values():
             T = lv.lo.shape[0]
             if lv.step_int.shape != (L, 2, C) or lv.table_of.shape != (L, 2, C):
-                raise InvalidRequest(f"profile level {lv.name}: array shape mismatch")
+                raise InvalidInput(f"profile level {lv.name}: array shape mismatch")
             if np.any(lv.step_int < 1) or np.any(lv.step_int >= 1 << 12) or not 0 <= lv.step_shift <= 60:
-                raise InvalidRequest(f"profile level {lv.name}: steps out of range")
+                raise InvalidInput(f"profile level {lv.name}: steps out of range")
             if int(lv.table_of.max()) >= T or lv.freq.shape[0] != T or lv.raw_bits.shape != (T,):
-                raise InvalidRequest(f"profile level {lv.name}: table index out of range")
+                raise InvalidInput(f"profile level {lv.name}: table index out of range")
             if np.any(lv.raw_bits > 15) or np.any(lv.size < 2) or np.any(lv.size > lv.freq.shape[1]):
-                raise InvalidRequest(f"profile level {lv.name}: bad table parameters")
+                raise InvalidInput(f"profile level {lv.name}: bad table parameters")
 
     # -- serialization ------------------------------------------------------------------------------------
     def _arrays(self) -> dict[str, np.ndarray]:
@@ -153,19 +153,19 @@ class ModelProfile:
         try:
             magic, version, n = _HEAD.unpack_from(data, 0)
             if magic != PROFILE_MAGIC:
-                raise InvalidRequest("not a KDN model profile (bad magic)")
+                raise InvalidInput("not a KDN model profile (bad magic)")
             if version != PROFILE_VERSION:
-                raise InvalidRequest(f"unsupported model profile version {version}")
+                raise InvalidInput(f"unsupported model profile version {version}")
             head = json.loads(data[_HEAD.size:_HEAD.size + n])
             body = memoryview(data)[_HEAD.size + n:]
             arrays = {}
             for name, d in head["arrays"].items():
                 if d["dtype"] not in _DTYPES:
-                    raise InvalidRequest(f"profile array {name}: dtype {d['dtype']} not allowed")
+                    raise InvalidInput(f"profile array {name}: dtype {d['dtype']} not allowed")
                 dt = np.dtype(d["dtype"])
                 count = int(np.prod(d["shape"], dtype=np.int64))
                 if count * dt.itemsize != d["nbytes"] or d["offset"] < 0 or d["offset"] + d["nbytes"] > len(body):
-                    raise InvalidRequest(f"profile array {name} out of bounds")
+                    raise InvalidInput(f"profile array {name} out of bounds")
                 a = np.frombuffer(body, dt, count, d["offset"]).reshape(d["shape"])
                 arrays[name] = a.astype(dt.newbyteorder("="))
             levels = {}
@@ -181,7 +181,7 @@ class ModelProfile:
                        sink_ratio=arrays["sink_ratio"], levels=levels, chunk_key_mean=bool(head["chunk_key_mean"]),
                        info=head.get("info", {}))
         except (KeyError, ValueError, TypeError, struct.error) as exc:
-            raise InvalidRequest(f"malformed model profile: {exc}") from exc
+            raise InvalidInput(f"malformed model profile: {exc}") from exc
         prof.check()
         return prof
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kdn.errors import CorruptObject, InvalidRequest
+from codec.errors import CorruptStream, InvalidInput
 
 __all__ = ["PROB_BITS", "LANES", "RansTables", "normalize_freqs", "encode_streams", "decode_streams"]
 
@@ -44,7 +44,7 @@ def normalize_freqs(counts: np.ndarray, total: int = M) -> np.ndarray:
     counts = np.asarray(counts, dtype=np.float64)
     n = counts.size
     if n == 0 or n > total:
-        raise InvalidRequest(f"alphabet of {n} symbols does not fit {total} slots")
+        raise InvalidInput(f"alphabet of {n} symbols does not fit {total} slots")
     p = counts / counts.sum() if counts.sum() > 0 else np.full(n, 1.0 / n)
     freq = np.maximum(1, np.floor(p * (total - n)).astype(np.int64) + 1)
     diff = total - int(freq.sum())
@@ -76,9 +76,9 @@ class RansTables:
         """Tables from frequencies ``[T, A]``; a zero frequency marks a symbol that cannot occur."""
         freq = np.ascontiguousarray(freq, dtype=np.uint32)
         if freq.ndim != 2 or freq.shape[1] > 1 << 16:
-            raise InvalidRequest("rANS tables must be a 2-D array with at most 65536 symbols")
+            raise InvalidInput("rANS tables must be a 2-D array with at most 65536 symbols")
         if np.any(freq.sum(axis=1) != M):
-            raise InvalidRequest(f"rANS table frequencies must sum to {M}")
+            raise InvalidInput(f"rANS table frequencies must sum to {M}")
         cum = np.zeros_like(freq)
         cum[:, 1:] = np.cumsum(freq, axis=1)[:, :-1]
         slot_sym = np.empty((freq.shape[0], M), dtype=np.uint16)
@@ -120,13 +120,13 @@ def encode_streams(symbols: np.ndarray, table_ids: np.ndarray, tables: RansTable
     symbols = np.asarray(symbols)
     num_streams, n = symbols.shape
     if np.any(symbols < 0) or np.any(symbols >= tables.alphabet):
-        raise InvalidRequest("symbol outside its table's alphabet")
+        raise InvalidInput("symbol outside its table's alphabet")
     steps = _steps(n)
     pad = steps * LANES - n
     flat = np.broadcast_to(table_ids, symbols.shape).astype(np.int64) * tables.alphabet + symbols
     f_sym = tables.freq.reshape(-1).astype(np.int64)[flat]
     if np.any(f_sym == 0):
-        raise InvalidRequest("symbol has zero frequency in its table")
+        raise InvalidInput("symbol has zero frequency in its table")
     f_all = _lane_major(f_sym, steps, fill=1)
     c_all = _lane_major(tables.cum.reshape(-1).astype(np.int64)[flat], steps)
     x = np.full(num_streams * LANES, _L, dtype=np.int64)
@@ -161,10 +161,10 @@ def encode_streams(symbols: np.ndarray, table_ids: np.ndarray, tables: RansTable
 
 def decode_streams(words: list[np.ndarray], states: np.ndarray, n: int, table_ids: np.ndarray,
                    tables: RansTables) -> np.ndarray:
-    """Decode ``n`` symbols per stream; inverse of :func:`encode_streams`. Raises CorruptObject on bad input."""
+    """Decode ``n`` symbols per stream; inverse of :func:`encode_streams`. Raises CorruptStream on bad input."""
     num_streams = len(words)
     if states.shape != (num_streams, LANES):
-        raise CorruptObject("rANS state table has the wrong shape")
+        raise CorruptStream("rANS state table has the wrong shape")
     if num_streams == 0 or n == 0:
         return np.zeros((num_streams, n), dtype=np.int64)
     steps = _steps(n)
@@ -176,7 +176,7 @@ def decode_streams(words: list[np.ndarray], states: np.ndarray, n: int, table_id
     flat_words = np.concatenate([np.asarray(w, dtype=np.int64) for w in words] + [np.zeros(LANES, np.int64)])
     x = states.astype(np.int64).reshape(-1)
     if np.any(x < _L):
-        raise CorruptObject("rANS initial state below the lower bound")
+        raise CorruptStream("rANS initial state below the lower bound")
     base = _lane_major(np.broadcast_to(table_ids, (num_streams, n)), steps) * M
     dec = tables.packed_decode
     out = np.empty((steps, num_streams * LANES), dtype=np.int64)
@@ -197,10 +197,10 @@ def decode_streams(words: list[np.ndarray], states: np.ndarray, n: int, table_id
             pos = (rd[:, None] + np.cumsum(n2, axis=1) - 1)[n2]
             rd += n2.sum(axis=1)
             if np.any(rd > end):
-                raise CorruptObject("rANS stream ended early (truncated or corrupt)")
+                raise CorruptStream("rANS stream ended early (truncated or corrupt)")
             xn[need] = (xn[need] << 16) | flat_words[pos]
         x = xn
     if np.any(rd != end) or np.any(x != _L):
-        raise CorruptObject("rANS streams did not end cleanly (corrupt or foreign bitstream)")
+        raise CorruptStream("rANS streams did not end cleanly (corrupt or foreign bitstream)")
     sym = (out & 0xFFFF).reshape(steps, num_streams, LANES).transpose(1, 0, 2).reshape(num_streams, -1)
     return sym[:, :n]

@@ -5,7 +5,7 @@ weight (the square root of how much the model's output depends on that channel),
 an orthonormal transform (a KLT of the weighted values, so coefficients are decorrelated). Each coefficient is
 quantized with one step per level and entropy coded with interleaved rANS (:mod:`codec._rans`) using tables from
 the profile, so a chunk carries no tables and no scales. ``meta()`` holds the profile id; a chunk encoded with
-another profile is refused with :class:`CorruptObject`.
+another profile is refused with :class:`CorruptStream`.
 
 Integer pipeline (exact, so every CPU and GPU implementation produces the same bytes and the same values)::
 
@@ -57,8 +57,8 @@ from codec import _gpu, _rans
 from codec._bits import pack_bits, run_bytes, unpack_bits
 from codec._profile_format import LevelProfile, ModelProfile
 from codec.base import Codec
+from codec.errors import CorruptStream, InvalidInput
 from codec.raw import check_kv, torch_dtype
-from kdn.errors import CorruptObject, InvalidRequest
 
 __all__ = ["CacheGenCodec", "CacheGenHigh", "CacheGenDefault", "CacheGenCompact", "SECTION_VERSION",
            "forward_transform", "inverse_transform"]
@@ -131,12 +131,12 @@ class CacheGenCodec(Codec):
             return
         if (profile.num_layers, profile.num_kv_heads, profile.head_dim) != (
                 layout.num_layers, layout.num_kv_heads, layout.head_dim):
-            raise InvalidRequest(
+            raise InvalidInput(
                 f"profile of {profile.model_id!r} is for {profile.num_layers} layers x {profile.num_kv_heads} kv "
                 f"heads x {profile.head_dim}, layout has {layout.num_layers} x {layout.num_kv_heads} x "
                 f"{layout.head_dim}")
         if self.level not in profile.levels:
-            raise InvalidRequest(f"profile has no level {self.level!r} (has {sorted(profile.levels)})")
+            raise InvalidInput(f"profile has no level {self.level!r} (has {sorted(profile.levels)})")
         self._tables = _LevelTables(profile.levels[self.level])
         self._meta = META_MAGIC + bytes([SECTION_VERSION]) + profile.profile_id()
 
@@ -146,7 +146,7 @@ class CacheGenCodec(Codec):
     # -- helpers ---------------------------------------------------------------------------------------------
     def _require(self) -> _LevelTables:
         if self._tables is None:
-            raise InvalidRequest(
+            raise InvalidInput(
                 f"codec {self.name!r} needs a model profile: build one with `kdnctl codec profile --model PATH` "
                 f"(codec.profile.profile_model) and pass it as get_codec({self.name!r}, layout, profile=...)")
         return self._tables
@@ -154,11 +154,11 @@ class CacheGenCodec(Codec):
     def _layers(self, num_layers: int, layer_start: int | None) -> slice:
         if layer_start is None:
             if num_layers != self.layout.num_layers:
-                raise InvalidRequest(f"{self.name}: layer_start is required for a group of {num_layers} of "
+                raise InvalidInput(f"{self.name}: layer_start is required for a group of {num_layers} of "
                                      f"{self.layout.num_layers} layers")
             layer_start = 0
         if not 0 <= layer_start <= self.layout.num_layers - num_layers:
-            raise InvalidRequest(f"layers [{layer_start}, {layer_start + num_layers}) outside the layout")
+            raise InvalidInput(f"layers [{layer_start}, {layer_start + num_layers}) outside the layout")
         return slice(layer_start, layer_start + num_layers)
 
     def _symbol_tables(self, tabs: _LevelTables, layers: slice, num_tokens: int) -> np.ndarray:
@@ -187,7 +187,7 @@ class CacheGenCodec(Codec):
             return bytes(_gpu.for_codec(self, kv.device).encode([kv.detach()], layers.start)[0])
         x = kv.detach().to(device="cpu", dtype=torch.float32).reshape(nl, 2, t, -1).numpy()
         if not np.all(np.isfinite(x)):
-            raise InvalidRequest(f"{self.name}: KV holds NaN or Inf; use the lossless codec for such data")
+            raise InvalidInput(f"{self.name}: KV holds NaN or Inf; use the lossless codec for such data")
         p = self.profile
         verbatim = self._sinks(x, layers)
         mean, key_means = self._means(x, layers)
@@ -245,7 +245,7 @@ class CacheGenCodec(Codec):
         shape = self.layout.shape(num_tokens, num_layers)
         dt = torch_dtype(self.layout.dtype)
         if out is not None and (tuple(out.shape) != tuple(shape) or out.dtype != dt):
-            raise InvalidRequest(f"out has shape {tuple(out.shape)}/{out.dtype}, expected {tuple(shape)}/{dt}")
+            raise InvalidInput(f"out has shape {tuple(out.shape)}/{out.dtype}, expected {tuple(shape)}/{dt}")
         target_device = out.device if out is not None else torch.device(device)
         if target_device.type == "cuda" and _gpu.available() and dt in _GPU_DTYPES:
             target = out if out is not None else torch.empty(shape, dtype=dt, device=target_device)
@@ -254,7 +254,7 @@ class CacheGenCodec(Codec):
         try:
             y = self._decode_values(memoryview(data), num_layers, num_tokens, layers, tabs, dt)
         except (ValueError, IndexError, struct.error) as exc:
-            raise CorruptObject(f"{self.name}: malformed section: {exc}") from exc
+            raise CorruptStream(f"{self.name}: malformed section: {exc}") from exc
         result = y.reshape(shape).to(dt)
         if out is None:
             return result.to(device)
@@ -264,9 +264,9 @@ class CacheGenCodec(Codec):
     def _check_meta(self, meta: bytes) -> None:
         if meta != self._meta:
             if meta[:2] == META_MAGIC and len(meta) == len(self._meta):
-                raise CorruptObject(f"chunk was encoded with model profile {meta[3:].hex()}, this codec uses "
+                raise CorruptStream(f"chunk was encoded with model profile {meta[3:].hex()}, this codec uses "
                                     f"{self._meta[3:].hex()}")
-            raise CorruptObject(f"{self.name}: chunk metadata is not a CacheGen profile id")
+            raise CorruptStream(f"{self.name}: chunk metadata is not a CacheGen profile id")
 
     # -- batches (one GPU launch sequence for many sections) -----------------------------------------------
     def encode_batch(self, kvs: list[torch.Tensor], *, layer_start: int | None = None) -> list[bytes]:
@@ -277,7 +277,7 @@ class CacheGenCodec(Codec):
         for k in kvs:
             check_kv(k, self.layout, num_layers=kvs[0].shape[0])
             if k.shape != kvs[0].shape or k.device != kvs[0].device:
-                raise InvalidRequest("encode_batch needs sections of one shape on one device")
+                raise InvalidInput("encode_batch needs sections of one shape on one device")
         layers = self._layers(kvs[0].shape[0], layer_start)
         return [bytes(v) for v in _gpu.for_codec(self, kvs[0].device).encode([k.detach() for k in kvs],
                                                                             layers.start)]
@@ -285,13 +285,13 @@ class CacheGenCodec(Codec):
     def decode_batch(self, sections: list, num_layers: int, num_tokens: int, *, outs: list[torch.Tensor],
                      meta: bytes = b"", layer_start: int | None = None) -> list[torch.Tensor]:
         """Decode sections of one shape into ``outs`` (e.g. token slices of the engine's cache); on CUDA all of
-        them at once. Raises CorruptObject when any section is bad."""
+        them at once. Raises CorruptStream when any section is bad."""
         self._require()
         self._check_meta(meta)
         layers = self._layers(num_layers, layer_start)
         shape, dt = self.layout.shape(num_tokens, num_layers), torch_dtype(self.layout.dtype)
         if len(outs) != len(sections) or any(tuple(o.shape) != tuple(shape) or o.dtype != dt for o in outs):
-            raise InvalidRequest(f"decode_batch needs one output of shape {tuple(shape)}/{dt} per section")
+            raise InvalidInput(f"decode_batch needs one output of shape {tuple(shape)}/{dt} per section")
         if outs and all(o.is_cuda for o in outs) and _gpu.available() and dt in _GPU_DTYPES \
                 and all(o.stride() == outs[0].stride() and o.device == outs[0].device for o in outs):
             _gpu.for_codec(self, outs[0].device).decode(sections, num_layers, num_tokens, layers.start, outs)
@@ -305,16 +305,16 @@ class CacheGenCodec(Codec):
         lv = tabs.level
         c = self.profile.channels
         if len(view) < _HEAD.size:
-            raise CorruptObject("cachegen section shorter than its header")
+            raise CorruptStream("cachegen section shorter than its header")
         version, flags, n_layers, n_tokens, n_streams, n_exc = _HEAD.unpack_from(view, 0)
         expected_streams = nl * 2 * (c // self.profile.stream_channels)
         if version != SECTION_VERSION or flags != int(self.profile.chunk_key_mean) or n_layers != nl or n_tokens != t \
                 or n_streams != expected_streams or n_exc > nl * 2 * t * c:
-            raise CorruptObject("cachegen section header does not match the chunk, level or profile")
+            raise CorruptStream("cachegen section header does not match the chunk, level or profile")
         pos = _HEAD.size
         verbatim = np.frombuffer(view, np.uint8, nl, pos).astype(bool)
         if np.any(np.frombuffer(view, np.uint8, nl, pos) > 1):
-            raise CorruptObject("bad verbatim flags")
+            raise CorruptStream("bad verbatim flags")
         pos += -(-nl // 4) * 4
         itemsize = torch.empty((), dtype=dt).element_size()
         vbytes = 2 * c * itemsize
@@ -337,7 +337,7 @@ class CacheGenCodec(Codec):
         low = unpack_bits(view[pos:pos + rb], b)
         pos += rb
         if pos + 2 * int(counts.sum()) != len(view) or np.any(counts > t * self.profile.stream_channels + 2):
-            raise CorruptObject("cachegen section length does not match its stream table")
+            raise CorruptStream("cachegen section length does not match its stream table")
         words, wpos = [], pos
         for n in counts:
             words.append(np.frombuffer(view, "<u2", int(n), wpos))
@@ -346,11 +346,11 @@ class CacheGenCodec(Codec):
         sym = _rans.decode_streams(words, states, t * self.profile.stream_channels, tid_s, tabs.rans)
         esc = sym == 0
         if int(esc.sum()) != n_exc:
-            raise CorruptObject("cachegen exception count does not match the bitstream")
+            raise CorruptStream("cachegen exception count does not match the bitstream")
         z = ((sym + tabs.lo[tid_s] - 1) << b) | low
         z[esc] = exceptions
         if np.any(np.abs(z) > _ZMAX):
-            raise CorruptObject("cachegen integer level out of range")
+            raise CorruptStream("cachegen integer level out of range")
         p = self.profile
         ri = self._unstreams(z, nl, t).astype(np.float64) * tabs.step_int[layers][:, :, None, :]
         y = inverse_transform(ri, mean, p.weight[layers], p.transform[layers], lv.step_shift)

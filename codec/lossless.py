@@ -27,8 +27,8 @@ import torch
 
 from codec import _rans
 from codec.base import Codec
+from codec.errors import CorruptStream, InvalidInput
 from codec.raw import tensor_bytes, torch_dtype
-from kdn.errors import CorruptObject, InvalidRequest
 
 __all__ = ["LosslessCodec"]
 
@@ -75,7 +75,7 @@ class LosslessCodec(Codec):
 
     def encode(self, kv: torch.Tensor, *, layer_start: int | None = None) -> bytes:
         if kv.dtype != torch_dtype(self.layout.dtype):
-            raise InvalidRequest(f"KV dtype {kv.dtype} does not match layout dtype {self.layout.dtype}")
+            raise InvalidInput(f"KV dtype {kv.dtype} does not match layout dtype {self.layout.dtype}")
         nl, _, t = kv.shape[:3]
         a, plane = self._split(kv)
         c = a.shape[-1]
@@ -110,11 +110,11 @@ class LosslessCodec(Codec):
         shape = self.layout.shape(num_tokens, num_layers)
         dt = torch_dtype(self.layout.dtype)
         if out is not None and (tuple(out.shape) != tuple(shape) or out.dtype != dt):
-            raise InvalidRequest(f"out has shape {tuple(out.shape)}/{out.dtype}, expected {tuple(shape)}/{dt}")
+            raise InvalidInput(f"out has shape {tuple(out.shape)}/{out.dtype}, expected {tuple(shape)}/{dt}")
         try:
             values = self._decode(memoryview(data), num_layers, num_tokens)
         except (ValueError, IndexError, struct.error) as exc:
-            raise CorruptObject(f"lossless section is malformed: {exc}") from exc
+            raise CorruptStream(f"lossless section is malformed: {exc}") from exc
         result = torch.from_numpy(values).view(dt).reshape(shape)
         if out is None:
             return result.to(device)
@@ -126,7 +126,7 @@ class LosslessCodec(Codec):
         version, itemsize, n_layers, n_tokens, n_streams, g = _HEAD.unpack_from(view, 0)
         if (version, itemsize, n_layers, n_tokens, g) != (_VERSION, self.layout.itemsize, nl, t,
                                                           _stream_channels(c)) or n_streams != nl * 2 * (c // g):
-            raise CorruptObject("lossless section header does not match the chunk")
+            raise CorruptStream("lossless section header does not match the chunk")
         pos = _HEAD.size
         ref = np.frombuffer(view, np.uint8, nl * 2 * c, pos).astype(np.int64).reshape(nl, 2, 1, c)
         pos += nl * 2 * c
@@ -137,7 +137,7 @@ class LosslessCodec(Codec):
             pos += 2 + 3 * k
             if k == 0 or np.any(np.diff(entries["sym"].astype(np.int64)) <= 0) or np.any(entries["freq"] == 0) \
                     or int(entries["freq"].sum(dtype=np.int64)) != _rans.M:
-                raise CorruptObject("lossless section has a malformed rANS table")
+                raise CorruptStream("lossless section has a malformed rANS table")
             freq[i, entries["sym"]] = entries["freq"]
         pos += -pos % 4
         counts = np.frombuffer(view, "<u4", n_streams, pos).astype(np.int64)
@@ -149,7 +149,7 @@ class LosslessCodec(Codec):
         plane = np.frombuffer(view, np.uint8, plane_bytes, pos)
         pos += plane_bytes
         if pos + 2 * int(counts.sum()) != len(view):
-            raise CorruptObject("lossless section length does not match its stream table")
+            raise CorruptStream("lossless section length does not match its stream table")
         words = []
         for n in counts:
             words.append(np.frombuffer(view, "<u2", int(n), pos))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import lz4.block
 
 from codec.base import Codec
+from codec.errors import CorruptStream
 from codec.raw import tensor_bytes, tensor_from_bytes, torch_dtype
-from kdn.errors import CorruptObject
 
 __all__ = ["LZ4Codec"]
 
@@ -24,5 +24,5 @@ class LZ4Codec(Codec):
         try:
             raw = lz4.block.decompress(data, uncompressed_size=size)
         except lz4.block.LZ4BlockError as exc:
-            raise CorruptObject(f"lz4 section does not decode: {exc}") from exc
+            raise CorruptStream(f"lz4 section does not decode: {exc}") from exc
         return tensor_from_bytes(raw, shape, torch_dtype(self.layout.dtype), device=device, out=out)

@@ -28,7 +28,7 @@ import numpy as np
 from codec._profile_format import LevelProfile, ModelProfile
 from codec._rans import M, normalize_freqs
 from codec.cachegen import INPUT_BITS, TRANSFORM_BITS, TRANSFORM_ONE
-from kdn.errors import InvalidRequest
+from codec.errors import InvalidInput
 
 __all__ = ["ModelProfile", "LevelProfile", "build_profile", "profile_model", "DEFAULT_LEVELS", "load_profile"]
 
@@ -51,13 +51,13 @@ def _stack(samples: Sequence, num_layers: int | None) -> list[np.ndarray]:
     for s in samples:
         a = s.detach().float().cpu().numpy() if hasattr(s, "detach") else np.asarray(s, dtype=np.float32)
         if a.ndim != 5 or a.shape[1] != 2:
-            raise InvalidRequest("profile samples must be [layers, 2, tokens, kv_heads, head_dim]")
+            raise InvalidInput("profile samples must be [layers, 2, tokens, kv_heads, head_dim]")
         if num_layers is not None and a.shape[0] != num_layers:
-            raise InvalidRequest("profile samples disagree on the number of layers")
+            raise InvalidInput("profile samples disagree on the number of layers")
         num_layers = a.shape[0]
         out.append(a.reshape(a.shape[0], 2, a.shape[2], -1).astype(np.float32))
     if not out:
-        raise InvalidRequest("build_profile needs at least one KV sample")
+        raise InvalidInput("build_profile needs at least one KV sample")
     return out
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from codec.base import Codec
-from kdn.errors import CorruptObject, InvalidRequest
+from codec.errors import CorruptStream, InvalidInput
 
 __all__ = ["RawCodec", "tensor_bytes", "tensor_from_bytes", "check_kv"]
 
@@ -20,15 +20,15 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def check_kv(kv: torch.Tensor, layout, num_layers: int | None = None) -> None:
-    """Raise :class:`InvalidRequest` unless ``kv`` matches the layout's shape convention and dtype."""
+    """Raise :class:`InvalidInput` unless ``kv`` matches the layout's shape convention and dtype."""
     if not isinstance(kv, torch.Tensor):
-        raise InvalidRequest(f"KV must be a torch.Tensor, got {type(kv).__name__}")
+        raise InvalidInput(f"KV must be a torch.Tensor, got {type(kv).__name__}")
     if kv.dtype != torch_dtype(layout.dtype):
-        raise InvalidRequest(f"KV dtype {kv.dtype} does not match layout dtype {layout.dtype}")
+        raise InvalidInput(f"KV dtype {kv.dtype} does not match layout dtype {layout.dtype}")
     layers = layout.num_layers if num_layers is None else num_layers
     if kv.dim() != 5 or kv.shape[0] != layers or kv.shape[1] != 2 or tuple(kv.shape[3:]) != (
             layout.num_kv_heads, layout.head_dim):
-        raise InvalidRequest(
+        raise InvalidInput(
             f"KV shape {tuple(kv.shape)} does not match [layers={layers}, 2, tokens, "
             f"kv_heads={layout.num_kv_heads}, head_dim={layout.head_dim}]")
 
@@ -44,12 +44,12 @@ def tensor_from_bytes(data: bytes | memoryview, shape, dtype: torch.dtype, *, de
     """Copy ``data`` into a new (or the given) tensor of ``shape`` and ``dtype``."""
     n = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
     if len(data) != n:
-        raise CorruptObject(f"decoded {len(data)} bytes, expected {n} for shape {tuple(shape)}")
+        raise CorruptStream(f"decoded {len(data)} bytes, expected {n} for shape {tuple(shape)}")
     src = np.frombuffer(data, dtype=np.uint8)
     if out is None:
         out = torch.empty(shape, dtype=dtype, device=device)
     elif tuple(out.shape) != tuple(shape) or out.dtype != dtype:
-        raise InvalidRequest(f"out has shape {tuple(out.shape)}/{out.dtype}, expected {tuple(shape)}/{dtype}")
+        raise InvalidInput(f"out has shape {tuple(out.shape)}/{out.dtype}, expected {tuple(shape)}/{dtype}")
     if out.device.type == "cpu" and out.is_contiguous():
         out.view(-1).view(torch.uint8).numpy()[:] = src
     else:

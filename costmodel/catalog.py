@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from kdn.errors import ConfigError, InvalidRequest
+from costmodel.errors import CatalogError, InvalidInput
 
 __all__ = ["GPU", "Throughput", "TierOffer", "Network", "Catalog", "load_catalog", "parse_override"]
 
@@ -26,7 +26,7 @@ def _check(owner: str, **values: float | None) -> None:
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise InvalidRequest(f"{owner}: {name} must be a finite number >= 0, got {value!r}")
+            raise InvalidInput(f"{owner}: {name} must be a finite number >= 0, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ class Throughput:
         _check("throughput", prefill_tokens_per_s=self.prefill_tokens_per_s,
                decode_tokens_per_s=self.decode_tokens_per_s)
         if self.prefill_tokens_per_s == 0 or self.decode_tokens_per_s == 0:
-            raise InvalidRequest("throughput: tokens/s must be > 0")
+            raise InvalidInput("throughput: tokens/s must be > 0")
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ class TierOffer:
                egress_per_gb=self.egress_per_gb, link_per_hour=self.link_per_hour,
                link_per_gbps_hour=self.link_per_gbps_hour)
         if self.bandwidth_gbps <= 0:
-            raise InvalidRequest(f"tier {self.name!r}: bandwidth_gbps must be > 0")
+            raise InvalidInput(f"tier {self.name!r}: bandwidth_gbps must be > 0")
 
 
 @dataclass(frozen=True)
@@ -128,13 +128,13 @@ class Catalog:
     def gpu(self, name: str | None = None) -> GPU:
         name = (name or self.defaults.get("gpu") or "").lower()
         if name not in self.gpus:
-            raise InvalidRequest(f"unknown GPU {name!r}; known: {', '.join(self.gpus)}")
+            raise InvalidInput(f"unknown GPU {name!r}; known: {', '.join(self.gpus)}")
         return self.gpus[name]
 
     def network(self, name: str | None = None) -> Network:
         name = name or self.defaults.get("network") or "same-zone"
         if name not in self.networks:
-            raise InvalidRequest(f"unknown network {name!r}; known: {', '.join(self.networks)}")
+            raise InvalidInput(f"unknown network {name!r}; known: {', '.join(self.networks)}")
         return self.networks[name]
 
     def throughput_for(self, gpu: str, model: str) -> Throughput | None:
@@ -148,7 +148,7 @@ class Catalog:
         offers = []
         for name in names:
             if name not in self.tiers:
-                raise InvalidRequest(f"unknown tier {name!r}; known: {', '.join(self.tiers)}")
+                raise InvalidInput(f"unknown tier {name!r}; known: {', '.join(self.tiers)}")
             offers.append(self._resolve(name, self.tiers[name], gpu, network))
         return offers
 
@@ -158,21 +158,21 @@ class Catalog:
                  "egress_per_gb", "link_per_hour", "link_per_gbps_hour", "remote", "source", "as_of"}
         unknown = set(raw) - known
         if unknown:
-            raise ConfigError(f"{owner}: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
+            raise CatalogError(f"{owner}: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
         if "per_gb_hour" in raw and "per_gb_month" in raw:
-            raise ConfigError(f"{owner}: give per_gb_hour or per_gb_month, not both")
+            raise CatalogError(f"{owner}: give per_gb_hour or per_gb_month, not both")
         if raw.get("per_gb_hour") == "from_gpu":
             if gpu.memory_gb <= 0:
-                raise ConfigError(f"{owner}: per_gb_hour from_gpu needs gpu {gpu.name!r} memory_gb")
+                raise CatalogError(f"{owner}: per_gb_hour from_gpu needs gpu {gpu.name!r} memory_gb")
             per_gb_hour = gpu.price_per_hour / gpu.memory_gb
         elif "per_gb_hour" in raw:
             per_gb_hour = _num(owner, "per_gb_hour", raw["per_gb_hour"])
         elif "per_gb_month" in raw:
             per_gb_hour = _num(owner, "per_gb_month", raw["per_gb_month"]) / self.hours_per_month
         else:
-            raise ConfigError(f"{owner}: missing price (per_gb_hour or per_gb_month)")
+            raise CatalogError(f"{owner}: missing price (per_gb_hour or per_gb_month)")
         if "bandwidth_gbps" not in raw:
-            raise ConfigError(f"{owner}: missing bandwidth_gbps")
+            raise CatalogError(f"{owner}: missing bandwidth_gbps")
         remote = bool(raw.get("remote", False))
         offer = TierOffer(
             name=name, kind=str(raw.get("kind", name)), per_gb_hour=per_gb_hour,
@@ -193,7 +193,7 @@ class Catalog:
 
 def _num(owner: str, name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{owner}: {name} must be a number, got {value!r}")
+        raise CatalogError(f"{owner}: {name} must be a number, got {value!r}")
     _check(owner, **{name: float(value)})
     return float(value)
 
@@ -219,11 +219,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     path, sep, value = text.partition("=")
     parts = [p for p in path.strip().split(".", 2) if p]
     if not sep or len(parts) < 2 or parts[0] not in (*_SECTIONS, "defaults", "hours_per_month"):
-        raise ConfigError(f"bad override {text!r}; use SECTION.NAME.FIELD=VALUE, SECTION one of {_SECTIONS}")
+        raise CatalogError(f"bad override {text!r}; use SECTION.NAME.FIELD=VALUE, SECTION one of {_SECTIONS}")
     try:
         return parts, yaml.safe_load(value)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"bad override value in {text!r}: {exc}") from exc
+        raise CatalogError(f"bad override value in {text!r}: {exc}") from exc
 
 
 def _read_yaml(path: str | Path | None) -> dict[str, Any]:
@@ -236,11 +236,11 @@ def _read_yaml(path: str | Path | None) -> dict[str, Any]:
             text = Path(path).read_text(encoding="utf-8")
         data = yaml.safe_load(text) or {}
     except OSError as exc:
-        raise ConfigError(f"cannot read price catalog {path}: {exc}") from exc
+        raise CatalogError(f"cannot read price catalog {path}: {exc}") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"invalid YAML in price catalog {path}: {exc}") from exc
+        raise CatalogError(f"invalid YAML in price catalog {path}: {exc}") from exc
     if not isinstance(data, dict):
-        raise ConfigError(f"price catalog {path} must be a mapping")
+        raise CatalogError(f"price catalog {path} must be a mapping")
     return data
 
 
@@ -255,7 +255,7 @@ def load_catalog(path: str | Path | None = None, overrides: list[str] | None = N
         for key in parts[:-1]:
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override {text!r}: {key!r} is not a mapping")
+                raise CatalogError(f"override {text!r}: {key!r} is not a mapping")
         node[parts[-1]] = value
     return _build(raw)
 
@@ -263,7 +263,7 @@ def load_catalog(path: str | Path | None = None, overrides: list[str] | None = N
 def _section(raw: dict[str, Any], name: str) -> dict[str, Any]:
     value = raw.get(name) or {}
     if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
-        raise ConfigError(f"price catalog: {name!r} must map names to mappings")
+        raise CatalogError(f"price catalog: {name!r} must map names to mappings")
     return {str(k).lower(): v for k, v in value.items()}
 
 
@@ -274,18 +274,18 @@ def _build(raw: dict[str, Any]) -> Catalog:
         for gpu_name, models in _section(raw, "throughput").items():
             for model, entry in models.items():
                 if not isinstance(entry, dict):
-                    raise ConfigError(f"throughput.{gpu_name}.{model} must be a mapping")
+                    raise CatalogError(f"throughput.{gpu_name}.{model} must be a mapping")
                 throughput[(gpu_name, str(model).lower())] = Throughput(**entry)
         networks = {name: Network(name=name, **entry) for name, entry in _section(raw, "networks").items()}
     except TypeError as exc:  # unknown or missing field
-        raise ConfigError(f"price catalog: {exc}") from exc
-    except InvalidRequest as exc:
-        raise ConfigError(f"price catalog: {exc}") from exc
+        raise CatalogError(f"price catalog: {exc}") from exc
+    except InvalidInput as exc:
+        raise CatalogError(f"price catalog: {exc}") from exc
     hours = raw.get("hours_per_month", 730)
     if isinstance(hours, bool) or not isinstance(hours, (int, float)) or hours <= 0:
-        raise ConfigError(f"price catalog: hours_per_month must be > 0, got {hours!r}")
+        raise CatalogError(f"price catalog: hours_per_month must be > 0, got {hours!r}")
     defaults = raw.get("defaults") or {}
     if not isinstance(defaults, dict):
-        raise ConfigError("price catalog: 'defaults' must be a mapping")
+        raise CatalogError("price catalog: 'defaults' must be a mapping")
     return Catalog(gpus=gpus, throughput=throughput, tiers=_section(raw, "tiers"), networks=networks,
                    hours_per_month=float(hours), defaults=defaults)

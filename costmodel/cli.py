@@ -16,11 +16,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from costmodel.catalog import Catalog, Throughput, load_catalog
+from costmodel.errors import CostModelError
 from costmodel.model import Workload, analyze
 from costmodel.report import PLOT_FORMATS, format_table, to_json, write_plot
 from costmodel.shapes import MODELS, ModelShape, find_model_by_dims, get_model
 from costmodel.timing import Compute
-from kdn.errors import KDNError
 
 __all__ = ["add_cost_parser", "build_parser", "run", "main"]
 
@@ -137,7 +137,7 @@ def _shape(args: argparse.Namespace) -> ModelShape:
                       num_heads=heads, num_params=params)
 
 
-class _Usage(KDNError):
+class _Usage(CostModelError):
     """Bad command-line combination."""
 
 
@@ -195,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
         names = [n.strip() for n in args.tiers.split(",") if n.strip()] if args.tiers else None
         tiers = catalog.tier_offers(compute.gpu, catalog.network(args.network), names)
         analysis = analyze(compute, workload, tiers)
-    except KDNError as exc:
+    except CostModelError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     print(format_table(analysis))

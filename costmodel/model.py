@@ -23,8 +23,8 @@ import math
 from dataclasses import dataclass, replace
 
 from costmodel.catalog import TierOffer
+from costmodel.errors import InvalidInput
 from costmodel.timing import Compute, decode_seconds, load_seconds, prefill_seconds
-from kdn.errors import InvalidRequest
 
 __all__ = [
     "Workload", "TierResult", "Analysis",
@@ -61,21 +61,21 @@ class Workload:
         for name in ("context_tokens", "prompt_tokens", "output_tokens", "chunk_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise InvalidRequest(f"{name} must be an integer >= 0, got {value!r}")
+                raise InvalidInput(f"{name} must be an integer >= 0, got {value!r}")
         if self.context_tokens == 0 or self.chunk_tokens == 0:
-            raise InvalidRequest("context_tokens and chunk_tokens must be > 0")
+            raise InvalidInput("context_tokens and chunk_tokens must be > 0")
         for name in ("reuse_per_hour", "retention_hours", "compression_ratio", "load_stall"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise InvalidRequest(f"{name} must be a finite number >= 0, got {value!r}")
+                raise InvalidInput(f"{name} must be a finite number >= 0, got {value!r}")
         if self.retention_hours <= 0 or self.compression_ratio <= 0:
-            raise InvalidRequest("retention_hours and compression_ratio must be > 0")
+            raise InvalidInput("retention_hours and compression_ratio must be > 0")
         if self.load_stall > 1:
-            raise InvalidRequest(f"load_stall must be in [0, 1], got {self.load_stall}")
+            raise InvalidInput(f"load_stall must be in [0, 1], got {self.load_stall}")
         for name in ("codec_decode_gbps", "slo_s"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise InvalidRequest(f"{name} must be > 0, got {value!r}")
+                raise InvalidInput(f"{name} must be > 0, got {value!r}")
 
     @property
     def requests(self) -> float:
@@ -254,7 +254,7 @@ def evaluate_tier(compute: Compute, w: Workload, tier: TierOffer) -> TierResult:
 def analyze(compute: Compute, w: Workload, tiers: list[TierOffer]) -> Analysis:
     """Evaluate every tier; ``best`` is the paying tier with the largest net saving per hour, or ``None``."""
     if not tiers:
-        raise InvalidRequest("no tiers to evaluate")
+        raise InvalidInput("no tiers to evaluate")
     results = [evaluate_tier(compute, w, t) for t in tiers]
     paying = [r for r in results if r.verdict == "pays"]
     best = max(paying, key=lambda r: r.net_saving_per_hour).tier if paying else None

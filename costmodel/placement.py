@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from costmodel.catalog import Catalog, TierOffer
-from kdn.errors import InvalidRequest
+from costmodel.errors import InvalidInput
 
 __all__ = [
     "ChunkStats", "PlacementPolicy", "TierValue",
@@ -51,15 +51,15 @@ class ChunkStats:
 
     def __post_init__(self) -> None:
         if isinstance(self.size_bytes, bool) or not isinstance(self.size_bytes, int) or self.size_bytes <= 0:
-            raise InvalidRequest(f"size_bytes must be a positive integer, got {self.size_bytes!r}")
+            raise InvalidInput(f"size_bytes must be a positive integer, got {self.size_bytes!r}")
         for name in ("reuse_per_hour", "prefill_seconds_saved", "last_access_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise InvalidRequest(f"{name} must be a finite number >= 0, got {value!r}")
+                raise InvalidInput(f"{name} must be a finite number >= 0, got {value!r}")
         if self.max_load_s is not None and not self.max_load_s > 0:
-            raise InvalidRequest(f"max_load_s must be > 0, got {self.max_load_s!r}")
+            raise InvalidInput(f"max_load_s must be > 0, got {self.max_load_s!r}")
         if not isinstance(self.objects, int) or self.objects < 1:
-            raise InvalidRequest(f"objects must be an integer >= 1, got {self.objects!r}")
+            raise InvalidInput(f"objects must be an integer >= 1, got {self.objects!r}")
 
 
 @dataclass(frozen=True)
@@ -76,11 +76,11 @@ class PlacementPolicy:
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.gpu_price_per_hour) and self.gpu_price_per_hour >= 0):
-            raise InvalidRequest(f"gpu_price_per_hour must be >= 0, got {self.gpu_price_per_hour!r}")
+            raise InvalidInput(f"gpu_price_per_hour must be >= 0, got {self.gpu_price_per_hour!r}")
         if not 0 <= self.load_stall <= 1:
-            raise InvalidRequest(f"load_stall must be in [0, 1], got {self.load_stall!r}")
+            raise InvalidInput(f"load_stall must be in [0, 1], got {self.load_stall!r}")
         if not self.half_life_s > 0:
-            raise InvalidRequest(f"half_life_s must be > 0, got {self.half_life_s!r}")
+            raise InvalidInput(f"half_life_s must be > 0, got {self.half_life_s!r}")
 
     @classmethod
     def from_catalog(cls, catalog: Catalog, gpu: str | None = None, **kwargs: Any) -> PlacementPolicy:

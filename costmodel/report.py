@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from costmodel.catalog import TierOffer
+from costmodel.errors import InvalidInput
 from costmodel.model import Analysis, at_rate, break_even_reuse_per_hour, delay_saved_seconds, kv_cost, text_cost
-from kdn.errors import InvalidRequest
 
 __all__ = ["format_table", "to_json", "write_plot", "PLOT_FORMATS"]
 
@@ -104,7 +104,7 @@ def write_plot(a: Analysis, tiers: list[TierOffer], path: str | Path) -> None:
     """
     path = Path(path)
     if path.suffix.lower() not in PLOT_FORMATS:
-        raise InvalidRequest(f"--plot: use a .png or .svg file name, got {path.name!r}")
+        raise InvalidInput(f"--plot: use a .png or .svg file name, got {path.name!r}")
     try:
         import matplotlib
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from kdn.errors import InvalidRequest
+from costmodel.errors import InvalidInput
 
 __all__ = ["ModelShape", "MODELS", "DTYPE_BYTES", "dtype_bytes", "get_model", "find_model_by_dims"]
 
@@ -22,11 +22,11 @@ DTYPE_BYTES: dict[str, int] = {
 
 
 def dtype_bytes(dtype: str) -> int:
-    """Bytes per element of ``dtype``; :class:`InvalidRequest` if unknown."""
+    """Bytes per element of ``dtype``; :class:`InvalidInput` if unknown."""
     try:
         return DTYPE_BYTES[dtype.lower()]
     except KeyError:
-        raise InvalidRequest(f"unknown dtype {dtype!r}; known: {', '.join(DTYPE_BYTES)}") from None
+        raise InvalidInput(f"unknown dtype {dtype!r}; known: {', '.join(DTYPE_BYTES)}") from None
 
 
 @dataclass(frozen=True)
@@ -48,11 +48,11 @@ class ModelShape:
         for field in ("num_layers", "num_kv_heads", "head_dim"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise InvalidRequest(f"model {self.name!r}: {field} must be a positive integer, got {value!r}")
+                raise InvalidInput(f"model {self.name!r}: {field} must be a positive integer, got {value!r}")
         if self.num_heads is not None and (not isinstance(self.num_heads, int) or self.num_heads <= 0):
-            raise InvalidRequest(f"model {self.name!r}: num_heads must be a positive integer, got {self.num_heads!r}")
+            raise InvalidInput(f"model {self.name!r}: num_heads must be a positive integer, got {self.num_heads!r}")
         if self.num_params is not None and not (math.isfinite(self.num_params) and self.num_params > 0):
-            raise InvalidRequest(f"model {self.name!r}: num_params must be positive, got {self.num_params!r}")
+            raise InvalidInput(f"model {self.name!r}: num_params must be positive, got {self.num_params!r}")
         dtype_bytes(self.dtype)
 
     @property
@@ -95,7 +95,7 @@ def get_model(name: str) -> ModelShape:
     try:
         return MODELS[key]
     except KeyError:
-        raise InvalidRequest(f"unknown model {name!r}; known: {', '.join(MODELS)} "
+        raise InvalidInput(f"unknown model {name!r}; known: {', '.join(MODELS)} "
                              "(or give --layers/--kv-heads/--head-dim)") from None
 
 

@@ -19,8 +19,8 @@ import math
 from dataclasses import dataclass
 
 from costmodel.catalog import GPU, Throughput, TierOffer
+from costmodel.errors import InvalidInput
 from costmodel.shapes import ModelShape
-from kdn.errors import InvalidRequest
 
 __all__ = ["Compute", "prefill_flops", "prefill_seconds", "decode_seconds", "load_seconds"]
 
@@ -46,9 +46,9 @@ class Compute:
         for name in ("mfu", "mbu"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 < value <= 1):
-                raise InvalidRequest(f"{name} must be in (0, 1], got {value!r}")
+                raise InvalidInput(f"{name} must be in (0, 1], got {value!r}")
         if isinstance(self.decode_batch, bool) or not isinstance(self.decode_batch, int) or self.decode_batch < 1:
-            raise InvalidRequest(f"decode_batch must be an integer >= 1, got {self.decode_batch!r}")
+            raise InvalidInput(f"decode_batch must be an integer >= 1, got {self.decode_batch!r}")
 
     @property
     def prefill_method(self) -> str:
@@ -64,7 +64,7 @@ class Compute:
 
     def _need_flops(self) -> tuple[float, float]:
         if not self.model.num_params or self.gpu.peak_tflops <= 0:
-            raise InvalidRequest(
+            raise InvalidInput(
                 f"no measured throughput for GPU {self.gpu.name!r} / model {self.model.name!r} and no FLOP estimate "
                 "possible (needs the model's parameter count and the GPU's peak_tflops): give --prefill-tps, "
                 "or --params")
@@ -73,7 +73,7 @@ class Compute:
 
 def _tokens(name: str, value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise InvalidRequest(f"{name} must be a finite number >= 0, got {value!r}")
+        raise InvalidInput(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
 
 
@@ -104,7 +104,7 @@ def decode_seconds(compute: Compute, n_out: float, n_past: float = 0) -> float:
         return n / tp.decode_tokens_per_s / compute.decode_batch
     params, peak = compute._need_flops()
     if compute.gpu.mem_bandwidth_gbps <= 0:
-        raise InvalidRequest(f"GPU {compute.gpu.name!r} has no mem_bandwidth_gbps for the decode estimate; "
+        raise InvalidInput(f"GPU {compute.gpu.name!r} has no mem_bandwidth_gbps for the decode estimate; "
                              "give --decode-tps")
     weights = params * _WEIGHT_BYTES_PER_PARAM / compute.decode_batch
     kv_avg = compute.model.kv_bytes_per_token * (m + n / 2)

@@ -1,5 +1,5 @@
 import sys
 
-from kdn.cli import main
+from kdn.cli.main import main
 
 sys.exit(main())

@@ -5,12 +5,13 @@ environment variables ``KDN_<SECTION>__<FIELD>`` (e.g. ``KDN_NODE__PORT=7100``, 
 command-line flags (dedicated flags such as ``--port``, and ``--set section.field=value`` for any field).
 
 Sizes accept ``1048576``, ``"512MiB"``, ``"4GiB"``, ``"10GB"``. Tiers are a list of ``{kind: ..., <fields>}``
-validated against the tier's own config dataclass (see ``kdn.tiers``).
+validated against the tier's own config dataclass (see ``kdn.node.tiers``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 import re
 import socket
@@ -62,11 +63,11 @@ class TierSpec:
             return raw
         if not isinstance(raw, dict) or "kind" not in raw:
             raise ConfigError(f"a tier must be a mapping with a 'kind', got {raw!r}")
-        from kdn.tiers import tier_class
-
         fields = dict(raw)
         kind = fields.pop("kind")
-        config_cls = tier_class(kind).config_class
+        # Tier kinds are a plugin registry owned by the node (``kdn.node.tiers``); it is looked up by name at run
+        # time so that the configuration, which every side loads, does not depend on the node's code.
+        config_cls = importlib.import_module("kdn.node.tiers").tier_class(kind).config_class
         return cls(kind, _build(config_cls, fields, f"tier {kind}"))
 
 

@@ -16,7 +16,7 @@ import torch
 
 from codec import _gpu, get_codec
 from codec.profile import build_profile
-from kdn.layout import KVLayout
+from kdn.format.layout import KVLayout
 
 _events: list = []
 

@@ -1,9 +1,9 @@
-"""Host-to-GPU copy speed from a CUDA-registered memfd mapping (as kdn.shm reads it) vs pinned memory, and the
+"""Host-to-GPU copy speed from a CUDA-registered memfd mapping (as kdn.wire.shm reads it) vs pinned memory, and the
 time of each step of loading an 8K-token Llama-3-8B-shaped prefix (1 GiB) from a node's shared memory.
 
 Prints GB/s for 1 GiB moved in 4 MiB and 1 MiB copies: from pinned memory, from the registered mapping at
 page-aligned offsets and shifted by 1,000 bytes (a chunk header's worth); then, per load path (``ideal``: one
-pinned copy; ``host``: HostKVCache; ``node``: kdn.shm from a ``kdn serve`` child), retrieve, issue and copy times.
+pinned copy; ``host``: HostKVCache; ``node``: kdn.wire.shm from a ``kdn serve`` child), retrieve, issue and copy times.
 Usage: python scripts/probe_shm_h2d.py
 """
 
@@ -16,7 +16,7 @@ import statistics
 import numpy as np
 import torch
 
-from kdn.tiers.pinned import host_tensor
+from kdn.wire.buffers import host_tensor
 
 SIZE, COPY = 1 << 30, 4 << 20
 
@@ -50,7 +50,7 @@ def main() -> None:
         print(f"{copy >> 20} MiB copies: pinned {rate(pinned, 0, copy):.1f} GB/s; registered memfd aligned "
               f"{rate(mapped, 0, copy):.1f}; +1000 B {rate(mapped, 1000, copy):.1f}; pinned +1000 B "
               f"{rate(pinned, 1000, copy):.1f}")
-    from kdn.shm_source import _memcpy2d
+    from kdn.client.same_host import _memcpy2d
 
     fn = _memcpy2d()
     rows, pitch = 120, (8 << 20) + 4096
@@ -73,8 +73,8 @@ def load_probe(tokens: int = 8192, device: str = "cuda") -> None:
     from connectors.hf import HostKVCache
     from connectors.hf.loader import LayerLoader
     from kdn.bench.ttft import _Server
-    from kdn.layout import KVLayout
-    from kdn.shm_source import fast_source
+    from kdn.client.same_host import fast_source
+    from kdn.format.layout import KVLayout
 
     layout = KVLayout("probe/llama3-8b", num_layers=32, num_kv_heads=8, head_dim=128, dtype="bfloat16")
     ids = list(range(tokens))

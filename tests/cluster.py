@@ -97,9 +97,9 @@ class Cluster:
         return node
 
     def wait_nodes(self, count: int, timeout: float = 15.0) -> None:
-        from kdn.auth import call_metadata
-        from kdn.rpc import make_channel
         from kdn.v1 import control_pb2, control_pb2_grpc
+        from kdn.wire.auth import call_metadata
+        from kdn.wire.rpc import make_channel
 
         token = self.admin_token
         with make_channel(self.address, self.tls) as channel:

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from kdn.layout import KVLayout
+from kdn.format.layout import KVLayout
 from tests.cluster import Cluster
 
 LAYOUT = KVLayout("kdn-test/tiny-llama", num_layers=4, num_kv_heads=2, head_dim=16, dtype="bfloat16")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import socket
@@ -13,10 +12,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from kdn import bulk
-from kdn.bulk import BulkClient, BulkServer
 from kdn.errors import AuthError, CapacityError, DeadlineExceeded, Unavailable
-from kdn.tiers.base import Buffer
+from kdn.node.tiers.base import Buffer
+from kdn.wire import bulk
+from kdn.wire.bulk import BulkClient, BulkServer
 
 MAX_OBJECT = 32 << 20
 
@@ -357,10 +356,8 @@ def test_stream_is_64_byte_framed(server: BulkServer) -> None:
     sock.close()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("kdn.node") is None or importlib.util.find_spec("kdn.node_client") is None,
-                    reason="kdn.node / kdn.node_client not written yet: the bench needs a real storage node")
 def test_transfer_bench_smoke(tmp_path, capsys) -> None:
-    from kdn.cli import main
+    from kdn.cli.main import main
 
     out = tmp_path / "bench.json"
     assert main(["bench", "transfer", "--sizes", "0.25,1", "--repeat", "2", "--json", str(out)]) == 0

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from codec import available_codecs, get_codec
-from kdn.chunk import ChunkHeader, build_object, header_length, parse_header, verify_object
-from kdn.chunk_codec import decode_chunk, encode_chunk, iter_layer_groups
 from kdn.errors import CorruptObject, InvalidRequest
-from kdn.keys import prefix_keys
-from kdn.layout import KVLayout
+from kdn.format.chunk import ChunkHeader, build_object, header_length, parse_header, verify_object
+from kdn.format.chunk_codec import decode_chunk, encode_chunk, iter_layer_groups
+from kdn.format.keys import prefix_keys
+from kdn.format.layout import KVLayout
 
 LAYOUT = KVLayout("m", 6, 2, 8, "bfloat16")
 KEYS = prefix_keys(list(range(20)), "t", LAYOUT.fingerprint(), "raw", 10)

@@ -17,7 +17,7 @@ from tests.cluster import REPO, start_kdn
 
 
 def kdnctl(address: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kdn.ctl", "--controller", address, *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "kdn.cli.ctl", "--controller", address, *args], capture_output=True,
                           text=True, timeout=60, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
@@ -88,3 +88,21 @@ def test_busy_port_is_a_clear_error(served):
                           capture_output=True, text=True, timeout=60, cwd=REPO,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 2 and "cannot bind" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_kdnctl_lists_every_subcommand():
+    out = subprocess.run([sys.executable, "-m", "kdn.cli.ctl", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for command in ("status", "nodes", "ls", "inspect", "evict", "pin", "unpin", "stats", "cost", "codec", "warm"):
+        assert command in out, command
+
+
+def test_missing_extra_is_a_one_line_hint(tmp_path):
+    """``kdnctl warm`` without the [hf] extra (transformers hidden) says which extra to install."""
+    (tmp_path / "doc.txt").write_text("some text")
+    code = ("import sys; sys.modules['transformers'] = None; from kdn.cli.ctl import main; "
+            f"sys.exit(main(['warm', {str(tmp_path)!r}, '--model', 'none']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "[hf]" in lines[0] and "pip install" in lines[0], proc.stderr

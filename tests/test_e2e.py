@@ -7,11 +7,11 @@ import time
 import pytest
 import torch
 
-from kdn.chunk import build_object
 from kdn.client import KDNClient
+from kdn.client.transport import NodeClient
 from kdn.errors import InvalidRequest
-from kdn.layout import KVLayout
-from kdn.node_client import NodeClient
+from kdn.format.chunk import build_object
+from kdn.format.layout import KVLayout
 
 CHUNK = 16
 
@@ -94,7 +94,7 @@ def test_corrupt_and_foreign_objects_are_refused_by_nodes(cluster, layout):
     kv = kv_for(layout, len(tokens))
     with make_client(cluster, layout) as client:
         (span0, key0), (span1, key1) = client.keys(tokens)
-        from kdn.chunk_codec import encode_chunk
+        from kdn.format.chunk_codec import encode_chunk
 
         good = encode_chunk(kv[:, :, :CHUNK], key=str(key0), layout=layout, codec="raw")
         flipped = bytearray(good)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from kdn.errors import InvalidRequest
-from kdn.keys import ChunkKey, KeyKind, chunk_spans, content_key, prefix_keys
-from kdn.layout import KVLayout
+from kdn.format.keys import ChunkKey, KeyKind, chunk_spans, content_key, prefix_keys
+from kdn.format.layout import KVLayout
 
 FP = KVLayout("m", 2, 1, 8).fingerprint()
 

@@ -17,10 +17,10 @@ import torch
 from costmodel import choose_tier, load_catalog
 from kdn.client import KDNClient
 from kdn.config import PlacementConfig, load_config
+from kdn.controller.index import GlobalIndex, NodeRecord
+from kdn.controller.placement import CostPlacement, PlaceHints
 from kdn.errors import ConfigError
-from kdn.index import GlobalIndex, NodeRecord
-from kdn.layout import KVLayout
-from kdn.placement import CostPlacement, PlaceHints
+from kdn.format.layout import KVLayout
 from tests.cluster import Cluster
 from tests.servers import require, start_redis, stop
 from tests.test_cli import kdnctl
@@ -32,7 +32,7 @@ HOUR = 3600.0
 
 
 class FakeNodes:
-    """Nodes' tier stacks as dicts, with the Move/Delete semantics of kdn.tiering; reports to the index."""
+    """Nodes' tier stacks as dicts, with the Move/Delete semantics of kdn.node.tier_stack; reports to the index."""
 
     def __init__(self, index: GlobalIndex) -> None:
         self.index = index
@@ -241,8 +241,8 @@ def test_config_validation():
 
 
 def test_tier_stack_promote_on_hit_can_be_turned_off():
-    from kdn.tiering import TierStack
-    from kdn.tiers.memory import MemoryTier
+    from kdn.node.tier_stack import TierStack
+    from kdn.node.tiers.memory import MemoryTier
 
     class Slow(MemoryTier):
         kind = "slow"
@@ -264,8 +264,8 @@ E2E_LAYOUT = KVLayout("llama-3-8b", num_layers=4, num_kv_heads=2, head_dim=16)
 
 def _where(cluster: Cluster, keys: list[str]) -> dict[str, tuple[str, str]]:
     """``key -> (node, fastest tier)`` from a probe lookup (which does not count as a use)."""
-    from kdn.rpc import make_channel
     from kdn.v1 import control_pb2, control_pb2_grpc
+    from kdn.wire.rpc import make_channel
 
     with make_channel(cluster.address) as channel:
         reply = control_pb2_grpc.ControlStub(channel).Lookup(

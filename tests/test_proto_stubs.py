@@ -22,8 +22,8 @@ def test_committed_stubs_are_fresh(tmp_path):
 
 
 def test_every_rpc_is_served():
-    from kdn.controller import ControlServicer
-    from kdn.node import DataServicer
+    from kdn.controller.servicer import ControlServicer
+    from kdn.node.servicer import DataServicer
     from kdn.v1 import control_pb2, data_pb2
 
     for module, servicer in ((control_pb2, ControlServicer), (data_pb2, DataServicer)):

@@ -1,4 +1,4 @@
-"""The same-host shared-memory data path (kdn.shm) through real node processes and real unix sockets."""
+"""The same-host shared-memory data path (kdn.wire.shm) through real node processes and real unix sockets."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from kdn.client import KDNClient
+from kdn.client.same_host import SharedRawSource, fast_source
+from kdn.client.transport import NodeClient
 from kdn.config import load_config
 from kdn.errors import AuthError
-from kdn.node import StorageNode
-from kdn.node_client import NodeClient
-from kdn.shm import ShmClient, is_shared, socket_name
-from kdn.shm_source import SharedRawSource, fast_source
-from kdn.tiers.shared import SharedMemoryTier
+from kdn.node.servicer import StorageNode
+from kdn.node.tiers.shared import SharedMemoryTier
+from kdn.wire.shm import ShmClient, is_shared, socket_name
 from tests.cluster import Cluster
 
 CHUNK = 16
@@ -69,7 +69,7 @@ def test_round_trip_in_place_bit_identical(one_node, layout):
 def test_content_chunks_zero_copy(one_node, layout):
     """get_chunks(zero_copy=True): raw objects come back as CPU tensors over the node's shared arena (no copy),
     equal to what was stored; other clients and objects get decoded copies."""
-    from kdn.keys import content_key
+    from kdn.format.keys import content_key
 
     kvs = [kv_for(layout, n, seed=n) for n in (CHUNK, 2 * CHUNK + 3, 5)]
     with KDNClient(layout, controller=one_node.address, chunk_size=CHUNK) as client:
@@ -113,8 +113,8 @@ def local_node(tmp_path):
 
 def _objects(layout, tenant: str, n: int, seed: int = 0) -> list[tuple[str, bytes]]:
     from codec import get_codec
-    from kdn.chunk_codec import encode_chunk
-    from kdn.keys import prefix_keys
+    from kdn.format.chunk_codec import encode_chunk
+    from kdn.format.keys import prefix_keys
 
     tokens = list(range(seed * 10_000, seed * 10_000 + n * CHUNK))
     kv = kv_for(layout, len(tokens), seed)
@@ -219,7 +219,7 @@ def test_node_killed_mid_read(one_node, layout):
 
 
 def test_layer_groups_widen_and_strided_batches():
-    from kdn.shm_source import _extends, _widen
+    from kdn.client.same_host import _extends, _widen
 
     assert _widen([(i, i + 1) for i in range(10)], 4) == [(0, 4), (4, 8), (8, 10)]
     arena, other = object(), object()

@@ -15,7 +15,7 @@ import torch
 from kdn.client import KDNClient
 from kdn.config import TLSConfig, load_config
 from kdn.errors import ConfigError
-from kdn.layout import KVLayout
+from kdn.format.layout import KVLayout
 from tests.cluster import REPO, Cluster
 
 x509 = pytest.importorskip("cryptography.x509")
@@ -113,7 +113,7 @@ def test_round_trip_over_tls_and_untrusted_peers_refused(tmp_path, pki, client_a
                            timeout_s=3) as client:
                 assert client.lookup(prompt).hit_tokens == 0
         # kdnctl takes TLS from the same config (file or environment).
-        env_run = subprocess.run([sys.executable, "-m", "kdn.ctl", "--controller", c.address, "nodes"],
+        env_run = subprocess.run([sys.executable, "-m", "kdn.cli.ctl", "--controller", c.address, "nodes"],
                                  capture_output=True, text=True, cwd=REPO,
                                  env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "KDN_TLS__CA": pki["ca"],
                                       "KDN_TLS__CERT": pki["client_cert"], "KDN_TLS__KEY": pki["client_key"]})

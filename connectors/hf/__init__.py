@@ -25,8 +25,8 @@ from connectors.hf.cache import (
     layout_for,
 )
 from connectors.hf.generate import GenerateResult, PrefillResult, PrefillStats, kdn_generate, prefill, run_forward
-from connectors.hf.hostcache import HostKVCache
 from connectors.hf.loader import LayerLoader, LoadTrace
+from kdn.client.host_cache import HostKVCache
 
 __all__ = [
     "kdn_generate", "prefill", "run_forward", "GenerateResult", "PrefillResult", "PrefillStats",

@@ -16,11 +16,11 @@ from transformers import DynamicCache
 
 from connectors.hf.cache import cache_from_kv, kv_from_cache
 from connectors.hf.generate import run_forward
+from kdn import ChunkKey, content_key
 from kdn.blend.blend import BlendResult, blend, concat_chunks
 from kdn.blend.ratio import choose_ratio, prefill_seconds
 from kdn.blend.rope import rope_inv_freq
 from kdn.errors import InvalidRequest
-from kdn.keys import ChunkKey, content_key
 
 __all__ = ["BlendStats", "BlendGenerateResult", "chunk_kv", "fetch_chunk_kvs", "blend_generate", "greedy",
            "tokenize_chunks"]

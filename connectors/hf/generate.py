@@ -18,9 +18,9 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 from connectors.hf.cache import KDNPrefixCache, PrefixLoadError, cache_kwarg, check_supported, kv_from_cache
 from connectors.hf.loader import LayerLoader
+from kdn import KVLayout
+from kdn.client.same_host import fast_source
 from kdn.errors import InvalidRequest
-from kdn.layout import KVLayout
-from kdn.shm_source import fast_source
 
 __all__ = ["prefill", "kdn_generate", "run_forward", "PrefillResult", "PrefillStats", "GenerateResult"]
 
@@ -109,7 +109,7 @@ def _sync(device: torch.device) -> None:
 def prefill(model, input_ids, source=None, *, lookup_len: int | None = None, logits: bool = True,
             lookahead: int = 4, device_decode: bool = False) -> PrefillResult:
     """Prefill ``input_ids`` (one sequence), reusing the longest prefix of ``input_ids[:lookup_len]`` that
-    ``source`` (a :class:`kdn.client.KDNClient` or :class:`~connectors.hf.hostcache.HostKVCache`) holds.
+    ``source`` (a :class:`kdn.client.KDNClient` or :class:`~kdn.client.host_cache.HostKVCache`) holds.
 
     Layers of the hit are decoded in a background thread while the model computes the suffix, each layer's
     attention waiting only for its own layer. ``lookup_len`` defaults to all tokens but the last (so there is

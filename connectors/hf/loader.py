@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from connectors.hf.cache import PrefixLoadError
-from kdn.layout import KVLayout
+from kdn import KVLayout
 
 __all__ = ["LayerLoader", "LoadTrace"]
 

@@ -25,10 +25,10 @@ from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageC
 
 from connectors.sglang import SUPPORTED_SGLANG
 from connectors.sglang.pages import PAGE_ORDERS, PageStore, flat_to_kv, kv_to_flat, page_key
+from kdn import KVLayout
 from kdn.client import KDNClient
 from kdn.config import ClientConfig, load_config
 from kdn.errors import ConfigError
-from kdn.layout import KVLayout
 
 __all__ = ["KDNHiCacheStorage", "SGLANG_KEYS"]
 

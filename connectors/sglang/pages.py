@@ -27,9 +27,9 @@ from collections.abc import Sequence
 
 import torch
 
+from kdn import DIGEST_BYTES, ChunkKey, KeyKind
 from kdn.client import KDNClient
 from kdn.errors import KDNError
-from kdn.keys import DIGEST_BYTES, ChunkKey, KeyKind
 
 __all__ = ["PAGE_ORDERS", "flat_to_kv", "kv_to_flat", "page_key", "PageStore"]
 

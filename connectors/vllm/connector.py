@@ -29,8 +29,8 @@ from connectors.vllm.config import ConnectorSettings, check_chunk_size
 from connectors.vllm.paged import PagedKVLayout
 from connectors.vllm.plan import LoadSpec, SaveSpec, SchedulerPlanner
 from connectors.vllm.worker import KVWorker
+from kdn import KVLayout
 from kdn.client import KDNClient
-from kdn.layout import KVLayout
 
 _version = Version(vllm.__version__.split("+")[0])
 if not (Version(SUPPORTED_VLLM[0]) <= _version < Version(SUPPORTED_VLLM[1])):

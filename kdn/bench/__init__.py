@@ -11,6 +11,7 @@ BENCHES: dict[str, str] = {
     "connectors": "kdn.bench.connectors",
     "codec": "kdn.bench.codec",
     "blend": "kdn.bench.blend",
+    "schedule": "kdn.bench.schedule",
 }
 
 

@@ -13,7 +13,7 @@ decode first. ``rule_ratio`` is the ratio :func:`kdn.blend.ratio.choose_ratio` p
 Default model: Llama-3-8B-shaped random bf16 weights on cuda, a tiny Llama on cpu.
 
 Quality (``--quality``, CPU, real SmolLM2-135M-Instruct): issue 13's table on Wikipedia-summary RAG prompts
-(:mod:`kdn.blend.quality`): full prefill, prefix caching, naive reuse, single selection and gradual filtering at
+(:mod:`kdn.bench.blend_quality`): full prefill, prefix caching, naive reuse, single selection and gradual filtering at
 15 %, the ``kdn`` rule at 5 / 15 / 30 % (and its previous form, ``kdn+s8+w0+f0.5``, at 15 %) and a sweep for the
 smallest ratio agreeing with full prefill on >= 95 %.
 """
@@ -116,7 +116,7 @@ def _quality(args) -> dict:
 
 
 def _quality_table(args) -> dict:
-    from kdn.blend.quality import evaluate, rag_prompts
+    from kdn.bench.blend_quality import evaluate, rag_prompts
 
     loaded = load_smollm2(path=None if args.model == "auto" else args.model)
     if loaded is None:
@@ -165,11 +165,11 @@ def _speed(args) -> dict:
     from connectors.hf import layout_for
     from connectors.hf.blend import chunk_kv
     from connectors.hf.generate import run_forward
+    from kdn.bench.blend_quality import parse_method
     from kdn.bench.ttft import _build_model, _Server
     from kdn.blend import blend
-    from kdn.blend.quality import parse_method
     from kdn.blend.ratio import choose_ratio, load_seconds
-    from kdn.keys import content_key
+    from kdn.format.keys import content_key
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.startswith("cuda")

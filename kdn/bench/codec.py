@@ -121,8 +121,8 @@ def _speed(args) -> list[dict]:
 
     from codec import get_codec
     from codec.profile import build_profile
-    from codec.quality import chunk_object, decode_object
-    from kdn.layout import KVLayout
+    from kdn.bench.codec_quality import chunk_object, decode_object
+    from kdn.format.layout import KVLayout
 
     layers, heads, dim = _SHAPES[args.shape]
     layout = KVLayout(args.shape, layers, heads, dim, "bfloat16")
@@ -190,7 +190,7 @@ def _speed_gpu(args) -> list[dict]:
 
     from codec import _gpu, get_codec
     from codec.profile import build_profile
-    from kdn.layout import KVLayout
+    from kdn.format.layout import KVLayout
 
     if not _gpu.available():
         raise SystemExit("--device cuda needs a CUDA device and CuPy")
@@ -279,8 +279,8 @@ def _quality(args) -> list[dict]:
     from codec import get_codec
     from codec._hf import load_model
     from codec.profile import ModelProfile, profile_model
-    from codec.quality import EVAL_SPEECHES, PROFILE_SPEECHES, measure, sotu_speeches
-    from kdn.layout import KVLayout
+    from kdn.bench.codec_quality import EVAL_SPEECHES, PROFILE_SPEECHES, measure, sotu_speeches
+    from kdn.format.layout import KVLayout
 
     if not args.model:
         raise SystemExit("--quality needs --model PATH (a model folder or .gguf file)")
@@ -315,7 +315,7 @@ def _delta_rows(model, tokenizer, texts, codecs, context: int) -> list[dict]:
     import torch
 
     from codec._hf import prefill_kv
-    from codec.quality import anchor_delta_bits
+    from kdn.bench.codec_quality import anchor_delta_bits
 
     kvs = [prefill_kv(model, tokenizer(t, return_tensors="pt").input_ids[0][:context]).to(torch.bfloat16)
            for t in texts]

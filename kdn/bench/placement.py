@@ -1,8 +1,9 @@
 """Cost of cost-driven placement vs LRU-only vs no cache on a Zipf reuse trace of RAG chunks (a simulation).
 
-No servers: one simulated storage node runs the real :class:`~kdn.tiering.TierStack` (write-through, LRU tiers,
-promotion on hit) over size-only tiers, reporting to the real :class:`~kdn.index.GlobalIndex`; the cost-driven
-run adds the controller's :class:`~kdn.placement.CostPlacement` (``Place`` hints and the periodic pass, on a
+No servers: one simulated storage node runs the real :class:`~kdn.node.tier_stack.TierStack` (write-through, LRU tiers,
+promotion on hit) over size-only tiers, reporting to the real :class:`~kdn.controller.index.GlobalIndex`; the
+cost-driven
+run adds the controller's :class:`~kdn.controller.placement.CostPlacement` (``Place`` hints and the periodic pass, on a
 simulated clock), exactly as the controller runs them. Every request looks its chunk up; a hit is fetched from
 the tier that holds it, a miss is recomputed and stored. Costs come from the cost model (docs/costmodel.md):
 
@@ -26,10 +27,10 @@ from collections.abc import Iterator, Sequence
 from costmodel import get_model, load_catalog
 from kdn.bench import format_table
 from kdn.config import PlacementConfig, parse_size
-from kdn.index import GlobalIndex, NodeRecord
-from kdn.placement import CostPlacement, PlaceHints
-from kdn.tiering import TierStack
-from kdn.tiers.base import Tier
+from kdn.controller.index import GlobalIndex, NodeRecord
+from kdn.controller.placement import CostPlacement, PlaceHints
+from kdn.node.tier_stack import TierStack
+from kdn.node.tiers.base import Tier
 
 __all__ = ["add_arguments", "run", "simulate"]
 

@@ -52,8 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # -- tiers ---------------------------------------------------------------------------------------------------
 def _objects(payload: int) -> Callable[[str], tuple[str, bytes]]:
-    from kdn.chunk import build_object
-    from kdn.keys import ChunkKey, KeyKind
+    from kdn.format.chunk import build_object
+    from kdn.format.keys import ChunkKey, KeyKind
 
     fingerprint = bytes(range(16))
     base = os.urandom(payload)
@@ -100,11 +100,11 @@ def _tier(name: str, capacity: int, workdir: str) -> Iterator[tuple[Any, dict[st
 
     copies = {"put": ("memcpy", memcpy), "get": ("memcpy", memcpy)}
     if name == "memory":
-        from kdn.tiers.memory import MemoryTier
+        from kdn.node.tiers.memory import MemoryTier
 
         yield MemoryTier(capacity), copies, ""
     elif name == "pinned":
-        from kdn.tiers.pinned import PinnedTier
+        from kdn.node.tiers.pinned import PinnedTier
 
         tier = PinnedTier(capacity)
         yield tier, copies, "" if tier.pinned else "pageable (no CUDA)"
@@ -114,13 +114,13 @@ def _tier(name: str, capacity: int, workdir: str) -> Iterator[tuple[Any, dict[st
         if torch is None:
             yield None, {}, "skipped: no CUDA"
             return
-        from kdn.tiers.gpu import GPUTier
+        from kdn.node.tiers.gpu import GPUTier
 
         tier = GPUTier(capacity)
         yield tier, {"put": ("pinned H2D", _dma(torch, "h2d")), "get": ("pinned D2H", _dma(torch, "d2h"))}, ""
         tier.close()
     elif name == "disk":
-        from kdn.tiers.disk import DiskTier
+        from kdn.node.tiers.disk import DiskTier
 
         def write(data: bytes) -> Callable[[], Any]:
             path = os.path.join(workdir, f"plain-{time.perf_counter_ns()}")
@@ -160,7 +160,7 @@ def _redis(capacity: int, workdir: str) -> Iterator[tuple[Any, dict, str]]:
     try:
         import redis
 
-        from kdn.tiers.redis import RedisTier, RedisTierConfig
+        from kdn.node.tiers.redis import RedisTier, RedisTierConfig
         from tests.servers import start_redis, stop
     except ImportError as exc:
         yield None, {}, f"skipped: {exc}"
@@ -187,7 +187,7 @@ def _s3(capacity: int, workdir: str) -> Iterator[tuple[Any, dict, str]]:
     try:
         import boto3
 
-        from kdn.tiers.s3 import S3Tier, S3TierConfig
+        from kdn.node.tiers.s3 import S3Tier, S3TierConfig
         from tests.servers import start_moto, stop
     except ImportError as exc:
         yield None, {}, f"skipped: {exc}"
@@ -299,7 +299,7 @@ def _workload(requests: int, seed: int) -> list[tuple[str, list[tuple[str, str, 
 
 
 def _churn_pool(ops: list, alloc: Any, window: int) -> dict:
-    from kdn.tiers.allocator import PoolIndex
+    from kdn.node.tiers.allocator import PoolIndex
 
     index = PoolIndex(alloc, victim_window=window)
     arena = alloc.arena_bytes
@@ -358,7 +358,7 @@ def _churn_naive(ops: list, arena: int) -> dict:
 
 
 def _allocator_rows(args: argparse.Namespace) -> list[dict]:
-    from kdn.tiers.allocator import TwoLevelAllocator
+    from kdn.node.tiers.allocator import TwoLevelAllocator
 
     arena = int(args.arena_gib * (1 << 30))
     ops = _workload(args.requests, args.seed)

@@ -6,9 +6,9 @@ Every path runs against a server in its own process (spawned, so it shares no GI
   measured against);
 - ``raw-fresh``: the same, but the receiver allocates a new buffer per object, as any API that hands objects
   out must (first-touch page faults are part of its cost);
-- ``bulk-bare``: :class:`kdn.bulk.BulkServer` with a dict handler that keeps the received buffers (the channel
+- ``bulk-bare``: :class:`kdn.wire.bulk.BulkServer` with a dict handler that keeps the received buffers (the channel
   alone, no node);
-- ``bulk`` and ``grpc``: a real standalone storage node (memory tier) through :class:`kdn.node_client.NodeClient`,
+- ``bulk`` and ``grpc``: a real standalone storage node (memory tier) through :class:`kdn.client.transport.NodeClient`,
   storing real chunk objects that the node verifies.
 
 Ops are interleaved across paths (put, then get), one object per call; GB/s is the object size over the p50.
@@ -115,7 +115,7 @@ class _DictHandler:
 
 
 def _bulk_server(pipe: Any, max_object: int) -> None:
-    from kdn.bulk import BulkServer
+    from kdn.wire.bulk import BulkServer
 
     server = BulkServer("127.0.0.1", 0, _DictHandler(), max_object_bytes=max_object)
     try:
@@ -129,7 +129,7 @@ def _bulk_server(pipe: Any, max_object: int) -> None:
 
 def _node_server(pipe: Any, capacity: int, max_object: int) -> None:
     from kdn.config import KDNConfig, TierSpec
-    from kdn.node import StorageNode
+    from kdn.node.servicer import StorageNode
 
     with tempfile.TemporaryDirectory(prefix="kdn-bench-") as data_dir:
         config = KDNConfig(data_dir=data_dir, metrics_port=-1)
@@ -201,7 +201,7 @@ class _RawClient:
 
 class _BulkPath:
     def __init__(self, port: int) -> None:
-        from kdn.bulk import BulkClient
+        from kdn.wire.bulk import BulkClient
 
         self.client = BulkClient(f"127.0.0.1:{port}", tenant="default", timeout_s=60.0)
 
@@ -220,7 +220,7 @@ class _BulkPath:
 
 class _NodePath:
     def __init__(self, grpc_port: int, bulk_port: int, transport: str) -> None:
-        from kdn.node_client import NodeClient
+        from kdn.client.transport import NodeClient
 
         bulk = f"127.0.0.1:{bulk_port}" if bulk_port > 0 else ""
         self.client = NodeClient(f"127.0.0.1:{grpc_port}", bulk, tenant="default", timeout_s=60.0,
@@ -248,7 +248,7 @@ class _Objects:
         self.counter = 0
 
     def key(self) -> str:
-        from kdn.keys import prefix_keys
+        from kdn.format.keys import prefix_keys
 
         self.counter += 1
         tokens = list(range(self.counter * 256, self.counter * 256 + 256))
@@ -256,7 +256,7 @@ class _Objects:
         return str(key)
 
     def build(self, key: str, size: int, payload: bytes | None = None) -> bytes:
-        from kdn.chunk import build_object
+        from kdn.format.chunk import build_object
 
         header = len(build_object(codec="raw", key=key, fingerprint=self.fingerprint, num_tokens=256, start=0,
                                   num_layers=1, sections=[(0, 1, b"")]))

@@ -6,7 +6,7 @@ For each context length T (batch 1) the prompt is T tokens whose first T - suffi
 - ``ideal``  the load-bound ideal: one copy of the prefix KV from pinned host memory, then the suffix prefill.
 - ``host``   (a) the in-process CPU tier: :class:`connectors.hf.HostKVCache` (decoded KV in pinned memory).
 - ``node``   (b) a storage node in a child process (memory tier), ``raw`` codec, read in place from the node's
-  shared memory (same host: :mod:`kdn.shm`), straight to the GPU.
+  shared memory (same host: :mod:`kdn.wire.shm`), straight to the GPU.
 - ``node-bulk`` (b') the same node over loopback through the bulk TCP channel (shared memory off).
 - ``disk``   (c) a storage node with only a disk tier, page cache dropped before every run (cold reads).
 - ``cachegen`` (d) the default CacheGen level through the memory node (skipped when no CacheGen codec exists),

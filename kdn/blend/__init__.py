@@ -2,7 +2,7 @@
 
 :func:`rerotate` / :func:`shift_kv` move stored keys to new positions; :func:`blend` runs the selective-recompute
 forward (the ``kdn`` rule by default, the paper's gradual filtering or the reference's single selection);
-:func:`choose_ratio` picks the recompute ratio from load and prefill times; :func:`kdn.blend.warm.warm` (and
+:func:`choose_ratio` picks the recompute ratio from load and prefill times; :func:`connectors.hf.warm.warm` (and
 ``kdnctl warm``) stores a corpus's chunks. The Hugging Face call is :func:`connectors.hf.blend.blend_generate`.
 See ``docs/blend.md``.
 """

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from connectors.hf.cache import check_supported
 from kdn.blend.attention import attend
+from kdn.blend.models import check_supported
 from kdn.blend.rope import rerotate, rope_inv_freq
 from kdn.blend.select import (
     DEFAULT_SCORE,

@@ -16,14 +16,14 @@ from transformers import DynamicCache
 from connectors.hf import kv_from_cache, layout_for
 from connectors.hf.blend import blend_generate, chunk_kv, tokenize_chunks
 from connectors.hf.generate import run_forward
+from connectors.hf.warm import iter_chunks, warm
+from kdn.bench.blend_quality import _prefill_kv, parse_method, wiki_corpus
 from kdn.blend import blend, concat_chunks, rope_inv_freq, schedule
-from kdn.blend.quality import _prefill_kv, parse_method, wiki_corpus
 from kdn.blend.ratio import MIN_RATIO, choose_ratio, load_seconds
-from kdn.blend.warm import iter_chunks, warm
-from kdn.cli import main as cli_main
+from kdn.cli.main import main as cli_main
 from kdn.client import KDNClient
 from kdn.errors import InvalidRequest
-from kdn.keys import content_key
+from kdn.format.keys import content_key
 from tests.cluster import Cluster
 from tests.models import CACHE_DIR, MODEL_ID, load_smollm2, smollm2_path, sotu_text
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from codec import available_codecs, get_codec
+from codec.errors import CorruptStream, InvalidInput
 from codec.profile import ModelProfile, build_profile
-from kdn.chunk_codec import decode_chunk, encode_chunk
-from kdn.errors import CorruptObject, InvalidRequest
-from kdn.layout import KVLayout
+from kdn.format.chunk_codec import decode_chunk, encode_chunk
+from kdn.format.layout import KVLayout
 
 LAYOUT = KVLayout("kdn-test/toy", num_layers=4, num_kv_heads=2, head_dim=16, dtype="bfloat16")
 LEVELS = ["high", "default", "compact"]
@@ -67,18 +67,15 @@ def test_layer_groups_need_layer_start(profile, group):
         data = codec.encode(part, layer_start=ls)
         parts.append(codec.decode(data, part.shape[0], 40, meta=codec.meta(), layer_start=ls))
     assert torch.equal(torch.cat(parts), whole)
-    with pytest.raises(InvalidRequest, match="layer_start"):
+    with pytest.raises(InvalidInput, match="layer_start"):
         codec.encode(kv[:1])
 
 
 def test_chunk_with_layer_groups(profile):
-    """Through kdn.chunk_codec once it passes layer_start to codecs (see docs/codec.md)."""
+    """Through kdn.format.chunk_codec, which passes each section's layer_start to the codec."""
     codec = get_codec("cachegen-default", LAYOUT, profile=profile)
     kv = synthetic_kv(64, 13)
-    try:
-        obj = encode_chunk(kv, key="k", layout=LAYOUT, codec=codec, layer_group=2)
-    except InvalidRequest as exc:
-        pytest.skip(f"kdn.chunk_codec does not pass layer_start yet: {exc}")
+    obj = encode_chunk(kv, key="k", layout=LAYOUT, codec=codec, layer_group=2)
     out = decode_chunk(obj, key="k", layout=LAYOUT, codec=codec)
     assert torch.equal(out, codec.decode(codec.encode(kv), 4, 64, meta=codec.meta()))
 
@@ -103,7 +100,7 @@ def test_outliers_escape_exactly_enough(profile):
     out = codec.decode(codec.encode(kv), 4, 64, meta=codec.meta()).float()
     assert abs(out[2, 0, 7, 1, 3].item() - kv[2, 0, 7, 1, 3].item()) <= 16  # bf16 spacing at 3000
     assert out[0, 1, 9, 0, 0].item() < -1e3  # clipped far outside the profiled range, sign kept
-    with pytest.raises(InvalidRequest):
+    with pytest.raises(InvalidInput):
         kv[0, 0, 0, 0, 0] = float("nan")
         codec.encode(kv)
 
@@ -116,7 +113,7 @@ def test_profile_serialization_and_id(profile, tmp_path):
     codec = get_codec("cachegen-compact", LAYOUT, profile=str(tmp_path / "p.kdnp"))
     assert codec.meta() == get_codec("cachegen-compact", LAYOUT, profile=profile).meta()
     for bad in (b"", b"XXXX" + data[4:], data[:100], data[:-1]):
-        with pytest.raises(InvalidRequest):
+        with pytest.raises(InvalidInput):
             ModelProfile.from_bytes(bad)
 
 
@@ -125,18 +122,18 @@ def test_wrong_profile_refused(profile):
     a = get_codec("cachegen-default", LAYOUT, profile=profile)
     b = get_codec("cachegen-default", LAYOUT, profile=other)
     obj = encode_chunk(synthetic_kv(32, 16), key="k", layout=LAYOUT, codec=a, layer_group=4)
-    with pytest.raises(CorruptObject, match="another model profile|profile"):
+    with pytest.raises(CorruptStream, match="another model profile|profile"):
         decode_chunk(obj, key="k", layout=LAYOUT, codec=b)
-    with pytest.raises(CorruptObject):  # same profile, other level: the chunk header names the codec
+    with pytest.raises(CorruptStream):  # same profile, other level: the chunk header names the codec
         decode_chunk(obj, key="k", layout=LAYOUT, codec=get_codec("cachegen-high", LAYOUT, profile=profile))
 
 
 def test_without_profile_clear_error():
     codec = get_codec("cachegen-default", LAYOUT)
     assert not codec.lossless and codec.meta() == b""
-    with pytest.raises(InvalidRequest, match="kdnctl codec profile"):
+    with pytest.raises(InvalidInput, match="kdnctl codec profile"):
         codec.encode(synthetic_kv(8, 1))
-    with pytest.raises(InvalidRequest):
+    with pytest.raises(InvalidInput):
         get_codec("cachegen-default", KVLayout("x", 2, 2, 16), profile=build_profile(
             [synthetic_kv(16, 1)], model_id="toy"))
     assert {"cachegen-high", "cachegen-default", "cachegen-compact", "lossless"} <= set(available_codecs())
@@ -144,7 +141,7 @@ def test_without_profile_clear_error():
 
 @pytest.mark.parametrize("level", ["default"])
 def test_damaged_sections_never_crash(profile, level):
-    """Bit flips and truncations: CorruptObject or (undetectable damage) a tensor of the right shape."""
+    """Bit flips and truncations: CorruptStream or (undetectable damage) a tensor of the right shape."""
     codec = get_codec(f"cachegen-{level}", LAYOUT, profile=profile)
     kv = synthetic_kv(48, 17)
     data = codec.encode(kv)
@@ -160,13 +157,13 @@ def test_damaged_sections_never_crash(profile, level):
         try:
             out = codec.decode(bytes(m), 4, 48, meta=codec.meta())
             assert out.shape == kv.shape
-        except CorruptObject:
+        except CorruptStream:
             detected += 1
     assert detected >= 60
     for bad_meta in (b"", b"CG\x01" + b"\0" * 16, b"xx"):
-        with pytest.raises(CorruptObject):
+        with pytest.raises(CorruptStream):
             codec.decode(data, 4, 48, meta=bad_meta)
-    with pytest.raises(CorruptObject):
+    with pytest.raises(CorruptStream):
         codec.decode(data, 4, 47, meta=codec.meta())
 
 

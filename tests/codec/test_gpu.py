@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from codec import _gpu, get_codec
+from codec.errors import CorruptStream
 from codec.profile import build_profile
-from kdn.errors import CorruptObject
-from kdn.layout import KVLayout
+from kdn.format.layout import KVLayout
 from tests.codec.test_cachegen import LAYOUT, synthetic_kv
 
 gpu = pytest.mark.skipif(not _gpu.available(), reason="needs CUDA and CuPy")
@@ -60,9 +60,9 @@ def test_parse_matches_the_section_layout(profile):
     # key means (bf16, layers x channels), then one u32 word count per stream, then the states
     assert q["states"] - 4 * q["counts"].size == q["keymeans"] + 2 * 4 * LAYOUT.num_kv_heads * LAYOUT.head_dim
     for cut in (0, 10, len(data) // 2, len(data) - 1):
-        with pytest.raises(CorruptObject):
+        with pytest.raises(CorruptStream):
             _parse(codec, data[:cut], 4, 256)
-    with pytest.raises(CorruptObject):
+    with pytest.raises(CorruptStream):
         _parse(codec, data + b"\0\0", 4, 256)
 
 
@@ -113,14 +113,14 @@ def test_gpu_batch_into_strided_cache(wide_profile):
     assert torch.equal(cache.cpu(), ref)
     g = _gpu.for_codec(codec, "cuda")
     bad = [datas[0], datas[1][:-2] + b"\0\0", datas[2], datas[3]]
-    with pytest.raises(CorruptObject, match="section 1"):
+    with pytest.raises(CorruptStream, match="section 1"):
         g.run(g.prepare(bad, 2, 64, 0, 2), outs)
 
 
 @gpu
 @pytest.mark.parametrize("which", ["profile", "raw_profile"])
 def test_gpu_bad_input_agrees_with_cpu(request, which):
-    """Truncated, extended, corrupt and foreign sections: both paths raise CorruptObject, or both decode the same
+    """Truncated, extended, corrupt and foreign sections: both paths raise CorruptStream, or both decode the same
     values (a lossy section cannot detect every flip in raw bits or sink values)."""
     profile = request.getfixturevalue(which)
     codec = get_codec("cachegen-default", LAYOUT, profile=profile)
@@ -135,16 +135,16 @@ def test_gpu_bad_input_agrees_with_cpu(request, which):
     for case in cases:
         try:
             ref = codec.decode(case, 4, 256, meta=codec.meta())
-        except CorruptObject:
+        except CorruptStream:
             ref = None
         if ref is None:
-            with pytest.raises(CorruptObject):
+            with pytest.raises(CorruptStream):
                 codec.decode(case, 4, 256, meta=codec.meta(), device="cuda")
         else:
             assert torch.equal(codec.decode(case, 4, 256, meta=codec.meta(), device="cuda").cpu(), ref)
     foreign = get_codec("cachegen-high", LAYOUT, profile=profile)
     for device in ("cpu", "cuda"):  # another level's tables: the streams do not end cleanly
-        with pytest.raises(CorruptObject):
+        with pytest.raises(CorruptStream):
             foreign.decode(data, 4, 256, meta=foreign.meta(), device=device)
 
 
@@ -158,5 +158,5 @@ def test_gpu_global_table_decoder(raw_profile, monkeypatch):
         data = codec.encode(synthetic_kv(tokens, seed))
         ref = codec.decode(data, 4, tokens, meta=codec.meta())
         assert torch.equal(codec.decode(data, 4, tokens, meta=codec.meta(), device="cuda").cpu(), ref)
-    with pytest.raises(CorruptObject):
+    with pytest.raises(CorruptStream):
         codec.decode(data[:-2], 4, 256, meta=codec.meta(), device="cuda")

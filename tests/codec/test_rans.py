@@ -7,7 +7,7 @@ import pytest
 
 from codec._bits import pack_bits, unpack_bits
 from codec._rans import LANES, M, RansTables, decode_streams, encode_streams, normalize_freqs
-from kdn.errors import CorruptObject, InvalidRequest
+from codec.errors import CorruptStream, InvalidInput
 
 
 def _tables(alphabet=24):
@@ -57,15 +57,15 @@ def test_corrupt_input_raises_corrupt_object():
     sym, tid = _symbols(np.random.default_rng(2), 3, 2000, probs)
     words, states = encode_streams(sym, tid, tables)
     w = _words(words)
-    with pytest.raises(CorruptObject):
+    with pytest.raises(CorruptStream):
         decode_streams([w[0][:-1], w[1], w[2]], states, 2000, tid, tables)  # truncated
-    with pytest.raises(CorruptObject):
+    with pytest.raises(CorruptStream):
         decode_streams([np.concatenate([w[0], w[0][:1]]), w[1], w[2]], states, 2000, tid, tables)  # trailing
     bad = states.copy()
     bad[1, 5] ^= 1 << 20
-    with pytest.raises(CorruptObject):
+    with pytest.raises(CorruptStream):
         decode_streams(w, bad, 2000, tid, tables)
-    with pytest.raises(CorruptObject):
+    with pytest.raises(CorruptStream):
         decode_streams(w, states[:2], 2000, tid, tables)
     rng = np.random.default_rng(3)
     for _ in range(20):  # random damage never crashes: it is detected or decodes to some symbols
@@ -76,15 +76,15 @@ def test_corrupt_input_raises_corrupt_object():
         try:
             out = decode_streams(damaged, states, 2000, tid, tables)
             assert out.shape == sym.shape
-        except CorruptObject:
+        except CorruptStream:
             pass
 
 
 def test_tables_validated():
-    with pytest.raises(InvalidRequest):
+    with pytest.raises(InvalidInput):
         RansTables.from_freqs(np.array([[1, 2, 3]]))
     tables = RansTables.from_freqs(np.array([[M - 1, 1, 0]]))
-    with pytest.raises(InvalidRequest):  # zero-frequency symbol cannot be coded
+    with pytest.raises(InvalidInput):  # zero-frequency symbol cannot be coded
         encode_streams(np.array([[2]]), np.array([[0]]), tables)
     f = normalize_freqs(np.array([1e9, 1.0, 0.0, 3.0]))
     assert f.sum() == M and f.min() >= 1

@@ -20,7 +20,7 @@ from transformers import (
 
 from connectors.hf import HostKVCache, cache_from_kv, kdn_generate, kv_from_cache, layout_for, prefill
 from kdn.errors import InvalidRequest
-from kdn.layout import KVLayout
+from kdn.format.layout import KVLayout
 
 SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256)

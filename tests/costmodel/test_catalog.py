@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from costmodel import MODELS, Catalog, get_model, load_catalog
+from costmodel.errors import CatalogError, InvalidInput
 from costmodel.shapes import ModelShape
-from kdn.errors import ConfigError, InvalidRequest
 
 
 @pytest.mark.parametrize(("name", "kib_per_token"), [
@@ -22,11 +22,11 @@ def test_kv_bytes_per_token(name: str, kib_per_token: float) -> None:
 def test_model_lookup() -> None:
     assert get_model("Llama-7B") is MODELS["llama-2-7b"]
     assert ModelShape("x", 32, 8, 128, dtype="fp8").kv_bytes_per_token == 65536
-    with pytest.raises(InvalidRequest, match="unknown model 'gpt-9'.*llama-3-8b"):
+    with pytest.raises(InvalidInput, match="unknown model 'gpt-9'.*llama-3-8b"):
         get_model("gpt-9")
-    with pytest.raises(InvalidRequest, match="num_layers"):
+    with pytest.raises(InvalidInput, match="num_layers"):
         ModelShape("x", -1, 8, 128)
-    with pytest.raises(InvalidRequest, match="dtype"):
+    with pytest.raises(InvalidInput, match="dtype"):
         ModelShape("x", 1, 8, 128, dtype="float13")
 
 
@@ -76,17 +76,17 @@ def test_user_yaml_and_overrides_merge(tmp_path) -> None:
 def test_bad_catalog(tmp_path, yaml_text: str, override: str | None, match: str) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(yaml_text)
-    with pytest.raises((ConfigError, InvalidRequest), match=match):
+    with pytest.raises((CatalogError, InvalidInput), match=match):
         cat = load_catalog(path, [override] if override else None)
         cat.tier_offers(cat.gpu(), names=list(cat.tiers))
 
 
 def test_unknown_names(catalog: Catalog) -> None:
-    with pytest.raises(InvalidRequest, match="unknown GPU 'tpu'"):
+    with pytest.raises(InvalidInput, match="unknown GPU 'tpu'"):
         catalog.gpu("tpu")
-    with pytest.raises(InvalidRequest, match="unknown tier"):
+    with pytest.raises(InvalidInput, match="unknown tier"):
         catalog.tier_offers(catalog.gpu(), names=["tape"])
-    with pytest.raises(InvalidRequest, match="unknown network"):
+    with pytest.raises(InvalidInput, match="unknown network"):
         catalog.network("carrier-pigeon")
-    with pytest.raises(ConfigError, match="cannot read"):
+    with pytest.raises(CatalogError, match="cannot read"):
         load_catalog("/nonexistent/prices.yaml")

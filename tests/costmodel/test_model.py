@@ -25,9 +25,9 @@ from costmodel import (
     prefill_seconds,
     text_cost,
 )
+from costmodel.errors import InvalidInput
 from costmodel.model import at_rate, recompute_cost_per_request
 from costmodel.timing import decode_seconds, prefill_flops
-from kdn.errors import InvalidRequest
 
 FREE = TierOffer("free", "cpu", per_gb_hour=0.0, bandwidth_gbps=1e6)
 
@@ -110,7 +110,7 @@ def test_throughput_table_and_flop_estimate(catalog: Catalog) -> None:
     assert decode_seconds(tp, 100) == 2.0
     assert decode_seconds(replace(tp, decode_batch=4), 100) == 0.5
     assert decode_seconds(est, 10) > decode_seconds(replace(est, decode_batch=8), 10)
-    with pytest.raises(InvalidRequest, match="no measured throughput"):
+    with pytest.raises(InvalidInput, match="no measured throughput"):
         prefill_seconds(Compute(replace(shape, num_params=None), gpu), 10)
 
 
@@ -171,7 +171,7 @@ def test_recompute_cost_and_validation(catalog: Catalog) -> None:
     assert recompute_cost_per_request(compute, w) == pytest.approx(3.0 * prefill_seconds(compute, 10_000) / 3600)
     for bad in (dict(context_tokens=-5), dict(reuse_per_hour=-1.0), dict(retention_hours=0.0),
                 dict(compression_ratio=0.0), dict(load_stall=2.0), dict(reuse_per_hour=math.nan)):
-        with pytest.raises(InvalidRequest):
+        with pytest.raises(InvalidInput):
             replace(w, **bad)
-    with pytest.raises(InvalidRequest, match="mfu"):
+    with pytest.raises(InvalidInput, match="mfu"):
         replace(compute, mfu=1.5)

@@ -24,7 +24,7 @@ from costmodel import (
     rank_tiers,
     record_access,
 )
-from kdn.errors import InvalidRequest
+from costmodel.errors import InvalidInput
 
 
 @pytest.fixture()
@@ -101,11 +101,11 @@ def test_decayed_rate_tracks_a_steady_stream(setup) -> None:
 
 
 def test_bad_stats() -> None:
-    with pytest.raises(InvalidRequest):
+    with pytest.raises(InvalidInput):
         ChunkStats(size_bytes=0, reuse_per_hour=1, prefill_seconds_saved=1)
-    with pytest.raises(InvalidRequest):
+    with pytest.raises(InvalidInput):
         ChunkStats(size_bytes=10, reuse_per_hour=-1, prefill_seconds_saved=1)
-    with pytest.raises(InvalidRequest):
+    with pytest.raises(InvalidInput):
         PlacementPolicy(gpu_price_per_hour=1, load_stall=3)
 
 

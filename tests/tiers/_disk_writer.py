@@ -7,7 +7,7 @@ payload)`` so the test can rebuild the expected bytes of every acknowledged key.
 import sys
 import time
 
-from kdn.tiers.disk import DiskTier
+from kdn.node.tiers.disk import DiskTier
 from tests.tiers.conformance import make_key, make_object
 
 

@@ -1,4 +1,4 @@
-"""The one conformance suite that every tier passes (see ``kdn/tiers/base.py`` for the contract it checks).
+"""The one conformance suite that every tier passes (see ``kdn/node/tiers/base.py`` for the contract it checks).
 
 Adding a backend is a small subclass in ``tests/tiers/test_<kind>.py``::
 
@@ -33,9 +33,9 @@ from pathlib import Path
 
 import pytest
 
-from kdn.chunk import build_object
-from kdn.keys import ChunkKey, KeyKind
-from kdn.tiers.base import Tier
+from kdn.format.chunk import build_object
+from kdn.format.keys import ChunkKey, KeyKind
+from kdn.node.tiers.base import Tier
 
 __all__ = ["TierConformance", "make_key", "make_object", "object_size", "CAPACITY"]
 
@@ -120,8 +120,8 @@ class TierConformance:
     @pytest.mark.parametrize("codec", ["raw", "lz4"])
     def test_round_trip_encoded_chunk(self, tier, codec):
         torch = pytest.importorskip("torch")
-        from kdn.chunk_codec import decode_chunk, encode_chunk
-        from kdn.layout import KVLayout
+        from kdn.format.chunk_codec import decode_chunk, encode_chunk
+        from kdn.format.layout import KVLayout
 
         layout = KVLayout(model_id="conformance", num_layers=3, num_kv_heads=2, head_dim=8, dtype="float32")
         kv = torch.randn(layout.shape(16), generator=torch.Generator().manual_seed(0))

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kdn.tiers.allocator import PoolIndex, TwoLevelAllocator, page_bytes_for
+from kdn.node.tiers.allocator import PoolIndex, TwoLevelAllocator, page_bytes_for
 
 G = 256  # a small granule keeps the arenas of these tests small
 

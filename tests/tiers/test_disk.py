@@ -16,8 +16,8 @@ import pytest
 
 from kdn.config import TierSpec
 from kdn.errors import ConfigError
-from kdn.tiers import build_tier
-from kdn.tiers.disk import DiskTier, DiskTierConfig
+from kdn.node.tiers import build_tier
+from kdn.node.tiers.disk import DiskTier, DiskTierConfig
 from tests.tiers._disk_writer import writer_object
 from tests.tiers.conformance import TierConformance, make_key, make_object, object_size
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from kdn.tiers.pinned import CHUNK_HEADER_ALLOWANCE
+from kdn.node.tiers.pinned import CHUNK_HEADER_ALLOWANCE
 from tests.tiers.conformance import TierConformance, make_key, make_object, object_size
 
 torch = pytest.importorskip("torch")
@@ -16,7 +16,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 
 
 def test_tier_class_imports_without_cuda():
-    from kdn.tiers import tier_class
+    from kdn.node.tiers import tier_class
 
     assert tier_class("gpu").kind == "gpu"
     if not torch.cuda.is_available():
@@ -29,7 +29,7 @@ def test_tier_class_imports_without_cuda():
 @needs_cuda
 class TestGPUTier(TierConformance):
     def make_tier(self, capacity, tmp_path):
-        from kdn.tiers.gpu import GPUTier
+        from kdn.node.tiers.gpu import GPUTier
 
         fits = capacity >= object_size()
         return GPUTier(capacity, granularity_bytes=1, min_pages=4,
@@ -43,7 +43,7 @@ class TestGPUTier(TierConformance):
 
 @pytest.fixture
 def gpu_tier():
-    from kdn.tiers.gpu import GPUTier
+    from kdn.node.tiers.gpu import GPUTier
 
     tier = GPUTier(64 << 20, chunk_bytes=["4MiB"])
     yield tier

@@ -1,6 +1,6 @@
 """The memory tier against the shared tier conformance suite."""
 
-from kdn.tiers.memory import MemoryTier
+from kdn.node.tiers.memory import MemoryTier
 from tests.tiers.conformance import TierConformance
 
 

@@ -8,8 +8,8 @@ import threading
 import pytest
 
 from kdn.config import TierSpec
-from kdn.tiers import build_tier
-from kdn.tiers.pinned import CHUNK_HEADER_ALLOWANCE, PinnedTier, PinnedTierConfig
+from kdn.node.tiers import build_tier
+from kdn.node.tiers.pinned import CHUNK_HEADER_ALLOWANCE, PinnedTier, PinnedTierConfig
 from tests.tiers.conformance import TierConformance, make_key, make_object, object_size
 
 torch = pytest.importorskip("torch")

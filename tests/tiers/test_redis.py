@@ -14,11 +14,11 @@ pytest.importorskip("redis")
 
 import redis  # noqa: E402
 
-from kdn.tiers.redis import RedisTier, RedisTierConfig  # noqa: E402
+from kdn.node.tiers.redis import RedisTier, RedisTierConfig  # noqa: E402
 from tests.servers import redis_cluster, redis_server, require, start_redis, stop  # noqa: E402, F401
 from tests.tiers.conformance import TierConformance, make_key, make_object, object_size  # noqa: E402
 
-LOGGER = "kdn.tiers.redis"
+LOGGER = "kdn.node.tiers.redis"
 
 
 def _raw_client(config: RedisTierConfig):
@@ -141,7 +141,7 @@ def test_foreign_keys_under_prefix_are_not_inventoried(url):
 def test_registry_and_config():
     from kdn.config import TierSpec
     from kdn.errors import ConfigError
-    from kdn.tiers import tier_class
+    from kdn.node.tiers import tier_class
 
     assert tier_class("redis") is RedisTier
     spec = TierSpec.parse({"kind": "redis", "url": "redis://h:1/0", "capacity": "2GiB", "ttl_s": "60"})
@@ -152,7 +152,7 @@ def test_registry_and_config():
 
 
 def test_import_kdn_does_not_import_redis():
-    code = "import sys, kdn, kdn.tiers, kdn.config; assert 'redis' not in sys.modules, 'redis imported'"
+    code = "import sys, kdn, kdn.node.tiers, kdn.config; assert 'redis' not in sys.modules, 'redis imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -12,9 +12,9 @@ import pytest
 
 pytest.importorskip("boto3")
 
-from kdn.chunk import build_object, parse_header  # noqa: E402
 from kdn.errors import InvalidRequest  # noqa: E402
-from kdn.tiers.s3 import S3Tier, S3TierConfig  # noqa: E402
+from kdn.format.chunk import build_object, parse_header  # noqa: E402
+from kdn.node.tiers.s3 import S3Tier, S3TierConfig  # noqa: E402
 from tests.servers import moto_server, start_moto, stop  # noqa: E402, F401
 from tests.tiers.conformance import (  # noqa: E402
     FINGERPRINT,
@@ -23,7 +23,7 @@ from tests.tiers.conformance import (  # noqa: E402
     make_object,
 )
 
-LOGGER = "kdn.tiers.s3"
+LOGGER = "kdn.node.tiers.s3"
 BUCKET = "kdn-test"
 
 
@@ -163,7 +163,7 @@ def test_keys_are_prefixed_by_tenant(tier):
 def test_registry_and_config():
     from kdn.config import TierSpec
     from kdn.errors import ConfigError
-    from kdn.tiers import tier_class
+    from kdn.node.tiers import tier_class
 
     assert tier_class("s3") is S3Tier
     spec = TierSpec.parse({"kind": "s3", "bucket": "b", "capacity": "2TiB", "multipart_threshold_bytes": "32MiB"})
@@ -175,7 +175,8 @@ def test_registry_and_config():
 
 
 def test_import_kdn_does_not_import_boto3():
-    code = "import sys, kdn, kdn.tiers, kdn.config; assert 'boto3' not in sys.modules and 'botocore' not in sys.modules"
+    code = ("import sys, kdn, kdn.node.tiers, kdn.config; "
+            "assert 'boto3' not in sys.modules and 'botocore' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -6,8 +6,8 @@ import mmap
 
 import pytest
 
-from kdn.chunk import build_object
-from kdn.tiers.shared import SharedMemoryTier
+from kdn.format.chunk import build_object
+from kdn.node.tiers.shared import SharedMemoryTier
 from tests.tiers.conformance import TierConformance
 
 

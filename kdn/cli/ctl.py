@@ -1,0 +1,255 @@
+"""``kdnctl``: the admin CLI. Human-readable tables by default, ``--json`` for scripts.
+
+Commands: status, nodes, ls [PREFIX], inspect KEY, evict KEY... | --prefix P, pin KEY..., unpin KEY..., stats,
+cost (the cost-model calculator), codec profile (build a model profile), warm (store a corpus as
+content-keyed chunks for CacheBlend).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from codec.errors import CodecError
+from costmodel.cli import add_cost_parser
+from costmodel.errors import CostModelError
+from kdn.bench import format_table
+from kdn.cli.codec import add_codec_parser
+from kdn.cli.extras import missing_extra
+from kdn.cli.warm import add_warm_parser
+from kdn.client.control import ControlClient
+from kdn.errors import KDNError
+
+__all__ = ["main"]
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+class Ctl:
+    def __init__(self, args: argparse.Namespace) -> None:
+        from kdn.config import load_config
+
+        config = load_config(args.config)
+        self.address = args.controller or config.client.controller
+        self.token = args.token if args.token is not None else config.client.token
+        self.tenant = args.tenant or config.client.tenant
+        self.timeout = args.timeout
+        self.control = ControlClient(self.address, tls=config.tls, token=self.token, tenant=self.tenant,
+                                     timeout_s=self.timeout)
+
+    def call(self, method: str, **fields):
+        return self.control.call(method, **fields)
+
+    def node_client(self, address: str):
+        from kdn.client.transport import NodeClient
+
+        return NodeClient(address, tenant=self.tenant, token=self.token, timeout_s=self.timeout, transport="grpc")
+
+
+def _emit(args, data, rows: list[dict] | None = None, columns: list[str] | None = None, title: str = "") -> None:
+    if args.json:
+        print(json.dumps(data, indent=2, default=str))
+        return
+    if title:
+        print(title)
+    if rows is not None:
+        print(format_table(rows, columns))
+
+
+def cmd_status(ctl: Ctl, args) -> int:
+    stats = MessageToDict(ctl.call("Stats"),
+                          always_print_fields_with_no_presence=True)
+    nodes = ctl.call("ListNodes").nodes
+    data = {"controller": ctl.address, **stats, "nodes": [MessageToDict(n) for n in nodes]}
+    rows = [{"field": k, "value": v} for k, v in stats.items()]
+    _emit(args, data, rows, ["field", "value"], title=f"controller {ctl.address}: {len(nodes)} node(s), "
+          f"{sum(n.alive for n in nodes)} alive")
+    return 0
+
+
+def cmd_nodes(ctl: Ctl, args) -> int:
+    nodes = ctl.call("ListNodes").nodes
+    rows = []
+    for n in nodes:
+        rows.append({"node": n.node_id, "address": n.address, "bulk": n.bulk_address or "-",
+                     "alive": "yes" if n.alive else "NO", "heartbeat_age_s": round(n.heartbeat_age_s, 1),
+                     "objects": n.objects,
+                     "tiers": ", ".join(f"{t.kind} {_gib(t.used_bytes)}/{_gib(t.capacity_bytes)}" for t in n.tiers)})
+    _emit(args, [MessageToDict(n) for n in nodes], rows)
+    return 0
+
+
+def cmd_ls(ctl: Ctl, args) -> int:
+    prefix = args.prefix or ""
+    reply = ctl.call("ListKeys", prefix=prefix, limit=args.limit)
+    rows = [{"key": k.key, "size": k.size, "nodes": ",".join(f"{loc.node_id}/{loc.tier}" for loc in k.locations),
+             "pinned": "yes" if k.pinned else "", "lookups": k.lookups} for k in reply.keys]
+    _emit(args, {"keys": [MessageToDict(k) for k in reply.keys], "truncated": reply.truncated}, rows,
+          ["key", "size", "nodes", "pinned", "lookups"])
+    if reply.truncated and not args.json:
+        print(f"(truncated at {args.limit}; use --limit)")
+    return 0
+
+
+def _explain(ctl: Ctl, key: str) -> dict | None:
+    """The controller's placement numbers for ``key`` (None from a controller without ``Explain``)."""
+    try:
+        reply = ctl.call("Explain", keys=[key])
+    except KDNError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, grpc.RpcError) and cause.code() == grpc.StatusCode.UNIMPLEMENTED:
+            return None  # an older controller
+        raise
+    if not reply.keys or not reply.keys[0].found:
+        return None
+    return MessageToDict(reply.keys[0], preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+def _print_placement(p: dict) -> None:
+    rate = p.get("reuse_per_hour", 0.0)
+    print(f"\nplacement ({p['policy']}): {p['action']} - {p['reason']}")
+    print(f"  reuse {rate:.3g}/h (decayed; {p['lookups']} lookups, last {p['last_access_age_s']:.0f} s ago), "
+          f"{p['size']} bytes, saves {p['prefill_seconds_saved'] * 1e3:.3g} ms of prefill per hit "
+          f"({p['prefill_basis']}); {p['gpu']} at ${p['gpu_price_per_hour']:.3g}/h"
+          + ("; pinned" if p.get("pinned") else ""))
+    rows = [{"node": t["node_id"], "tier": t["tier"] + (" *" if t["current"] else ""), "priced as": t["offer"],
+             "load ms": t["load_s"] * 1e3, "$ saved/reuse": t["saving_per_reuse"], "keep $/h": t["hold_per_hour"],
+             "value $/h": t["value_per_hour"], "": t["reason"]} for t in p["tiers"]]
+    print(format_table(rows))
+    print(f"value = reuse/h x saved/reuse - keep/h; best: {p['choice'] or 'none (below break-even)'}; * = current")
+
+
+def cmd_inspect(ctl: Ctl, args) -> int:
+    from kdn.format.chunk import CorruptObject, verify_object
+
+    reply = ctl.call("Lookup", keys=[args.key], prefix=False, probe=True)
+    locations = list(reply.results[0].locations) if reply.results else []
+    info: dict = {"key": args.key, "locations": [MessageToDict(loc) for loc in locations]}
+    if not locations:
+        _emit(args, info, [], title=f"{args.key}: not found")
+        return 1
+    with ctl.node_client(locations[0].address) as node:
+        data = node.get_many([args.key])[0]
+    if data is None:
+        info["error"] = "node did not return the object"
+    else:
+        try:
+            header = verify_object(data, key=args.key)
+            info.update(codec=header.codec, tokens=header.num_tokens, start=header.start,
+                        layers=header.num_layers, sections=len(header.sections), bytes=len(data),
+                        header_bytes=header.header_len, fingerprint=header.fingerprint.hex(), verified=True)
+        except CorruptObject as exc:
+            info.update(verified=False, error=str(exc))
+    placement = _explain(ctl, args.key)
+    rows = [{"field": k, "value": v if not isinstance(v, list) else
+             "; ".join(f"{loc['nodeId']}/{loc.get('tier', '')}" for loc in v)} for k, v in info.items()]
+    if placement is not None:
+        info["placement"] = placement
+    _emit(args, info, rows, ["field", "value"])
+    if placement is not None and not args.json:
+        _print_placement(placement)
+    return 0 if info.get("verified") else 1
+
+
+def cmd_evict(ctl: Ctl, args) -> int:
+    if not args.keys and not args.prefix:
+        raise KDNError("give keys or --prefix")
+    reply = ctl.call("Evict", keys=args.keys, prefix=args.prefix or "")
+    _emit(args, {"evicted": reply.evicted}, title=f"evicted {reply.evicted} object(s)")
+    return 0
+
+
+def cmd_pin(ctl: Ctl, args) -> int:
+    method = "Pin" if args.command == "pin" else "Unpin"
+    reply = ctl.call(method, keys=args.keys)
+    _emit(args, {"changed": reply.changed}, title=f"{method.lower()}ned {reply.changed} key(s)")
+    return 0
+
+
+def cmd_stats(ctl: Ctl, args) -> int:
+    stats = MessageToDict(ctl.call("Stats"),
+                          always_print_fields_with_no_presence=True)
+    nodes = ctl.call("ListNodes").nodes
+    rows, per_node = [], []
+    for n in nodes:
+        row = {"node": n.node_id, "alive": n.alive}
+        if n.alive:
+            try:
+                with ctl.node_client(n.address) as client:
+                    s = client.stats()
+                row.update(gets=s.gets, hits=s.get_hits, puts=s.puts, bytes_out=s.bytes_out, bytes_in=s.bytes_in,
+                           corrupt=s.corrupt_dropped, uptime_s=round(s.uptime_s, 1))
+            except KDNError as exc:
+                row["error"] = str(exc)
+        rows.append(row)
+        per_node.append(row)
+    _emit(args, {"controller": stats, "nodes": per_node}, rows,
+          title=f"controller: {stats.get('keys', 0)} keys, {stats.get('lookups', 0)} lookups, "
+                f"{stats.get('lookupHits', 0)}/{stats.get('lookupKeys', 0)} keys hit")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kdnctl", description="KDN admin CLI")
+    parser.add_argument("--controller", help="controller host:port (default: client.controller of the config)")
+    parser.add_argument("--token", help="bearer token (default: client.token of the config)")
+    parser.add_argument("--tenant", help="tenant (open mode only; with tokens the token decides)")
+    parser.add_argument("--config", help="YAML configuration file")
+    parser.add_argument("--timeout", type=float, default=10.0, help="deadline per call in seconds")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("status", help="controller summary").set_defaults(func=cmd_status)
+    sub.add_parser("nodes", help="storage nodes and their tiers").set_defaults(func=cmd_nodes)
+    p = sub.add_parser("ls", help="keys by prefix (tenant/fingerprint/codec/...)")
+    p.add_argument("prefix", nargs="?", default="")
+    p.add_argument("--limit", type=int, default=100)
+    p.set_defaults(func=cmd_ls)
+    p = sub.add_parser("inspect", help="locations, verified header and placement numbers of one key")
+    p.add_argument("key")
+    p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("evict", help="delete keys everywhere")
+    p.add_argument("keys", nargs="*")
+    p.add_argument("--prefix", help="evict every key with this prefix (within your tenant)")
+    p.set_defaults(func=cmd_evict)
+    for name in ("pin", "unpin"):
+        p = sub.add_parser(name, help=f"{name} keys against eviction")
+        p.add_argument("keys", nargs="+")
+        p.set_defaults(func=cmd_pin)
+    sub.add_parser("stats", help="controller and per-node counters").set_defaults(func=cmd_stats)
+    # Commands that open their own connections (or none): each adds its parser and sets ``standalone``. Their
+    # modules import only the standard library at the top, so every subcommand is listed on a base install; one
+    # whose extra is missing says which to install when it runs (``main``).
+    for add_parser in (add_cost_parser, add_codec_parser, add_warm_parser):
+        add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "cost" or getattr(args, "standalone", False):
+            return args.func(args)
+        ctl = Ctl(args)
+        try:
+            return args.func(ctl, args)
+        finally:
+            ctl.control.close()
+    except (KDNError, CodecError, CostModelError) as exc:
+        print(f"kdnctl: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        hint = missing_extra(exc, f"kdnctl {args.command}")
+        if hint is None:
+            raise
+        print(hint, file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,579 @@
+"""The KDN client library: what engine connectors call.
+
+``KDNClient(layout, config)`` is bound to a controller, a tenant, a layout and a codec:
+
+- ``lookup(tokens)`` -> how many leading tokens are cached, and where each chunk lives.
+- ``retrieve(tokens)`` -> the KV of the longest cached prefix as one tensor ``[layers, 2, tokens, kv_heads,
+  head_dim]`` (the :mod:`kdn.format.layout` convention), fetched
+  from whichever nodes hold the chunks, verified, decoded.
+- ``store(tokens, kv)`` -> queue the KV of ``tokens`` for storage; returns at once (bounded queue; when full the
+  job is dropped and counted, never blocking the engine).
+
+Failures of the remote side (controller or nodes down, corrupt objects) never raise into the engine: they become
+misses (fewer tokens retrieved) and are logged and counted. Bad arguments (wrong shape or dtype) raise
+:class:`~kdn.errors.InvalidRequest`; a wrong token raises :class:`~kdn.errors.AuthError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from codec.raw import torch_dtype
+from kdn.client.control import ControlClient
+from kdn.client.transport import NodeClient
+from kdn.config import ClientConfig
+from kdn.errors import AuthError, CorruptObject, InvalidRequest, KDNError
+from kdn.format.chunk import ChunkHeader, verify_object
+from kdn.format.chunk_codec import check_kv, codec_errors, decode_chunk, encode_chunk, get_codec
+from kdn.format.keys import ChunkKey, ChunkSpan, prefix_keys
+from kdn.format.layout import KVLayout
+from kdn.metrics import ClientMetrics
+from kdn.wire.auth import call_metadata
+from kdn.wire.shm import is_shared
+
+__all__ = ["KDNClient", "LookupResult", "ChunkHit", "RetrieveResult", "StoreResult", "LayerStream"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NodeAddress:
+    node_id: str
+    address: str
+    bulk_address: str = ""
+
+
+@dataclass
+class ChunkHit:
+    span: ChunkSpan
+    key: ChunkKey
+    nodes: list[NodeAddress]
+
+
+@dataclass
+class LookupResult:
+    hit_tokens: int
+    """Leading tokens whose KV is cached."""
+    chunks: list[ChunkHit] = field(default_factory=list)
+    """The hit chunks, in order."""
+    source: str = "controller"
+    """``controller``, ``nodes`` (controller down, asked known nodes) or ``none``."""
+
+
+@dataclass
+class RetrieveResult:
+    num_tokens: int
+    kv: object | None
+    """A tensor ``[layers, 2, num_tokens, kv_heads, head_dim]``, or ``None`` when nothing was retrieved."""
+    chunks: int = 0
+    bytes: int = 0
+
+
+@dataclass
+class StoreResult:
+    stored: int = 0
+    skipped: int = 0
+    """Chunks that were already stored."""
+    failed: int = 0
+    dropped: bool = False
+    error: str = ""
+
+
+class LayerStream:
+    """Verified objects of a cached prefix, decoded layer group by layer group on iteration."""
+
+    def __init__(self, client: KDNClient, objects: list, num_tokens: int, device) -> None:
+        self.client = client
+        self.objects = objects
+        self.num_tokens = num_tokens
+        self.device = device
+        self.bytes = sum(len(data) for _, data, _ in objects)
+
+    def empty(self):
+        """An uninitialized tensor of the whole prefix's KV shape."""
+        import torch
+
+        layout = self.client.layout
+        return torch.empty(layout.shape(self.num_tokens), dtype=torch_dtype(layout.dtype), device=self.device)
+
+    def groups(self) -> list[tuple[int, int]]:
+        """The layer groups every object shares (the coarsest common split)."""
+        if not self.objects:
+            return []
+        cuts = set()
+        for _, _, header in self.objects:
+            cuts.update(s.layer_end for s in header.sections)
+        bounds = [0, *sorted(cuts)]
+        return list(zip(bounds, bounds[1:]))
+
+    def decode_group(self, layer_start: int, layer_end: int, out=None):
+        """Decode layers ``[layer_start, layer_end)`` of every object into one tensor (``out`` if given)."""
+        import torch
+
+        client = self.client
+        layout = client.layout
+        if out is None:
+            out = torch.empty(layout.shape(self.num_tokens, layer_end - layer_start),
+                              dtype=torch_dtype(layout.dtype), device=self.device)
+        # Codecs with a batched device decoder (CacheGen on CUDA) get every section of one shape in one call.
+        batched = getattr(client.codec, "decode_batch", None) if out.is_cuda else None
+        batches: dict[tuple, tuple[list, list]] = {}
+        with codec_errors():
+            self._decode_sections(layer_start, layer_end, out, batched, batches)
+            for (start, end, num_tokens, meta), (views, outs) in batches.items():
+                batched(views, end - start, num_tokens, outs=outs, meta=meta, layer_start=start)
+        return out
+
+    def _decode_sections(self, layer_start: int, layer_end: int, out, batched, batches: dict) -> None:
+        client = self.client
+        for chunk, data, header in self.objects:
+            for section in header.sections_for(layer_start, layer_end):
+                if section.layer_start < layer_start or section.layer_end > layer_end:
+                    raise InvalidRequest("layer group does not align with the objects' sections")
+                view = memoryview(data)[section.offset:section.offset + section.length]
+                target = out[section.layer_start - layer_start:section.layer_end - layer_start, :,
+                             chunk.span.start:chunk.span.end]
+                if batched is not None:
+                    views, outs = batches.setdefault(
+                        (section.layer_start, section.layer_end, header.num_tokens, bytes(header.codec_meta)),
+                        ([], []))
+                    views.append(view)
+                    outs.append(target)
+                    continue
+                client.codec.decode(view, section.layer_end - section.layer_start, header.num_tokens,
+                                    meta=header.codec_meta, device=self.device, layer_start=section.layer_start,
+                                    out=target)
+
+    def __iter__(self):
+        groups = self.groups()
+        if not groups:
+            return
+        pool = self.client._decode_pool
+        pending = pool.submit(self.decode_group, *groups[0])
+        for i, (start, end) in enumerate(groups):
+            kv = pending.result()
+            if i + 1 < len(groups):
+                pending = pool.submit(self.decode_group, *groups[i + 1])
+            yield start, end, kv
+
+class KDNClient:
+    """Lookup, retrieve and store KV caches of one layout for one tenant. Thread-safe; call ``close()``."""
+
+    def __init__(self, layout: KVLayout, config: ClientConfig | None = None, **overrides) -> None:
+        config = config or ClientConfig()
+        for name, value in overrides.items():
+            if not hasattr(config, name):
+                raise InvalidRequest(f"unknown client setting {name!r}")
+            setattr(config, name, value)
+        self.config = config
+        self.layout = layout
+        self.fingerprint = layout.fingerprint()
+        if config.chunk_size <= 0:
+            raise InvalidRequest("chunk_size must be positive")
+        self.metrics = ClientMetrics()
+        self.metadata = call_metadata(config.token, config.tenant)
+        self._control = ControlClient(config.controller, tls=config.tls, token=config.token, tenant=config.tenant,
+                                      timeout_s=config.timeout_s)
+        try:  # may ask the controller for the codec's model profile
+            self.codec = get_codec(config.codec, layout, **self._codec_options())
+        except BaseException:
+            self._control.close()
+            raise
+        self._nodes: dict[str, NodeAddress] = {}
+        self._node_clients: dict[str, NodeClient] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=max(1, config.fetch_workers), thread_name_prefix="kdn-fetch")
+        self._decode_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdn-decode")
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, config.store_queue))
+        self._store_thread = threading.Thread(target=self._store_loop, name="kdn-store", daemon=True)
+        self._closed = False
+        self._store_thread.start()
+
+    # -- plumbing ------------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Finish queued stores (up to the deadline), then release connections."""
+        if self._closed:
+            return
+        self.flush(self.config.timeout_s)
+        self._closed = True
+        self._queue.put(None)
+        self._store_thread.join(timeout=self.config.timeout_s)
+        self._pool.shutdown(wait=True)
+        self._decode_pool.shutdown(wait=True)
+        for client in self._node_clients.values():
+            client.close()
+        self._control.close()
+
+    def __enter__(self) -> KDNClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _node(self, node: NodeAddress) -> NodeClient:
+        with self._lock:
+            self._nodes[node.node_id] = node
+            client = self._node_clients.get(node.address)
+            if client is None:
+                client = NodeClient(node.address, node.bulk_address, tenant=self.config.tenant,
+                                    token=self.config.token, timeout_s=self.config.timeout_s,
+                                    transport=self.config.transport, tls=self.config.tls,
+                                    shared_memory=self.config.shared_memory)
+                self._node_clients[node.address] = client
+            return client
+
+    def _codec_options(self) -> dict:
+        """``profile=`` for the codec: the configured file, else (``cachegen-*``) the controller's, cached on disk."""
+        if self.config.codec_profile:
+            return {"profile": self.config.codec_profile}
+        if not self.config.codec.startswith("cachegen"):
+            return {}
+        from kdn.client.profiles import default_profile_cache, fetch_profile
+
+        profile = fetch_profile(lambda **fields: self._control.call("GetProfile", **fields), self.fingerprint,
+                                self.config.profile_cache or default_profile_cache())
+        return {"profile": profile}
+
+    def _call(self, method: str, **fields):
+        return self._control.call(method, **fields)
+
+    def keys(self, tokens, include_partial: bool | None = None) -> list[tuple[ChunkSpan, ChunkKey]]:
+        """The prefix-chain keys of ``tokens`` under this client's tenant, layout and codec."""
+        partial = self.config.store_partial if include_partial is None else include_partial
+        return prefix_keys(tokens, self.config.tenant, self.fingerprint, self.codec.name, self.config.chunk_size,
+                           include_partial=partial)
+
+    def refresh_nodes(self) -> list[NodeAddress]:
+        """Ask the controller for the live nodes (remembered for lookups while it is down)."""
+        reply = self._call("ListNodes")
+        nodes = [NodeAddress(n.node_id, n.address, n.bulk_address) for n in reply.nodes if n.alive]
+        with self._lock:
+            for n in nodes:
+                self._nodes[n.node_id] = n
+        return nodes
+
+    # -- lookup --------------------------------------------------------------------------------------------------
+    def lookup(self, tokens) -> LookupResult:
+        """The longest cached prefix of ``tokens``. Never raises for remote failures (a miss instead)."""
+        keyed = self.keys(tokens)
+        self.metrics.lookup_tokens.inc(len(tokens))
+        if not keyed:
+            return LookupResult(0, [], "none")
+        try:
+            reply = self._call("Lookup", keys=[str(k) for _, k in keyed], prefix=True)
+            hits = []
+            for (span, key), result in zip(keyed, reply.results):
+                nodes = [NodeAddress(loc.node_id, loc.address, loc.bulk_address) for loc in result.locations]
+                if not nodes:
+                    break
+                hits.append(ChunkHit(span, key, nodes))
+            return LookupResult(hits[-1].span.end if hits else 0, hits, "controller")
+        except AuthError:
+            raise
+        except KDNError as exc:
+            log.warning("controller lookup failed (%s); asking known nodes", exc)
+            self.metrics.fallbacks.labels("controller").inc()
+            return self._lookup_nodes(keyed)
+
+    def _lookup_nodes(self, keyed: list[tuple[ChunkSpan, ChunkKey]]) -> LookupResult:
+        with self._lock:
+            nodes = list(self._nodes.values())
+        present: dict[int, list[NodeAddress]] = {}
+        names = [str(k) for _, k in keyed]
+        for node in nodes:
+            try:
+                tiers = self._node(node).contains_many(names)
+            except KDNError as exc:
+                log.debug("node %s contains failed: %s", node.node_id, exc)
+                continue
+            for i, tier in enumerate(tiers):
+                if tier:
+                    present.setdefault(i, []).append(node)
+        hits = []
+        for i, (span, key) in enumerate(keyed):
+            if i not in present:
+                break
+            hits.append(ChunkHit(span, key, present[i]))
+        return LookupResult(hits[-1].span.end if hits else 0, hits, "nodes" if nodes else "none")
+
+    # -- retrieve ------------------------------------------------------------------------------------------------
+    def retrieve(self, tokens, *, device="cpu", max_tokens: int | None = None) -> RetrieveResult:
+        """Fetch, verify and decode the longest cached prefix of ``tokens`` (at most ``max_tokens`` tokens).
+
+        Chunks are fetched in parallel (one batch per node); a chunk that cannot be fetched or fails
+        verification ends the prefix there. Never raises for remote failures.
+        """
+        stream = self.retrieve_layers(tokens, device=device, max_tokens=max_tokens)
+        if stream.num_tokens == 0:
+            return RetrieveResult(0, None)
+        out = stream.empty()
+        for layer_start, layer_end in stream.groups():
+            stream.decode_group(layer_start, layer_end, out=out[layer_start:layer_end])
+        return RetrieveResult(stream.num_tokens, out, chunks=len(stream.objects), bytes=stream.bytes)
+
+    def retrieve_layers(self, tokens, *, device="cpu", max_tokens: int | None = None) -> LayerStream:
+        """Fetch and verify the longest cached prefix, then decode it layer group by layer group.
+
+        Every object is fetched and fully checksum-verified before the first layer is handed out, so a consumer
+        never receives layers of a prefix that later turns out to be damaged. Iterating the returned
+        :class:`LayerStream` yields ``(layer_start, layer_end, kv)`` with ``kv`` of shape
+        ``[layer_end - layer_start, 2, num_tokens, kv_heads, head_dim]``; decoding of the next group runs in a
+        background thread while the caller uses the current one.
+        """
+        t0 = time.perf_counter()
+        found = self.lookup(tokens)
+        chunks = found.chunks
+        if max_tokens is not None:
+            chunks = [c for c in chunks if c.span.end <= max_tokens]
+        datas = self._fetch(chunks) if chunks else []
+        good: list[tuple[ChunkHit, object, ChunkHeader]] = []
+        for chunk, data in zip(chunks, datas):
+            if data is None:
+                break
+            try:
+                # Objects read in place from a node's shared memory (same host) were verified at put time.
+                header = verify_object(data, key=str(chunk.key), fingerprint=self.fingerprint,
+                                       codec=self.codec.name, check_payload=not is_shared(data))
+                if header.num_layers != self.layout.num_layers or header.num_tokens != chunk.span.num_tokens:
+                    raise CorruptObject("object shape does not match its key")
+                if bytes(header.codec_meta) != self.codec.meta():  # e.g. another CacheGen model profile
+                    raise CorruptObject("object was encoded with other codec parameters")
+            except CorruptObject as exc:
+                log.warning("chunk %s rejected: %s", chunk.key, exc)
+                self.metrics.fallbacks.labels("corrupt").inc()
+                break
+            good.append((chunk, data, header))
+        num_tokens = good[-1][0].span.end if good else 0
+        self.metrics.fetch_seconds.observe(time.perf_counter() - t0)
+        self.metrics.hit_tokens.inc(num_tokens)
+        return LayerStream(self, good, num_tokens, device)
+
+    def _fetch(self, chunks: Sequence[ChunkHit]) -> list[bytes | bytearray | None]:
+        """Fetch objects, one batch per node in parallel, trying other holders for what a node could not give."""
+        out: list = [None] * len(chunks)
+        todo = list(range(len(chunks)))
+        for attempt in range(3):
+            by_node: dict[str, list[int]] = {}
+            for i in todo:
+                nodes = chunks[i].nodes
+                if attempt < len(nodes):
+                    by_node.setdefault(nodes[attempt].node_id, []).append(i)
+            if not by_node:
+                break
+            # Each node's batch is split over the fetch workers: parallel streams move large prefixes faster.
+            jobs = []
+            for idx in by_node.values():
+                per = max(1, -(-len(idx) // max(1, self.config.fetch_workers)))
+                for j in range(0, len(idx), per):
+                    part = idx[j:j + per]
+                    jobs.append((part, self._pool.submit(self._fetch_from, chunks[part[0]].nodes[attempt],
+                                                         [chunks[i] for i in part])))
+            for part, fut in jobs:
+                for i, data in zip(part, fut.result()):
+                    out[i] = data
+            todo = [i for i in todo if out[i] is None]
+            if not todo:
+                break
+        return out
+
+    def _fetch_from(self, node: NodeAddress, chunks: list[ChunkHit]) -> list:
+        try:
+            datas = self._node(node).get_many([str(c.key) for c in chunks])
+        except KDNError as exc:
+            log.warning("fetch from node %s failed: %s", node.node_id, exc)
+            self.metrics.fallbacks.labels("node").inc()
+            return [None] * len(chunks)
+        out = []
+        for chunk, data in zip(chunks, datas):
+            if data is not None and not is_shared(data):  # shared objects: checked once, in retrieve_layers
+                try:
+                    verify_object(data, key=str(chunk.key), fingerprint=self.fingerprint, codec=self.codec.name,
+                                  check_payload=False)
+                except CorruptObject as exc:
+                    log.warning("node %s sent a bad object for %s: %s", node.node_id, chunk.key, exc)
+                    self.metrics.fallbacks.labels("corrupt").inc()
+                    data = None
+            out.append(data)
+        return out
+
+    # -- store ---------------------------------------------------------------------------------------------------
+    def store(self, tokens, kv, *, copy: bool = True) -> Future:
+        """Queue ``kv`` (``[layers, 2, len(tokens), heads, dim]``) of ``tokens`` for storage.
+
+        Returns a future of :class:`StoreResult` at once. ``copy=False`` skips the snapshot copy when the caller
+        guarantees not to modify ``kv`` until the future is done. Raises :class:`InvalidRequest` for a tensor
+        that does not match the layout; remote failures only show in the result.
+        """
+        check_kv(kv, self.layout)
+        toks = tokens.tolist() if hasattr(tokens, "tolist") else list(tokens)
+        if kv.shape[2] != len(toks):
+            raise InvalidRequest(f"KV holds {kv.shape[2]} tokens but {len(toks)} tokens were given")
+        future: Future = Future()
+        if self._closed:
+            raise InvalidRequest("client is closed")
+        job = (toks, kv.detach().clone() if copy else kv.detach(), future)
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            self.metrics.store_dropped.inc()
+            future.set_result(StoreResult(dropped=True, error="store queue full"))
+        return future
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued store has finished; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._queue.unfinished_tasks:
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
+    def _store_loop(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                if job is None:
+                    return
+                tokens, kv, future = job
+                try:
+                    result = self._store_now(tokens, kv)
+                except Exception as exc:  # noqa: BLE001 - a store never raises into the engine
+                    log.warning("store failed: %s", exc)
+                    self.metrics.store_dropped.inc()
+                    result = StoreResult(error=str(exc))
+                future.set_result(result)
+            finally:
+                self._queue.task_done()
+
+    def _store_now(self, tokens: list[int], kv) -> StoreResult:
+        keyed = self.keys(tokens)
+        if not keyed:
+            return StoreResult()
+        chunks = [(key, kv[:, :, span.start:span.end], span.start) for span, key in keyed]
+        outcomes, error = self._put_chunks(chunks)
+        result = StoreResult(stored=outcomes.count("stored"), skipped=outcomes.count("present"),
+                             failed=outcomes.count("failed"), error=error)
+        return result
+
+    # -- keyed access (for connectors that name objects themselves: SGLang pages, CacheBlend content keys) -----
+    def locate(self, keys: Sequence[ChunkKey], *, prefix: bool = False, probe: bool = False) -> list[list[NodeAddress]]:
+        """Live locations of each key, from the controller. ``probe``: an existence check that does not count as
+        a use for placement. Raises :class:`Unavailable` when the controller cannot be reached."""
+        if not keys:
+            return []
+        reply = self._call("Lookup", keys=[str(k) for k in keys], prefix=prefix, probe=probe)
+        found = [[NodeAddress(loc.node_id, loc.address, loc.bulk_address) for loc in r.locations]
+                 for r in reply.results]
+        return found + [[] for _ in range(len(keys) - len(found))]
+
+    def get_chunks(self, keys: Sequence[ChunkKey], *, device="cpu", zero_copy: bool = False) -> list:
+        """Fetch, verify and decode each object (``[layers, 2, tokens, heads, dim]``); ``None`` where missing or
+        damaged. Never raises for remote failures.
+
+        ``zero_copy``: ``raw`` objects read in place from a same-host node's shared memory come back as CPU
+        tensors over the mapped arena (no copy, no re-hash: the node verified them at put; header, key, fingerprint
+        and codec are checked). Each holds its object's lease until it is dropped. They are **read-only**: the
+        mapping is ``PROT_READ``, so an in-place write would crash the process; copy them to modify. With a CUDA
+        ``device`` the arena is registered with CUDA (once per mapping), so copies to the GPU run at the pinned
+        rate. Other objects are decoded onto ``device`` as usual.
+        """
+        out: list = [None] * len(keys)
+        try:
+            found = self.locate(keys)
+        except KDNError as exc:
+            log.warning("lookup failed: %s", exc)
+            return out
+        hits = [i for i, nodes in enumerate(found) if nodes]
+        chunks = [ChunkHit(ChunkSpan(i, 0, 0), keys[i], found[i]) for i in hits]
+        for i, chunk, data in zip(hits, chunks, self._fetch(chunks)):
+            if data is None:
+                continue
+            try:
+                view = self._shared_view(data, str(chunk.key), device) if zero_copy else None
+                out[i] = view if view is not None else decode_chunk(data, key=str(chunk.key), layout=self.layout,
+                                                                     codec=self.codec, device=device)
+            except CorruptObject as exc:
+                log.warning("chunk %s rejected: %s", chunk.key, exc)
+                self.metrics.fallbacks.labels("corrupt").inc()
+        return out
+
+    def _shared_view(self, data, key: str, device):
+        """A read-only CPU tensor over a ``raw`` object's KV in a mapped arena, or None (then decode a copy)."""
+        import warnings
+
+        import torch
+
+        if self.codec.name != "raw" or not is_shared(data):
+            return None
+        header = verify_object(data, key=key, fingerprint=self.fingerprint, codec="raw", check_payload=False)
+        sections = header.sections
+        nbytes = self.layout.bytes_per_token * header.num_tokens
+        if header.num_layers != self.layout.num_layers or not sections or any(
+                a.offset + a.length != b.offset for a, b in zip(sections, sections[1:])) or \
+                sum(sec.length for sec in sections) != nbytes:
+            raise CorruptObject("raw object's sections do not hold its KV back to back")
+        dtype = torch_dtype(self.layout.dtype)
+        mapping = data.obj.mapping
+        start = data.obj.offset + sections[0].offset
+        if start % torch.empty((), dtype=dtype).element_size():
+            return None  # unaligned: a decoded copy instead
+        if str(device).startswith("cuda"):
+            mapping.tensor(cuda=True)  # register the arena once: GPU copies from it run at the pinned rate
+        with warnings.catch_warnings():  # the mapping is read-only; the tensor is only read
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.frombuffer(data[sections[0].offset:sections[0].offset + nbytes], dtype=torch.uint8)
+        return raw.view(dtype).view(self.layout.shape(header.num_tokens))
+
+    def put_chunks(self, chunks: Sequence[tuple[ChunkKey, object, int]]) -> list[bool]:
+        """Store ``(key, kv, start)`` objects now (synchronously), skipping keys already stored; per chunk True
+        when it is stored afterwards. Never raises for remote failures."""
+        try:
+            outcomes, _ = self._put_chunks(chunks)
+        except KDNError as exc:
+            log.warning("store failed: %s", exc)
+            return [False] * len(chunks)
+        return [o != "failed" for o in outcomes]
+
+    def _put_chunks(self, chunks: Sequence[tuple[ChunkKey, object, int]]) -> tuple[list[str], str]:
+        """Per chunk ``stored``, ``present`` or ``failed``, and the last error message."""
+        names = [str(key) for key, _, _ in chunks]
+        outcomes = ["present"] * len(chunks)
+        missing = [i for i, nodes in enumerate(self.locate([k for k, _, _ in chunks], probe=True)) if not nodes]
+        if not missing:
+            return outcomes, ""
+        on_device = self.codec.encodes_on_device
+
+        def source(kv):  # one copy per chunk to the host, unless the codec encodes on the GPU
+            return kv if on_device and kv.is_cuda else kv.cpu()
+
+        objects = {i: encode_chunk(source(chunks[i][1]), key=names[i], layout=self.layout, codec=self.codec,
+                                   start=chunks[i][2], layer_group=self.config.layer_group) for i in missing}
+        placed = self._call(
+            "Place", keys=[names[i] for i in missing], sizes=[len(objects[i]) for i in missing],
+            tokens=[chunks[i][1].shape[2] for i in missing], starts=[chunks[i][2] for i in missing],
+            model=self.layout.model_id, kv_bytes_per_token=self.layout.bytes_per_token)
+        error = ""
+        by_node: dict[tuple[str, str], tuple[NodeAddress, list[int]]] = {}
+        for i, target in zip(missing, placed.targets):
+            outcomes[i] = "failed"
+            if target.node_id:
+                node = NodeAddress(target.node_id, target.address, target.bulk_address)
+                by_node.setdefault((node.node_id, target.tier), (node, []))[1].append(i)
+        for (_, tier), (node, idx) in by_node.items():
+            try:
+                results = self._node(node).put_many_detailed([(names[i], objects[i]) for i in idx], tier=tier)
+            except KDNError as exc:
+                log.warning("store to node %s failed: %s", node.node_id, exc)
+                error = str(exc)
+                continue
+            for i, (ok, err) in zip(idx, results):
+                outcomes[i] = "stored" if ok else "failed"
+                error = err or error
+        self.metrics.stored_chunks.inc(outcomes.count("stored"))
+        return outcomes, error

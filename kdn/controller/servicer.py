@@ -1,0 +1,334 @@
+"""The controller: node registry, global index, lookups, placement, eviction and pinning over gRPC.
+
+It is never on the data path. Its state is soft: after a restart the nodes re-register and resend their full
+inventories; until then lookups answer "miss", never a wrong location. The exception is codec model profiles
+(``PutProfile``/``GetProfile``, :mod:`kdn.controller.profile_store`): uploaded once, kept in ``<data_dir>/profiles``.
+
+Placement (``placement.policy``): ``cost`` (default) picks each new chunk's tier with the cost model and runs a
+periodic pass that promotes, demotes and evicts (:mod:`kdn.controller.placement`); ``hash`` only spreads chunks over
+nodes
+by rendezvous hashing and leaves tiers to the nodes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+from prometheus_client import CollectorRegistry
+
+from kdn.config import KDNConfig
+from kdn.controller.index import GlobalIndex, Location, NodeRecord
+from kdn.controller.node_link import NodeLink
+from kdn.controller.placement import CostPlacement, PlaceHints
+from kdn.controller.profile_store import ProfileStore
+from kdn.errors import AuthError, InvalidRequest, Unavailable
+from kdn.metrics import ControllerMetrics
+from kdn.v1 import common_pb2, control_pb2, control_pb2_grpc
+from kdn.wire.auth import Authenticator, Principal
+from kdn.wire.rpc import create_server, servicer_method
+
+__all__ = ["Controller"]
+
+log = logging.getLogger(__name__)
+
+MAX_KEYS_PER_CALL = 100_000
+
+
+def _location(loc: Location) -> common_pb2.Location:
+    return common_pb2.Location(node_id=loc.node_id, address=loc.address, bulk_address=loc.bulk_address,
+                               tier=loc.tier, size=loc.size)
+
+
+class Controller:
+    """Owns the index and the gRPC control-plane server."""
+
+    def __init__(self, config: KDNConfig, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self.index = GlobalIndex(config.controller.node_timeout_s, config.placement.half_life_s)
+        self.placement = CostPlacement(config.placement, self.index, _NodeMover(self))
+        self.auth = Authenticator(config.auth.tokens)
+        self.metrics = ControllerMetrics(registry or CollectorRegistry())
+        # codec model profiles are the controller's only durable state: kept in <data_dir>/profiles
+        self.profiles = ProfileStore(os.path.join(config.data_dir, "profiles") if config.data_dir else None)
+        self.started_at = time.monotonic()
+        self.counters = {"lookups": 0, "lookup_keys": 0, "lookup_hits": 0}
+        self.port = 0
+        self._server = None
+        self._node_clients: dict[str, NodeLink] = {}
+        self._lock = threading.Lock()
+
+    def start(self) -> Controller:
+        cfg = self.config.controller
+        self._server, self.port = create_server(cfg.host, cfg.port, tls=self.config.tls)
+        control_pb2_grpc.add_ControlServicer_to_server(ControlServicer(self), self._server)
+        self._server.start()
+        if self.cost_driven:
+            self.placement.start()
+        log.info("controller serving on %s:%d (placement: %s)", cfg.host, self.port, self.config.placement.policy)
+        return self
+
+    @property
+    def cost_driven(self) -> bool:
+        return self.config.placement.policy == "cost"
+
+    def stop(self, grace_s: float = 2.0) -> None:
+        self.placement.stop()
+        if self._server is not None:
+            self._server.stop(grace_s).wait()
+        for client in self._node_clients.values():
+            client.close()
+        log.info("controller stopped")
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.controller.host}:{self.port}"
+
+    def node_client(self, record: NodeRecord):
+        """A cached data-plane link (admin) for forwarding deletes and moves."""
+        with self._lock:
+            client = self._node_clients.get(record.node_id)
+            if client is None or client.address != record.address:
+                token = next((t for t, p in self.config.auth.tokens.items() if p == "@admin"), "")
+                client = NodeLink(record.address, token=token, timeout_s=5.0, tls=self.config.tls)
+                self._node_clients[record.node_id] = client
+            return client
+
+    def evict(self, keys: list[str]) -> int:
+        """Delete ``keys`` on every node that holds them, then forget them."""
+        for node_id, node_keys in self.index.holders(keys).items():
+            record = self.index.nodes.get(node_id)
+            if record is None:
+                continue
+            try:
+                self.node_client(record).delete_many(node_keys)
+            except Unavailable as exc:
+                log.warning("evict on node %s failed: %s", node_id, exc)
+        return self.index.forget(keys)
+
+
+class _NodeMover:
+    """Carries out placement actions through the nodes' data plane (admin credentials)."""
+
+    def __init__(self, controller: Controller) -> None:
+        self.c = controller
+
+    def move(self, record: NodeRecord, keys: list[str], tier: str) -> list[bool]:
+        return self.c.node_client(record).move_many(keys, tier)
+
+    def delete(self, record: NodeRecord, keys: list[str]) -> list[bool]:
+        return self.c.node_client(record).delete_many(keys)
+
+
+def _tiers(usage) -> list[tuple[str, int, int]]:
+    return [(t.kind, t.capacity_bytes, t.used_bytes) for t in usage]
+
+
+class ControlServicer(control_pb2_grpc.ControlServicer):
+    """Converts control-plane messages to controller/index calls."""
+
+    def __init__(self, controller: Controller) -> None:
+        self.c = controller
+
+    def _principal(self, context) -> Principal:
+        return self.c.auth.from_metadata(context.invocation_metadata())
+
+    def _admin(self, context) -> Principal:
+        principal = self._principal(context)
+        if not principal.admin:
+            raise AuthError("this call needs the admin role")
+        return principal
+
+    @staticmethod
+    def _keys(keys) -> list[str]:
+        if len(keys) > MAX_KEYS_PER_CALL:
+            raise InvalidRequest(f"at most {MAX_KEYS_PER_CALL} keys per call")
+        return list(keys)
+
+    @servicer_method
+    def RegisterNode(self, request, context):  # noqa: N802
+        self._admin(context)
+        n = request.node
+        if not n.node_id or not n.address:
+            raise InvalidRequest("node_id and address are required")
+        self.c.index.register(NodeRecord(n.node_id, n.address, n.bulk_address, n.epoch, _tiers(n.tiers)))
+        log.info("node %s registered at %s (epoch %x)", n.node_id, n.address, n.epoch)
+        return control_pb2.RegisterNodeReply(heartbeat_interval_s=self.c.config.node.heartbeat_interval_s,
+                                             placement_managed=self.c.cost_driven)
+
+    @servicer_method
+    def Heartbeat(self, request, context):  # noqa: N802
+        self._admin(context)
+        return control_pb2.HeartbeatReply(known=self.c.index.heartbeat(request.node_id, request.epoch,
+                                                                         _tiers(request.tiers)))
+
+    @servicer_method
+    def ReportInventory(self, request, context):  # noqa: N802
+        self._admin(context)
+        known = self.c.index.apply(request.node_id, request.epoch, request.full,
+                                   [(e.key, e.tier, e.size) for e in request.added],
+                                   [(e.key, e.tier) for e in request.removed])
+        self.c.metrics.index_keys.set(self.c.index.totals()[0])
+        return control_pb2.InventoryAck(known=known)
+
+    @servicer_method
+    def Lookup(self, request, context):  # noqa: N802
+        principal = self._principal(context)
+        keys = self._keys(request.keys)
+        visible = [k if principal.may_access(k) else "" for k in keys]
+        found = self.c.index.lookup(visible, request.prefix, count=not request.probe)
+        results = [control_pb2.KeyLocations(key=k, locations=[_location(loc) for loc in locs])
+                   for k, locs in zip(keys, found)]
+        prefix_hits = next((i for i, locs in enumerate(found) if not locs), len(found))
+        hits = sum(1 for locs in found if locs)
+        self.c.metrics.lookups.inc()
+        self.c.metrics.lookup_keys.labels("hit").inc(hits)
+        self.c.metrics.lookup_keys.labels("miss").inc(len(found) - hits)
+        with self.c._lock:
+            self.c.counters["lookups"] += 1
+            self.c.counters["lookup_keys"] += len(keys)
+            self.c.counters["lookup_hits"] += hits
+        return control_pb2.LookupReply(results=results, prefix_hits=prefix_hits)
+
+    @servicer_method
+    def Place(self, request, context):  # noqa: N802
+        principal = self._principal(context)
+        keys = self._keys(request.keys)
+        if len(request.sizes) not in (0, len(keys)):
+            raise InvalidRequest("sizes must be empty or one per key")
+        for name in ("tokens", "starts"):
+            if len(getattr(request, name)) not in (0, len(keys)):
+                raise InvalidRequest(f"{name} must be empty or one per key")
+        sizes = list(request.sizes) or [0] * len(keys)
+        allowed = [i for i, k in enumerate(keys) if principal.may_access(k)]
+        chosen: list = [None] * len(keys)
+        if self.c.cost_driven:
+            hints = [PlaceHints(tokens=request.tokens[i] if request.tokens else 0,
+                                start=request.starts[i] if request.starts else 0, model=request.model,
+                                kv_bytes_per_token=request.kv_bytes_per_token) for i in allowed]
+            placed = self.c.placement.place_many([keys[i] for i in allowed], [sizes[i] for i in allowed], hints)
+            for i, target in zip(allowed, placed):
+                chosen[i] = target
+        else:
+            for i in allowed:
+                record = self.c.index.place(keys[i], sizes[i])
+                chosen[i] = (record, "") if record is not None else None
+        targets = []
+        for target in chosen:
+            if target is None:
+                targets.append(common_pb2.Location())
+                continue
+            record, tier = target
+            targets.append(common_pb2.Location(node_id=record.node_id, address=record.address,
+                                               bulk_address=record.bulk_address, tier=tier))
+        return control_pb2.PlaceReply(targets=targets)
+
+    def _scoped(self, principal: Principal, keys, prefix: str, limit: int = MAX_KEYS_PER_CALL) -> list[str]:
+        chosen = [k for k in self._keys(keys) if principal.may_access(k)]
+        if prefix:
+            if not principal.admin and not prefix.startswith(principal.tenant + "/"):
+                prefix = f"{principal.tenant}/{prefix}"
+            chosen += self.c.index.keys_with_prefix(prefix, limit)[0]
+        return chosen
+
+    @servicer_method
+    def Evict(self, request, context):  # noqa: N802
+        principal = self._principal(context)
+        if not request.keys and not request.prefix:
+            raise InvalidRequest("give keys or a prefix to evict")
+        return control_pb2.EvictReply(evicted=self.c.evict(self._scoped(principal, request.keys, request.prefix)))
+
+    @servicer_method
+    def Pin(self, request, context):  # noqa: N802
+        keys = self._scoped(self._principal(context), request.keys, "")
+        with self.c._lock:
+            before = len(self.c.index.pinned)
+            self.c.index.pinned.update(keys)
+            return control_pb2.PinReply(changed=len(self.c.index.pinned) - before)
+
+    @servicer_method
+    def Unpin(self, request, context):  # noqa: N802
+        keys = self._scoped(self._principal(context), request.keys, "")
+        with self.c._lock:
+            before = len(self.c.index.pinned)
+            self.c.index.pinned.difference_update(keys)
+            return control_pb2.PinReply(changed=before - len(self.c.index.pinned))
+
+    @servicer_method
+    def Stats(self, request, context):  # noqa: N802
+        self._principal(context)
+        index = self.c.index
+        now = time.monotonic()
+        nodes = list(index.nodes.values())
+        alive = sum(1 for r in nodes if index.alive(r, now))
+        self.c.metrics.nodes.labels("alive").set(alive)
+        self.c.metrics.nodes.labels("dead").set(len(nodes) - alive)
+        keys, nbytes = index.totals()
+        c = self.c.counters
+        return control_pb2.ControllerStats(nodes=len(nodes), alive_nodes=alive, keys=keys, bytes=nbytes,
+                                           lookups=c["lookups"], lookup_keys=c["lookup_keys"],
+                                           lookup_hits=c["lookup_hits"], pinned=len(index.pinned),
+                                           uptime_s=now - self.c.started_at)
+
+    @servicer_method
+    def ListNodes(self, request, context):  # noqa: N802
+        self._principal(context)
+        index = self.c.index
+        now = time.monotonic()
+        out = []
+        for r in sorted(index.nodes.values(), key=lambda r: r.node_id):
+            out.append(common_pb2.NodeInfo(
+                node_id=r.node_id, address=r.address, bulk_address=r.bulk_address, epoch=r.epoch,
+                tiers=[common_pb2.TierUsage(kind=k, capacity_bytes=c, used_bytes=u) for k, c, u in r.tiers],
+                alive=index.alive(r, now), heartbeat_age_s=now - r.last_seen,
+                objects=len(index._node_keys.get(r.node_id, ()))))
+        return control_pb2.ListNodesReply(nodes=out)
+
+    @servicer_method
+    def ListKeys(self, request, context):  # noqa: N802
+        principal = self._principal(context)
+        limit = request.limit or 1000
+        prefix = request.prefix
+        if not principal.admin and not prefix.startswith(principal.tenant + "/"):
+            prefix = f"{principal.tenant}/{prefix}"
+        keys, truncated = self.c.index.keys_with_prefix(prefix, limit)
+        now = time.time()
+        out = []
+        for key in keys:
+            stats = self.c.index.stats.get(key)
+            out.append(control_pb2.KeyInfo(
+                key=key, locations=[_location(loc) for loc in self.c.index.locations(key)],
+                pinned=key in self.c.index.pinned, size=stats.size if stats else 0,
+                lookups=stats.lookups if stats else 0,
+                last_access_age_s=now - stats.last_access if stats else 0.0))
+        return control_pb2.ListKeysReply(keys=out, truncated=truncated)
+
+    @servicer_method
+    def Explain(self, request, context):  # noqa: N802
+        principal = self._principal(context)
+        out = []
+        for key in self._keys(request.keys):
+            if not principal.may_access(key):
+                out.append(control_pb2.KeyExplanation(key=key, found=False))
+                continue
+            data = self.c.placement.explain(key, self.c.config.placement.policy)
+            tiers = [control_pb2.TierValue(**t) for t in data.pop("tiers")]
+            out.append(control_pb2.KeyExplanation(tiers=tiers, **data))
+        return control_pb2.ExplainReply(keys=out)
+
+    @servicer_method
+    def PutProfile(self, request, context):  # noqa: N802
+        self._admin(context)
+        return control_pb2.PutProfileReply(profile_id=self.c.profiles.put(request.profile, list(request.fingerprints)))
+
+    @servicer_method
+    def GetProfile(self, request, context):  # noqa: N802
+        self._principal(context)
+        found = self.c.profiles.get(request.profile_id, request.fingerprint)
+        if found is None:
+            return control_pb2.GetProfileReply(found=False)
+        pid, data = found
+        return control_pb2.GetProfileReply(found=True, profile_id=pid,
+                                           profile=b"" if request.have_id == pid else data)

@@ -1,0 +1,162 @@
+"""A storage node's link to the controller: registration, heartbeats and inventory reports.
+
+Runs in one background thread. When the controller is unreachable the node keeps serving; changes pile up (bounded)
+and are sent when it is back, or replaced by a full inventory report when too many piled up or when the controller
+does not know the node (it restarted).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from typing import TYPE_CHECKING
+
+import grpc
+
+from kdn.v1 import control_pb2, control_pb2_grpc
+from kdn.wire.auth import call_metadata
+from kdn.wire.rpc import make_channel
+
+if TYPE_CHECKING:
+    from kdn.config import KDNConfig
+    from kdn.node.servicer import StorageNode
+
+__all__ = ["ControllerLink"]
+
+log = logging.getLogger(__name__)
+
+MAX_PENDING = 200_000
+BATCH = 5_000
+
+
+class ControllerLink:
+    def __init__(self, node: StorageNode, config: KDNConfig) -> None:
+        self.node = node
+        self.address = config.node.controller
+        self.interval = config.node.heartbeat_interval_s
+        self.metadata = call_metadata(config.node.token)
+        self.timeout = max(1.0, self.interval * 2)
+        self.connected = False
+        self._registered = False
+        self._need_full = True
+        self._pending: deque[tuple[bool, control_pb2.InventoryEntry]] = deque()
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kdn-controller-link", daemon=True)
+        self._channel = make_channel(self.address, config.tls)
+        self._stub = control_pb2_grpc.ControlStub(self._channel)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=5)
+        self._channel.close()
+
+    def report(self, added: list[tuple[str, str, int]], removed: list[tuple[str, str]]) -> None:
+        """Queue inventory changes (called from tier operations; never blocks on the network)."""
+        with self._lock:
+            if self._need_full:
+                return
+            for key, tier, size in added:
+                self._pending.append((True, control_pb2.InventoryEntry(key=key, tier=tier, size=size)))
+            for key, tier in removed:
+                self._pending.append((False, control_pb2.InventoryEntry(key=key, tier=tier)))
+            if len(self._pending) > MAX_PENDING:
+                self._pending.clear()
+                self._need_full = True
+        self._wake.set()
+
+    def sync(self) -> None:
+        """Send queued changes now, in the caller's thread (read-your-writes for puts); never raises."""
+        if not (self.connected and self._registered):
+            self._wake.set()
+            return
+        try:
+            with self._send_lock:
+                self._flush()
+        except grpc.RpcError as exc:
+            log.debug("inventory sync failed: %s", exc.code().name)
+            self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with self._send_lock:
+                    self._step()
+                self._set_connected(True)
+            except grpc.RpcError as exc:
+                if self.connected:
+                    log.warning("controller %s unreachable: %s", self.address, exc.code().name)
+                self._set_connected(False)
+                self._registered = False
+            except Exception:  # noqa: BLE001 - keep the link alive whatever happens
+                log.exception("controller link error")
+            self._wake.wait(self.interval)
+            self._wake.clear()
+
+    def _set_connected(self, value: bool) -> None:
+        if value and not self.connected:
+            log.info("connected to controller %s", self.address)
+        self.connected = value
+        self.node.metrics.controller_up.set(1 if value else 0)
+
+    def _step(self) -> None:
+        node = self.node
+        if not self._registered:
+            reply = self._stub.RegisterNode(control_pb2.RegisterNodeRequest(node=node.info()), timeout=self.timeout,
+                                            metadata=self.metadata)
+            node.store.promote_on_hit = not reply.placement_managed  # the controller moves objects itself
+            self._registered = True
+            with self._lock:
+                self._need_full = True
+        else:
+            reply = self._stub.Heartbeat(control_pb2.HeartbeatRequest(
+                node_id=node.node_id, epoch=node.epoch, tiers=node.info().tiers), timeout=self.timeout,
+                metadata=self.metadata)
+            if not reply.known:
+                self._registered = False
+                self._step()
+                return
+        self._flush()
+
+    def _flush(self) -> None:
+        with self._lock:
+            full = self._need_full
+            if full:
+                self._pending.clear()
+                self._need_full = False
+        if full:
+            entries = [control_pb2.InventoryEntry(key=k, tier=t, size=s) for k, t, s in self.node.store.inventory()]
+            try:
+                for start in range(0, max(len(entries), 1), BATCH):
+                    self._send(start == 0, entries[start:start + BATCH], [])
+            except grpc.RpcError:
+                with self._lock:
+                    self._need_full = True
+                raise
+        while True:
+            with self._lock:
+                batch = [self._pending.popleft() for _ in range(min(BATCH, len(self._pending)))]
+            if not batch:
+                return
+            try:
+                self._send(False, [e for a, e in batch if a], [e for a, e in batch if not a])
+            except grpc.RpcError:
+                with self._lock:
+                    self._pending.extendleft(reversed(batch))
+                raise
+
+    def _send(self, full: bool, added: list, removed: list) -> None:
+        ack = self._stub.ReportInventory(control_pb2.InventoryReport(
+            node_id=self.node.node_id, epoch=self.node.epoch, full=full, added=added, removed=removed),
+            timeout=self.timeout, metadata=self.metadata)
+        if not ack.known:
+            self._registered = False
+            with self._lock:
+                self._need_full = True

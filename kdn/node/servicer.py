@@ -1,0 +1,345 @@
+"""The storage node: owns a node's tiers, serves the data plane (gRPC and the bulk channel), reports to the
+controller, and keeps serving when the controller is away."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Sequence
+
+from prometheus_client import CollectorRegistry
+
+from kdn.config import KDNConfig
+from kdn.errors import ConfigError, CorruptObject, InvalidRequest
+from kdn.format.chunk import parse_header, verify_object
+from kdn.format.keys import ChunkKey
+from kdn.metrics import NodeMetrics
+from kdn.node.controller_link import ControllerLink
+from kdn.node.tier_stack import TierStack
+from kdn.node.tiers import build_tier
+from kdn.node.tiers.base import Buffer
+from kdn.v1 import common_pb2, data_pb2, data_pb2_grpc
+from kdn.wire.auth import Authenticator, Principal
+from kdn.wire.rpc import DEFAULT_FRAME_BYTES, abort, create_server, servicer_method, ssl_context
+
+__all__ = ["StorageNode"]
+
+log = logging.getLogger(__name__)
+
+
+class StorageNode:
+    """Tiers + data-plane servers + controller link. ``start()`` binds the ports; ``stop()`` shuts down."""
+
+    def __init__(self, config: KDNConfig, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self.node_id = config.node_id()
+        self.epoch = secrets.randbits(62) or 1
+        self.auth = Authenticator(config.auth.tokens)
+        self.metrics = NodeMetrics(registry or CollectorRegistry())
+        self.started_at = time.monotonic()
+        os.makedirs(config.data_dir, exist_ok=True)
+        tiers = [self._build_tier(spec) for spec in config.node.tiers]
+        self.link = ControllerLink(self, config) if config.node.controller else None
+        self.store = TierStack(tiers, config.node.write_policy, on_change=self._changed)
+        self.grpc_port = 0
+        self.bulk_port = -1
+        self._server = None
+        self._bulk = None
+        self._shm = None
+        self.counters = {"gets": 0, "get_hits": 0, "puts": 0, "bytes_out": 0, "bytes_in": 0, "corrupt": 0}
+        self._lock = threading.Lock()
+
+    def _build_tier(self, spec):
+        """The tier of ``spec``; the ``memory`` tier lives in a shared arena when ``node.shared_memory`` is on."""
+        if spec.kind == "memory" and self.config.node.shared_memory:
+            from kdn.node.tiers.shared import shared_tier_or_none
+
+            tier = shared_tier_or_none(spec.config.capacity)
+            if tier is not None:
+                return tier
+        return build_tier(spec.kind, spec.config, self.config.data_dir)
+
+    # -- addresses -------------------------------------------------------------------------------------------
+    @property
+    def advertise_host(self) -> str:
+        return self.config.node.advertise_host or self.config.node.host
+
+    @property
+    def address(self) -> str:
+        return f"{self.advertise_host}:{self.grpc_port}"
+
+    @property
+    def bulk_address(self) -> str:
+        return f"{self.advertise_host}:{self.bulk_port}" if self.bulk_port > 0 else ""
+
+    def info(self) -> common_pb2.NodeInfo:
+        usage = [common_pb2.TierUsage(kind=t.kind, capacity_bytes=t.capacity_bytes, used_bytes=t.used_bytes)
+                 for t in self.store.tiers]
+        for tier in self.store.tiers:
+            self.metrics.tier_used.labels(tier.kind).set(tier.used_bytes)
+            self.metrics.tier_capacity.labels(tier.kind).set(tier.capacity_bytes)
+        return common_pb2.NodeInfo(node_id=self.node_id, address=self.address, bulk_address=self.bulk_address,
+                                   epoch=self.epoch, tiers=usage, alive=True)
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    def start(self) -> StorageNode:
+        cfg = self.config.node
+        self._server, self.grpc_port = create_server(cfg.host, cfg.port, tls=self.config.tls)
+        if not cfg.node_id:
+            self.node_id = f"{socket.gethostname()}:{self.grpc_port}"
+        data_pb2_grpc.add_DataServicer_to_server(DataServicer(self), self._server)
+        self._server.start()
+        if cfg.bulk_port >= 0:
+            from kdn.wire.bulk import BulkServer
+
+            self._bulk = BulkServer(cfg.host, cfg.bulk_port, self, max_object_bytes=cfg.max_object_bytes,
+                                    ssl_context=ssl_context(self.config.tls, server=True))
+            try:
+                self.bulk_port = self._bulk.start()
+            except OSError as exc:
+                self._server.stop(0)
+                raise ConfigError(f"cannot bind the bulk channel to {cfg.host}:{cfg.bulk_port}: {exc}") from exc
+        self._start_shm()
+        log.info("node %s serving gRPC on %s, bulk on %s", self.node_id, self.address, self.bulk_address or "-")
+        if self.link is not None:
+            self.link.start()
+        return self
+
+    def _start_shm(self) -> None:
+        """Serve same-host clients from the shared memory tier (see :mod:`kdn.wire.shm`), when there is one."""
+        from kdn.node.tiers.shared import SharedMemoryTier
+        from kdn.wire.shm import ShmServer, socket_name
+
+        tier = next((t for t in self.store.tiers if isinstance(t, SharedMemoryTier)), None)
+        if tier is None:
+            return
+        try:
+            self._shm = ShmServer(socket_name(self.address), tier, self).start()
+        except OSError as exc:
+            log.warning("shared memory channel %s not served: %s", socket_name(self.address), exc)
+
+    def stop(self, grace_s: float = 2.0) -> None:
+        if self.link is not None:
+            self.link.stop()
+        if self._shm is not None:
+            self._shm.stop()
+        if self._bulk is not None:
+            self._bulk.stop(grace_s)
+        if self._server is not None:
+            self._server.stop(grace_s).wait()
+        self.store.close()
+        log.info("node %s stopped", self.node_id)
+
+    # -- inventory -------------------------------------------------------------------------------------------
+    def _changed(self, added: list[tuple[str, str, int]], removed: list[tuple[str, str]]) -> None:
+        if self.link is not None:
+            self.link.report(added, removed)
+
+    # -- operations shared by gRPC and the bulk channel (the BulkHandler protocol) --------------------------
+    def authenticate(self, token: str, tenant: str) -> Principal:
+        return self.auth.authenticate(token, tenant)
+
+    def _count(self, **deltas: int) -> None:
+        with self._lock:
+            for name, value in deltas.items():
+                self.counters[name] += value
+
+    def get_many(self, principal: Principal, keys: Sequence[str], transport: str = "bulk") -> list[Buffer | None]:
+        """Objects for keys the caller may see; misses (and other tenants' keys) are ``None``."""
+        self.metrics.requests.labels("get", transport).inc()
+        allowed = [i for i, k in enumerate(keys) if principal.may_access(k)]
+        found = self.store.get_many([keys[i] for i in allowed])
+        out: list[Buffer | None] = [None] * len(keys)
+        for i, item in zip(allowed, found):
+            if item is not None:
+                out[i] = item[0]
+        self.account_get(transport, len(keys), sum(1 for d in out if d is not None),
+                         sum(len(d) for d in out if d is not None), count_request=False)
+        return out
+
+    def account_get(self, transport: str, keys: int, hits: int, nbytes: int, count_request: bool = True) -> None:
+        """Count a served get (also the shared-memory leases of :mod:`kdn.wire.shm`)."""
+        if count_request:
+            self.metrics.requests.labels("get", transport).inc()
+        self._count(gets=keys, get_hits=hits, bytes_out=nbytes)
+        self.metrics.objects.labels("get", "hit").inc(hits)
+        self.metrics.objects.labels("get", "miss").inc(keys - hits)
+        self.metrics.bytes.labels("out").inc(nbytes)
+
+    def check_object(self, principal: Principal, key: str, data: Buffer) -> None:
+        """Raise unless ``data`` is an intact object of ``key`` that the caller may store."""
+        ChunkKey.parse(key)
+        if not principal.may_access(key):
+            raise InvalidRequest("key outside the caller's tenant")
+        if len(data) > self.config.node.max_object_bytes:
+            raise InvalidRequest(f"object of {len(data)} bytes exceeds max_object_bytes")
+        verify_object(data, key=key)
+
+    def put_many(self, principal: Principal, items: Sequence[tuple[str, Buffer]],
+                 transport: str = "bulk", tier: str = "") -> list[tuple[bool, str]]:
+        self.metrics.requests.labels("put", transport).inc()
+        results: list[tuple[bool, str]] = [(False, "")] * len(items)
+        good: list[int] = []
+        for i, (key, data) in enumerate(items):
+            try:
+                self.check_object(principal, key, data)
+                good.append(i)
+            except (InvalidRequest, CorruptObject) as exc:
+                if isinstance(exc, CorruptObject):
+                    self._count(corrupt=1)
+                    self.metrics.corrupt.inc()
+                results[i] = (False, str(exc))
+        stored = self.store.put_many([items[i] for i in good], tier=tier)
+        if self.link is not None and any(stored):
+            self.link.sync()
+        for i, ok in zip(good, stored):
+            results[i] = (ok, "" if ok else "no tier can hold the object")
+        nbytes = sum(len(items[i][1]) for i, ok in zip(good, stored) if ok)
+        self._count(puts=len(items), bytes_in=nbytes)
+        self.metrics.objects.labels("put", "stored").inc(sum(stored))
+        self.metrics.bytes.labels("in").inc(nbytes)
+        return results
+
+    def contains_many(self, principal: Principal, keys: Sequence[str]) -> list[str]:
+        allowed = [i for i, k in enumerate(keys) if principal.may_access(k)]
+        located = self.store.locate_many([keys[i] for i in allowed])
+        out = [""] * len(keys)
+        for i, tier in zip(allowed, located):
+            out[i] = tier
+        return out
+
+    def move_many(self, principal: Principal, keys: Sequence[str], tier: str) -> list[bool]:
+        allowed = [i for i, k in enumerate(keys) if principal.may_access(k)]
+        moved = self.store.move_many([keys[i] for i in allowed], tier)
+        out = [False] * len(keys)
+        for i, ok in zip(allowed, moved):
+            out[i] = ok
+        if self.link is not None and any(moved):
+            self.link.sync()
+        return out
+
+    def delete_many(self, principal: Principal, keys: Sequence[str]) -> list[bool]:
+        allowed = [i for i, k in enumerate(keys) if principal.may_access(k)]
+        deleted = self.store.delete_many([keys[i] for i in allowed])
+        out = [False] * len(keys)
+        for i, ok in zip(allowed, deleted):
+            out[i] = ok
+        return out
+
+
+def object_frames(data: Buffer, max_frame: int) -> list[tuple[int, int]]:
+    """Frame boundaries ``(offset, length)``: the header, then each section, large ones split at ``max_frame``."""
+    try:
+        header = parse_header(data)
+        cuts = [0, header.header_len] + [s.offset + s.length for s in header.sections]
+    except CorruptObject:
+        cuts = [0]
+    if cuts[-1] != len(data):
+        cuts.append(len(data))
+    frames = []
+    for start, end in zip(cuts, cuts[1:]):
+        for off in range(start, end, max_frame):
+            frames.append((off, min(max_frame, end - off)))
+    return frames or [(0, 0)]
+
+
+class DataServicer(data_pb2_grpc.DataServicer):
+    """Converts data-plane messages to node calls."""
+
+    def __init__(self, node: StorageNode) -> None:
+        self.node = node
+
+    def _principal(self, context) -> Principal:
+        return self.node.auth.from_metadata(context.invocation_metadata())
+
+    def Get(self, request, context):  # noqa: N802 - gRPC method name
+        try:
+            objects = self.node.get_many(self._principal(context), list(request.keys), transport="grpc")
+        except Exception as exc:  # noqa: BLE001
+            abort(context, exc, "Get")
+        max_frame = request.max_frame_bytes or DEFAULT_FRAME_BYTES
+        max_frame = max(64 << 10, min(max_frame, DEFAULT_FRAME_BYTES * 4))
+        for index, data in enumerate(objects):
+            if data is None:
+                yield data_pb2.GetFrame(index=index, found=False)
+                continue
+            view = memoryview(data)
+            for offset, length in object_frames(data, max_frame):
+                yield data_pb2.GetFrame(index=index, found=True, total_size=len(data), offset=offset,
+                                        data=bytes(view[offset:offset + length]))
+
+    def Put(self, request_iterator, context):  # noqa: N802
+        try:
+            principal = self._principal(context)
+        except Exception as exc:  # noqa: BLE001
+            abort(context, exc, "Put")
+        limit = self.node.config.node.max_object_bytes
+        results: list[data_pb2.PutResult] = []  # one per object, in arrival order
+        batch: list[tuple[int, str, bytes, str]] = []
+        tier = ""
+        buf: bytearray | None = None
+        key, filled = "", 0
+
+        def fail(error: str) -> None:
+            results[-1].error = error
+
+        for frame in request_iterator:
+            if frame.offset == 0 and (buf is None or frame.key != key or filled == 0):
+                if buf is not None:
+                    fail("incomplete object")
+                key, filled, buf, tier = frame.key, 0, None, frame.tier
+                results.append(data_pb2.PutResult(key=key, stored=False))
+                if frame.total_size > limit:
+                    fail("object exceeds max_object_bytes")
+                    continue
+                buf = bytearray(frame.total_size)
+            if buf is None:
+                continue
+            if frame.key != key or frame.offset != filled or filled + len(frame.data) > len(buf):
+                fail("out-of-order frame")
+                buf = None
+                continue
+            buf[filled:filled + len(frame.data)] = frame.data
+            filled += len(frame.data)
+            if filled == len(buf):
+                batch.append((len(results) - 1, key, bytes(buf), tier))
+                buf = None
+        if buf is not None:
+            fail("incomplete object")
+        for hint in sorted({t for *_, t in batch}):
+            group = [b for b in batch if b[3] == hint]
+            outcomes = self.node.put_many(principal, [(k, d) for _, k, d, _ in group], transport="grpc", tier=hint)
+            for (index, *_), (ok, err) in zip(group, outcomes):
+                results[index].stored = ok
+                results[index].error = err
+        return data_pb2.PutReply(results=results)
+
+    @servicer_method
+    def Contains(self, request, context):  # noqa: N802
+        tiers = self.node.contains_many(self._principal(context), list(request.keys))
+        return data_pb2.ContainsReply(present=[bool(t) for t in tiers], tier=tiers)
+
+    @servicer_method
+    def Move(self, request, context):  # noqa: N802
+        return data_pb2.MoveReply(moved=self.node.move_many(self._principal(context), list(request.keys),
+                                                            request.tier))
+
+    @servicer_method
+    def Delete(self, request, context):  # noqa: N802
+        return data_pb2.DeleteReply(deleted=self.node.delete_many(self._principal(context), list(request.keys)))
+
+    @servicer_method
+    def Stats(self, request, context):  # noqa: N802
+        self._principal(context)
+        node = self.node
+        info = node.info()
+        info.objects = sum(1 for _ in node.store.inventory())
+        c = node.counters
+        return data_pb2.NodeStats(node=info, gets=c["gets"], get_hits=c["get_hits"], puts=c["puts"],
+                                  bytes_out=c["bytes_out"], bytes_in=c["bytes_in"], corrupt_dropped=c["corrupt"],
+                                  controller_connected=bool(node.link and node.link.connected),
+                                  uptime_s=time.monotonic() - node.started_at)

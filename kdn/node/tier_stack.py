@@ -1,0 +1,176 @@
+"""The tiers of one node, fastest first: write policy, promotion on hit, demotion on eviction.
+
+- ``write-through``: a put goes to the top tier and to every durable tier below it.
+- ``write-back``: a put goes to the top tier only; an object evicted from a tier is demoted to the next tier
+  below that has room, instead of being lost.
+- A get searches top-down; a hit below the top tier is promoted to the top tier, unless ``promote_on_hit`` is
+  off (the controller turns it off when it moves objects between tiers itself: cost-driven placement).
+
+Every change of which tier holds which key is reported through ``on_change(added, removed)`` so the node can
+tell the controller (``added``: ``(key, tier, size)``; ``removed``: ``(key, tier)``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+from kdn.errors import ConfigError
+from kdn.node.tiers.base import Buffer, Tier
+
+__all__ = ["TierStack", "WRITE_POLICIES"]
+
+log = logging.getLogger(__name__)
+
+WRITE_POLICIES = ("write-through", "write-back")
+ChangeCallback = Callable[[list[tuple[str, str, int]], list[tuple[str, str]]], None]
+
+
+class TierStack:
+    """Ordered tiers behaving as one store."""
+
+    def __init__(self, tiers: Sequence[Tier], write_policy: str = "write-through",
+                 on_change: ChangeCallback | None = None) -> None:
+        if not tiers:
+            raise ConfigError("a node needs at least one tier")
+        if write_policy not in WRITE_POLICIES:
+            raise ConfigError(f"write_policy must be one of {WRITE_POLICIES}, got {write_policy!r}")
+        names = [t.kind for t in tiers]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"each tier kind may appear once per node, got {names}")
+        self.tiers = list(tiers)
+        self.write_policy = write_policy
+        self.on_change = on_change
+        self.promote_on_hit = True
+        for i, tier in enumerate(self.tiers):
+            tier.on_evict = self._make_evict_handler(i)
+
+    def _emit(self, added: list[tuple[str, str, int]], removed: list[tuple[str, str]]) -> None:
+        if self.on_change is not None and (added or removed):
+            self.on_change(added, removed)
+
+    def _make_evict_handler(self, index: int) -> Callable[[str, Buffer], None]:
+        def handler(key: str, data: Buffer) -> None:
+            tier = self.tiers[index]
+            added: list[tuple[str, str, int]] = []
+            if self.write_policy == "write-back":
+                for lower in self.tiers[index + 1:]:
+                    if lower.contains(key) or lower.put(key, data):
+                        added.append((key, lower.kind, len(data)))
+                        break
+            self._emit(added, [(key, tier.kind)])
+        return handler
+
+    def tier(self, kind: str) -> Tier | None:
+        return next((t for t in self.tiers if t.kind == kind), None)
+
+    def put_many(self, items: Sequence[tuple[str, Buffer]], tier: str = "") -> list[bool]:
+        """Store objects in the top tier (or in ``tier``, a placement hint) and, with write-through, in every
+        durable tier below it; objects the first target cannot hold go to the next tier that can."""
+        start = next((i for i, t in enumerate(self.tiers) if t.kind == tier), 0)
+        targets = [self.tiers[start]]
+        if self.write_policy == "write-through":
+            targets += [t for t in self.tiers[start + 1:] if t.durable]
+        stored = [False] * len(items)
+        added: list[tuple[str, str, int]] = []
+        for tier in targets:
+            for i, ok in enumerate(tier.put_many(items)):
+                if ok:
+                    stored[i] = True
+                    added.append((items[i][0], tier.kind, len(items[i][1])))
+        if not stored or not all(stored):
+            # The top tier could not take some objects (too large): try every lower tier in order.
+            for i, ok in enumerate(stored):
+                if ok:
+                    continue
+                for tier in self.tiers[1:]:
+                    if tier not in targets and tier.put(*items[i]):
+                        stored[i] = True
+                        added.append((items[i][0], tier.kind, len(items[i][1])))
+                        break
+        self._emit(added, [])
+        return stored
+
+    def get_many(self, keys: Sequence[str]) -> list[tuple[Buffer, str] | None]:
+        """Objects with the kind of the tier that served them; ``None`` for misses."""
+        out: list[tuple[Buffer, str] | None] = [None] * len(keys)
+        pending = list(range(len(keys)))
+        promote: list[tuple[str, Buffer]] = []
+        for depth, tier in enumerate(self.tiers):
+            if not pending:
+                break
+            found = tier.get_many([keys[i] for i in pending])
+            still = []
+            for i, data in zip(pending, found):
+                if data is None:
+                    still.append(i)
+                else:
+                    out[i] = (data, tier.kind)
+                    if depth > 0 and self.promote_on_hit:
+                        promote.append((keys[i], data))
+            pending = still
+        if promote:
+            top = self.tiers[0]
+            added = [(k, top.kind, len(d)) for (k, d), ok in zip(promote, top.put_many(promote)) if ok]
+            self._emit(added, [])
+        return out
+
+    def move_many(self, keys: Sequence[str], tier: str) -> list[bool]:
+        """Make ``tier`` the fastest tier holding each key: copy the object there, drop copies in faster tiers."""
+        index = next((i for i, t in enumerate(self.tiers) if t.kind == tier), None)
+        if index is None:
+            return [False] * len(keys)
+        target = self.tiers[index]
+        moved = [False] * len(keys)
+        added: list[tuple[str, str, int]] = []
+        removed: list[tuple[str, str]] = []
+        for i, key in enumerate(keys):
+            data = None
+            if not target.contains(key):
+                for other in self.tiers:
+                    data = other.get(key)
+                    if data is not None:
+                        break
+                if data is None or not target.put(key, data):
+                    continue
+                added.append((key, target.kind, len(data)))
+            for faster in self.tiers[:index]:
+                if faster.delete(key):
+                    removed.append((key, faster.kind))
+            moved[i] = True
+        self._emit(added, removed)
+        return moved
+
+    def locate_many(self, keys: Sequence[str]) -> list[str]:
+        """The kind of the fastest tier holding each key ('' when absent)."""
+        out = [""] * len(keys)
+        for tier in self.tiers:
+            missing = [i for i, t in enumerate(out) if not t]
+            if not missing:
+                break
+            for i, present in zip(missing, tier.contains_many([keys[i] for i in missing])):
+                if present:
+                    out[i] = tier.kind
+        return out
+
+    def delete_many(self, keys: Sequence[str]) -> list[bool]:
+        deleted = [False] * len(keys)
+        removed: list[tuple[str, str]] = []
+        for tier in self.tiers:
+            for i, ok in enumerate(tier.delete_many(keys)):
+                if ok:
+                    deleted[i] = True
+                    removed.append((keys[i], tier.kind))
+        self._emit([], removed)
+        return deleted
+
+    def inventory(self) -> list[tuple[str, str, int]]:
+        """Every ``(key, tier, size)`` held, for a full report to the controller."""
+        return [(key, tier.kind, size) for tier in self.tiers for key, size in tier.keys()]
+
+    def close(self) -> None:
+        for tier in self.tiers:
+            try:
+                tier.close()
+            except Exception:  # noqa: BLE001
+                log.exception("closing tier %s", tier.kind)
