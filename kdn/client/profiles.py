@@ -9,31 +9,21 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
 from codec._profile_format import ModelProfile
 from kdn.errors import InvalidRequest, KDNError, Unavailable
 from kdn.format.chunk_codec import codec_errors
-from kdn.format.profile import profile_id
+from kdn.format.profile import profile_id, write_atomic
 
 __all__ = ["fetch_profile", "default_profile_cache"]
 
 log = logging.getLogger(__name__)
 
-FINGERPRINT_BYTES = 16
-
-
 def default_profile_cache() -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "kdn", "profiles")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _load(data: bytes) -> ModelProfile:
@@ -87,7 +77,7 @@ def fetch_profile(get: Callable[..., object], fingerprint: bytes, cache_dir: str
         cache.mkdir(parents=True, exist_ok=True)
         for path in cache.glob(f"{prefix}*.kdnp"):
             path.unlink(missing_ok=True)
-        _atomic_write(cache / f"{prefix}{reply.profile_id.hex()}.kdnp", bytes(reply.profile))
+        write_atomic(cache / f"{prefix}{reply.profile_id.hex()}.kdnp", bytes(reply.profile))
     except OSError as exc:
         log.warning("could not cache codec profile in %s: %s", cache, exc)
     log.info("fetched codec profile %s for layout %s", reply.profile_id.hex(), fingerprint.hex())

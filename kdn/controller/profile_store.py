@@ -9,24 +9,17 @@ the bytes.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from pathlib import Path
 
 from kdn.errors import InvalidRequest
-from kdn.format.profile import parse_profile, profile_id
+from kdn.format.profile import parse_profile, profile_id, write_atomic
 
 __all__ = ["ProfileStore"]
 
 log = logging.getLogger(__name__)
 
 FINGERPRINT_BYTES = 16
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 class ProfileStore:
@@ -73,9 +66,9 @@ class ProfileStore:
         with self._lock:
             if self.directory is not None:
                 (self.directory / "layouts").mkdir(parents=True, exist_ok=True)
-                _atomic_write(self.directory / f"{pid.hex()}.kdnp", canonical)
+                write_atomic(self.directory / f"{pid.hex()}.kdnp", canonical)
                 for f in fingerprints:
-                    _atomic_write(self.directory / "layouts" / f.hex(), pid.hex().encode())
+                    write_atomic(self.directory / "layouts" / f.hex(), pid.hex().encode())
             self._profiles[pid] = canonical
             for f in fingerprints:
                 self._layouts[f] = pid

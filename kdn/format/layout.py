@@ -11,12 +11,10 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
+from codec.base import DTYPE_SIZES
 from kdn.errors import InvalidRequest
 
 __all__ = ["KVLayout", "DTYPE_SIZES"]
-
-#: Bytes per element of each supported KV dtype (torch dtype names).
-DTYPE_SIZES: dict[str, int] = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 FINGERPRINT_BYTES = 16
 

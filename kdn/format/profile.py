@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
+import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 from kdn.errors import InvalidRequest
 
-__all__ = ["ProfileHeader", "parse_profile", "profile_id", "PROFILE_MAGIC", "PROFILE_VERSION"]
+__all__ = ["ProfileHeader", "parse_profile", "profile_id", "write_atomic", "PROFILE_MAGIC", "PROFILE_VERSION"]
 
 PROFILE_MAGIC = b"KDNP"
 PROFILE_VERSION = 1
@@ -26,6 +29,13 @@ _HEAD = struct.Struct("<4sHI")
 def profile_id(data: bytes | memoryview) -> bytes:
     """The 16-byte id of a serialized profile."""
     return hashlib.blake2b(data, digest_size=16, person=b"kdn-profile-v1").digest()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` in one step (a temporary file, then a rename): readers never see a torn file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
