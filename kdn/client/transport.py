@@ -200,6 +200,23 @@ class NodeClient:
             raise_from_rpc(exc, f"contains on {self.address}")
         return list(reply.tier)
 
+    def move_many(self, keys: Sequence[str], tier: str) -> list[bool]:
+        """Ask the node to make ``tier`` the fastest tier holding each key."""
+        try:
+            reply = self._stub.Move(data_pb2.MoveRequest(keys=list(keys), tier=tier), timeout=self.timeout_s,
+                                    metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise_from_rpc(exc, f"move on {self.address}")
+        return list(reply.moved)
+
+    def delete_many(self, keys: Sequence[str]) -> list[bool]:
+        try:
+            reply = self._stub.Delete(data_pb2.KeysRequest(keys=list(keys)), timeout=self.timeout_s,
+                                      metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise_from_rpc(exc, f"delete on {self.address}")
+        return list(reply.deleted)
+
     def stats(self) -> data_pb2.NodeStats:
         try:
             return self._stub.Stats(data_pb2.NodeStatsRequest(), timeout=self.timeout_s, metadata=self.metadata)
