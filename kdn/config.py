@@ -212,6 +212,9 @@ class NodeConfig:
     shared_memory: bool = True
     """Keep the ``memory`` tier in a shared-memory arena that clients on this host (same user) map and read in
     place (``docs/protocol.md``, "Shared memory"); off: a private memory tier."""
+    link_gbps: float = 0.0
+    """Emulated link speed for benchmarks: the bulk channel's sends share a token bucket of this many Gbit/s
+    (0 = off, the default). Lets one host measure 10 / 25 / 100 Gbit/s links."""
     tiers: list[TierSpec] = field(default_factory=lambda: [
         TierSpec.parse({"kind": "memory", "capacity": "1GiB"}),
         TierSpec.parse({"kind": "disk", "capacity": "10GiB"}),

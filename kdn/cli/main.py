@@ -51,6 +51,8 @@ def _cmd_servers(args: argparse.Namespace) -> int:
         extra.update({"node.port": args.port, "node.controller": args.controller, "node.node_id": args.node_id})
     if args.command in ("serve", "node") and args.bulk_port is not None:
         extra["node.bulk_port"] = args.bulk_port
+    if args.command in ("serve", "node") and args.link_gbps is not None:
+        extra["node.link_gbps"] = args.link_gbps
     config = config_from_args(args, extra)
     _setup_logging(config.log_level)
     return run_servers(config, controller=args.command in ("serve", "controller"),
@@ -75,11 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="controller port (default 7070)")
     serve.add_argument("--node-port", type=int, help="storage node gRPC port (default 7071)")
     serve.add_argument("--bulk-port", type=int, help="bulk channel port (default 7072, -1 disables)")
+    serve.add_argument("--link-gbps", type=float, help="emulate a link of this many Gbit/s on the bulk channel")
     ctl = sub.add_parser("controller", help="the controller alone")
     ctl.add_argument("--port", type=int, help="controller port (default 7070)")
     node = sub.add_parser("node", help="a storage node")
     node.add_argument("--port", type=int, help="gRPC port (default 7071)")
     node.add_argument("--bulk-port", type=int, help="bulk channel port (default 7072, -1 disables)")
+    node.add_argument("--link-gbps", type=float, help="emulate a link of this many Gbit/s on the bulk channel")
     node.add_argument("--controller", help="controller address host:port ('' = standalone)")
     node.add_argument("--node-id", help="node name (default <hostname>:<port>)")
     for p in (serve, ctl, node):

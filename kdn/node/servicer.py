@@ -97,7 +97,7 @@ class StorageNode:
             from kdn.wire.bulk import BulkServer
 
             self._bulk = BulkServer(cfg.host, cfg.bulk_port, self, max_object_bytes=cfg.max_object_bytes,
-                                    ssl_context=ssl_context(self.config.tls, server=True))
+                                    ssl_context=ssl_context(self.config.tls, server=True), link_gbps=cfg.link_gbps)
             try:
                 self.bulk_port = self._bulk.start()
             except OSError as exc:

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from kdn.errors import AuthError, CapacityError, DeadlineExceeded, InvalidRequest, KDNError, NotFound, Unavailable
 from kdn.wire.buffers import Buffer, byte_view
+from kdn.wire.link import PACE_SLICE_BYTES, TokenBucket
 
 __all__ = ["BulkServer", "BulkClient", "BulkHandler", "MAGIC", "PROTOCOL_VERSION", "MAX_KEY_BYTES", "MAX_BATCH"]
 
@@ -113,6 +114,7 @@ class _Conn:
         self._armed = -1.0
         self.in_sync = True
         self.max_object_bytes = 0
+        self.pacer: TokenBucket | None = None
 
     def arm(self) -> None:
         """Keep the socket timeout within the call's deadline (re-armed rarely: settimeout is a syscall)."""
@@ -165,6 +167,15 @@ class _Conn:
     def send(self, parts: list[Any]) -> None:
         """Send buffers in order with ``sendmsg`` (no concatenation; one wakeup of the peer per batch)."""
         parts = [p for p in parts if len(p)]
+        if self.pacer is not None:  # an emulated link: slice by slice, each paid for before it is sent
+            for part in parts:
+                view = memoryview(part).cast("B")
+                for off in range(0, len(view), PACE_SLICE_BYTES):
+                    piece = view[off:off + PACE_SLICE_BYTES]
+                    self.pacer.take(len(piece))
+                    self.arm()
+                    self.sock.sendall(piece)
+            return
         if isinstance(self.sock, ssl.SSLSocket):  # TLS has no sendmsg: one record stream, buffer by buffer
             for part in parts:
                 self.arm()
@@ -205,8 +216,9 @@ class BulkServer:
     def __init__(self, host: str, port: int, handler: BulkHandler, *, max_object_bytes: int,
                  max_connections: int = 256, io_timeout_s: float = 30.0, idle_timeout_s: float = 600.0,
                  max_batch_bytes: int = 256 << 20, sock_buf_bytes: int = SOCK_BUF_BYTES,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, link_gbps: float = 0.0) -> None:
         self.host, self.port, self.handler = host, port, handler
+        self.link = TokenBucket(link_gbps) if link_gbps > 0 else None
         self.ssl_context = ssl_context
         self.max_object_bytes = int(max_object_bytes)
         self.max_connections = max_connections
@@ -301,6 +313,7 @@ class BulkServer:
 
     def _serve(self, sock: socket.socket) -> None:
         conn = _Conn(sock)
+        conn.pacer = self.link
         try:
             sock.settimeout(self.io_timeout_s)  # per receive and per sendmsg; idle waits are counted below
             if self.ssl_context is not None:  # handshake in this connection's thread, never in the accept loop
