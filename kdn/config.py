@@ -23,7 +23,8 @@ from typing import Any
 from kdn.errors import ConfigError
 
 __all__ = [
-    "KDNConfig", "ControllerConfig", "PlacementConfig", "NodeConfig", "ClientConfig", "AuthConfig", "TierSpec",
+    "KDNConfig", "ControllerConfig", "PlacementConfig", "NodeConfig", "ClientConfig", "AuthConfig", "TenantQuota",
+    "TierSpec", "SecurityConfig",
     "parse_size", "load_config", "default_data_dir",
 ]
 
@@ -72,11 +73,58 @@ class TierSpec:
 
 
 @dataclass
-class AuthConfig:
-    """Bearer tokens. Empty ``tokens``: open mode, the tenant is taken from the request (development only)."""
+class TenantQuota:
+    """Limits of one tenant (0 or absent: unlimited)."""
 
-    tokens: dict[str, str] = field(default_factory=dict)
-    """Map of token -> tenant. When set, every RPC needs a token and the tenant comes from it."""
+    pins: int = 0
+    """Keys the tenant may have pinned at once (``Pin`` beyond it fails with RESOURCE_EXHAUSTED)."""
+    bytes: dict[str, Any] = field(default_factory=dict)
+    """Tier kind -> bytes of the tenant's objects that one node keeps in that tier, e.g. ``{memory: 1GiB}``.
+    Puts go to the next tier with room under the quota; moves into a full tier are refused."""
+    requests_per_s: float = 0.0
+    """Calls per second per process (token bucket, bursts of one second's worth)."""
+
+    def validate(self) -> None:
+        self.bytes = {str(k): parse_size(v) for k, v in self.bytes.items()}
+        if self.pins < 0 or self.requests_per_s < 0:
+            raise ConfigError("auth.quotas: pins and requests_per_s must be >= 0")
+
+
+@dataclass
+class AuthConfig:
+    """Bearer tokens, roles and quotas (docs/security.md). No tokens: open mode, allowed on loopback only."""
+
+    tokens: dict[str, str] = field(default_factory=dict, repr=False)
+    """Map of token -> tenant name, ``@node`` (storage nodes; ``@node:<node_id>`` binds it to one node) or
+    ``@admin`` (operators, the controller). A key may be ``sha256:<hex>`` of the token instead of the token.
+    When set, every RPC needs a token and the tenant comes from it."""
+    tokens_file: str = ""
+    """YAML file with more ``token: role`` entries (merged into ``tokens``); keeps tokens out of the config."""
+    admin_token: str = field(default="", repr=False)
+    """Token the controller presents to nodes for placement moves and evictions (must map to ``@admin``);
+    "" = the first ``@admin`` token given in plain in ``tokens``."""
+    admin_token_file: str = ""
+    """File holding ``admin_token``."""
+    insecure: bool = False
+    """Allow serving without tokens on a non-loopback address (``--insecure``); logs a warning every minute."""
+    quotas: dict[str, TenantQuota] = field(default_factory=dict)
+    """Tenant -> limits, e.g. ``{acme: {pins: 1000, bytes: {memory: 4GiB}, requests_per_s: 500}}``."""
+
+
+@dataclass
+class SecurityConfig:
+    """Object authentication (docs/security.md, "Integrity and forgery"); ``kdn.format.mac.load_keyring`` reads it.
+
+    No keys (the default): objects carry checksums only. With keys, this process signs the objects it builds and
+    treats unsigned, unknown-key or badly signed objects as misses. ``$KDN_MAC_KEYS_FILE`` overrides
+    ``mac_keys_file``; ``$KDN_MAC_KEY`` (``key_id:secret``) adds a key. Secrets live only in files or the
+    environment, never in this config.
+    """
+
+    mac_keys_file: str = ""
+    """File of ``key_id: secret`` lines (secrets of >= 32 characters, e.g. ``openssl rand -hex 32``)."""
+    mac_active_key: str = ""
+    """Key id that signs ("" = the last key of the file, or the ``$KDN_MAC_KEY`` one)."""
 
 
 @dataclass
@@ -200,10 +248,15 @@ class NodeConfig:
     """Port of the bulk byte channel (0 picks a free port, -1 disables it)."""
     advertise_host: str = ""
     """Host name clients use to reach this node (defaults to ``host``)."""
+    advertise_bulk_port: int = 0
+    """Port clients use to reach the bulk channel when it differs from the bound one (a proxy, a Kubernetes
+    Service); 0 = the bound port."""
     controller: str = "127.0.0.1:7070"
     """Controller address; empty runs the node standalone."""
-    token: str = ""
-    """Token the node presents to the controller (must map to ``@admin`` when auth tokens are configured)."""
+    token: str = field(default="", repr=False)
+    """Token the node presents to the controller (maps to ``@node`` when auth tokens are configured)."""
+    token_file: str = ""
+    """File holding ``token`` (e.g. a mounted secret)."""
     heartbeat_interval_s: float = 2.0
     max_object_bytes: int = 1 << 30
     """Objects larger than this are refused."""
@@ -225,7 +278,9 @@ class NodeConfig:
 class ClientConfig:
     controller: str = "127.0.0.1:7070"
     tenant: str = "default"
-    token: str = ""
+    token: str = field(default="", repr=False)
+    token_file: str = ""
+    """File holding ``token`` (e.g. a mounted secret)."""
     codec: str = "raw"
     """``raw``, ``lz4``, ``lossless`` or a ``cachegen-*`` level (docs/codec.md)."""
     codec_profile: str = ""
@@ -245,12 +300,37 @@ class ClientConfig:
     """Deadline of each remote call."""
     transport: str = "bulk"
     """``bulk`` (framed TCP channel, falls back to gRPC) or ``grpc``."""
-    fetch_workers: int = 4
+    fetch_workers: int = 8
+    """Threads that fetch chunks (at least ``bulk_streams``)."""
+    bulk_streams: int = 8
+    """Bulk connections per node: a node's share of a fetch is striped over this many streams."""
+    receive_pool_bytes: int = 2 << 30
+    """Receive buffers kept for reuse (pre-faulted; pinned with ``receive_pool_pinned``): objects arriving over the
+    bulk channel land there instead of in a fresh allocation each. Grows on demand up to this size; 0 = off."""
+    receive_pool_pinned: str = "auto"
+    """``auto`` (page-locked when CUDA is available: GPU copies at DMA rate), ``true`` or ``false``."""
+    hedge_after_s: float = 1.0
+    """A node whose batch has not arrived after this long is raced by the next holder of its chunks (no
+    head-of-line blocking behind a stalled node); 0 = never."""
     shared_memory: bool = True
     """Read objects in place from the shared memory of nodes on this host (with ``transport: bulk``; falls back
     to the bulk channel)."""
     tls: TLSConfig = field(default_factory=TLSConfig)
     """TLS towards controller and nodes (from a config file: the top-level ``tls`` section unless set here)."""
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    """Object MAC keys (from a config file: the top-level ``security`` section unless set here)."""
+    # Streaming controller (kdn.client.streaming.MultiLevelClient, docs/streaming.md):
+    stream_levels: list[str] = field(default_factory=lambda: [
+        "raw", "cachegen-high", "cachegen-default", "cachegen-compact"])
+    """Levels each chunk is stored at and chosen from, least compressed first."""
+    stream_prior_gbps: float = 10.0
+    """Throughput assumed for a node before any transfer from it was measured (Gbit/s)."""
+    stream_ewma: float = 0.5
+    """Weight of the newest transfer in a node's throughput estimate (0 < w <= 1)."""
+    stream_wave_chunks: int = 4
+    """Chunks fetched between two plans (throughput is re-estimated after each wave)."""
+    prefill_tokens_per_s: float = 0.0
+    """The engine's measured prefill rate; sets the deadlines (0: no deadline, the least-compressed level)."""
 
 
 @dataclass
@@ -266,6 +346,8 @@ class KDNConfig:
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
     """TLS of this process's servers and of its calls to other KDN processes."""
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    """Object MAC keys: nodes verify puts with them, clients sign and verify objects."""
 
     def node_id(self) -> str:
         return self.node.node_id or f"{socket.gethostname()}:{self.node.port}"
@@ -299,7 +381,10 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             value = yaml.safe_load(value) or {}
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping")
-        return {str(k): str(v) for k, v in value.items()}
+        item_type = typing.get_args(tp)[1]
+        if item_type is str:
+            return {str(k): str(v) for k, v in value.items()}
+        return {str(k): _coerce(item_type, v, f"{where}.{k}") for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -404,4 +489,39 @@ def load_config(path: str | os.PathLike | None = None, *, overrides: dict[str, A
     config.data_dir = os.path.expanduser(config.data_dir)
     if not config.client.tls.enabled:
         config.client.tls = config.tls
+    if not (config.client.security.mac_keys_file or config.client.security.mac_active_key):
+        config.client.security = config.security
+    _load_secrets(config)
     return config
+
+
+def _read_secret(path: str, what: str) -> str:
+    """The stripped contents of a secret file (the contents never appear in errors or logs)."""
+    try:
+        text = Path(os.path.expanduser(path)).read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {what} {path}: {type(exc).__name__}") from None
+    if not text:
+        raise ConfigError(f"{what} {path} is empty")
+    return text
+
+
+def _load_secrets(config: KDNConfig) -> None:
+    """Resolve the ``*_file`` settings of tokens into their fields (a file wins over an inline value)."""
+    import yaml
+
+    auth = config.auth
+    if auth.tokens_file:
+        try:
+            extra = yaml.safe_load(_read_secret(auth.tokens_file, "auth.tokens_file"))
+        except yaml.YAMLError:
+            raise ConfigError(f"auth.tokens_file {auth.tokens_file}: not a YAML mapping") from None
+        if not isinstance(extra, dict):
+            raise ConfigError(f"auth.tokens_file {auth.tokens_file}: must hold a mapping of token: role")
+        auth.tokens = {**auth.tokens, **{str(k): str(v) for k, v in extra.items()}}
+    if auth.admin_token_file:
+        auth.admin_token = _read_secret(auth.admin_token_file, "auth.admin_token_file")
+    if config.node.token_file:
+        config.node.token = _read_secret(config.node.token_file, "node.token_file")
+    if config.client.token_file:
+        config.client.token = _read_secret(config.client.token_file, "client.token_file")

@@ -7,6 +7,7 @@
     │   ├── ConfigError           bad configuration value or file
     │   ├── InvalidRequest        wrong shape/dtype/size, bad key, unknown codec
     │   ├── AuthError             missing or invalid token, tenant not allowed
+    │   │   └── PermissionDenied  valid token, but its role may not make this call
     │   ├── NotFound              unknown key, node or tenant object
     │   └── CorruptObject         checksum, magic, version or fingerprint mismatch
     └── RetryableError            the same call may succeed later
@@ -27,6 +28,7 @@ __all__ = [
     "ConfigError",
     "InvalidRequest",
     "AuthError",
+    "PermissionDenied",
     "NotFound",
     "CorruptObject",
     "Unavailable",
@@ -61,6 +63,10 @@ class InvalidRequest(PermanentError):
 
 class AuthError(PermanentError):
     """Missing or invalid credentials."""
+
+
+class PermissionDenied(AuthError):
+    """The token is valid but its role (tenant, node, admin) may not make this call."""
 
 
 class NotFound(PermanentError):

@@ -360,12 +360,19 @@ def test_transfer_bench_smoke(tmp_path, capsys) -> None:
     from kdn.cli.main import main
 
     out = tmp_path / "bench.json"
-    assert main(["bench", "transfer", "--sizes", "0.25,1", "--repeat", "2", "--json", str(out)]) == 0
+    assert main(["bench", "transfer", "--sizes", "0.25,1", "--repeat", "2", "--json", str(out),
+                 "--prefix-mib", "64", "--streams", "2"]) == 0
     assert "ratio" in capsys.readouterr().out
     saved = json.loads(out.read_text())
     assert set(saved) >= {"rows", "hardware", "date"}
     rows = saved["rows"]
-    assert {r["path"] for r in rows} == {"raw", "raw-fresh", "bulk-bare", "bulk", "grpc"}
-    assert len(rows) == 2 * 2 * 5  # sizes x ops x paths
+    prefix = [r for r in rows if r["path"].endswith("-prefix")]
+    rows = [r for r in rows if r not in prefix]
+    assert {r["path"] for r in rows} == {"raw", "raw-fresh", "bulk-bare", "bulk", "shm", "grpc"}
+    assert len(rows) == 2 * 2 * 6  # sizes x ops x paths
+    # Whole-prefix rows: KDNClient over TCP with 1 and 2 streams, each against raw sockets with as many.
+    assert sorted((r["path"], r["streams"]) for r in prefix) == [("kdn-prefix", 1), ("kdn-prefix", 2),
+                                                                 ("raw-prefix", 1), ("raw-prefix", 2)]
+    assert all(r["mib"] == 64 and r["gbps"] > 0 for r in prefix)
     assert all(r["gbps"] > 0 and r["ratio"] > 0 and r["p50_ms"] > 0 for r in rows)
     assert all(r["ratio"] == 1.0 for r in rows if r["path"] == "raw")

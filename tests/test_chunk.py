@@ -14,6 +14,7 @@ from kdn.format.chunk import ChunkHeader, build_object, header_length, parse_hea
 from kdn.format.chunk_codec import decode_chunk, encode_chunk, iter_layer_groups
 from kdn.format.keys import prefix_keys
 from kdn.format.layout import KVLayout
+from kdn.format.mac import Keyring
 
 LAYOUT = KVLayout("m", 6, 2, 8, "bfloat16")
 KEYS = prefix_keys(list(range(20)), "t", LAYOUT.fingerprint(), "raw", 10)
@@ -78,12 +79,14 @@ def _mutants(obj: bytes, rng: random.Random):
     yield bytes(m)
 
 
+@pytest.mark.parametrize("signed", [False, True])
 @pytest.mark.parametrize("codec", available_codecs())
-def test_every_mutant_is_rejected(codec):
+def test_every_mutant_is_rejected(codec, signed):
     if codec not in ("raw", "lz4") and not get_codec(codec, LAYOUT).lossless:
         pytest.skip("lossy codecs are covered by their own tests")
+    keyring = Keyring({"k": "s" * 32}) if signed else None
     data = kv(10)
-    obj = encode_chunk(data, key=KEY, layout=LAYOUT, codec=codec, layer_group=2)
+    obj = encode_chunk(data, key=KEY, layout=LAYOUT, codec=codec, layer_group=2, keyring=keyring)
     c = get_codec(codec, LAYOUT)
     rng = random.Random(7)
     count = 0
@@ -91,8 +94,9 @@ def test_every_mutant_is_rejected(codec):
         if mutant == obj:
             continue
         count += 1
-        with pytest.raises(CorruptObject):
-            decode_chunk(mutant, key=KEY, layout=LAYOUT, codec=c)
+        for ring in {None, keyring}:  # a signed object's damage is caught by checksum-only readers too
+            with pytest.raises(CorruptObject):
+                decode_chunk(mutant, key=KEY, layout=LAYOUT, codec=c, keyring=ring)
     assert count > 300
 
 

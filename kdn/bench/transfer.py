@@ -8,10 +8,18 @@ Every path runs against a server in its own process (spawned, so it shares no GI
   out must (first-touch page faults are part of its cost);
 - ``bulk-bare``: :class:`kdn.wire.bulk.BulkServer` with a dict handler that keeps the received buffers (the channel
   alone, no node);
-- ``bulk`` and ``grpc``: a real standalone storage node (memory tier) through :class:`kdn.client.transport.NodeClient`,
-  storing real chunk objects that the node verifies.
+- ``bulk`` (TCP only), ``shm`` (the same node read in place through same-host shared memory) and ``grpc``: a
+  real standalone storage node (memory tier) through :class:`kdn.client.transport.NodeClient`, storing real chunk
+  objects that the node verifies; ``bulk`` gets land in a :class:`kdn.wire.recv_pool.ReceivePool`, as the
+  client's fetches do.
 
 Ops are interleaved across paths (put, then get), one object per call; GB/s is the object size over the p50.
+
+``--prefix-mib N`` adds the delivery rows: a whole cached prefix of N MiB (256-token chunks of a Llama-3-8B
+shaped KV, 32 MiB each) retrieved by :class:`kdn.client.KDNClient` from a ``kdn serve`` child over TCP only,
+verified and decoded into ``--device`` memory, with 1 and ``--streams`` bulk connections, against the same run's
+raw-socket ceiling: 1 and ``--streams`` plain sockets each ``recv_into`` its slice of one reused (on CUDA:
+pinned) host buffer.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ __all__ = ["add_arguments", "run"]
 MiB = 1 << 20
 _RAW_REQ = struct.Struct("<BBQ")  # op (1 get, 2 put), fresh buffer (0/1), size
 _RAW_GET, _RAW_PUT = 1, 2
-_PATHS = ("raw", "raw-fresh", "bulk-bare", "bulk", "grpc")
+_PATHS = ("raw", "raw-fresh", "bulk-bare", "bulk", "shm", "grpc")
 _COLUMNS = ["size_mib", "path", "op", "gbps", "p50_ms", "ratio"]
 
 
@@ -44,6 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeat", type=int, default=5, help="timed ops per size, path and op (default 5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed ops first (default 1)")
     parser.add_argument("--paths", default=",".join(_PATHS), help=f"paths to measure (default {','.join(_PATHS)})")
+    parser.add_argument("--prefix-mib", type=int, default=0,
+                        help="also retrieve a whole prefix of this many MiB through KDNClient (e.g. 1024)")
+    parser.add_argument("--streams", type=int, default=8, help="parallel streams of the prefix rows (default 8)")
+    parser.add_argument("--device", default="cpu", help="where the prefix rows decode to: cpu or cuda")
 
 
 # -- servers, each in its own process -----------------------------------------------------------------------------
@@ -219,24 +231,43 @@ class _BulkPath:
 
 
 class _NodePath:
-    def __init__(self, grpc_port: int, bulk_port: int, transport: str) -> None:
+    def __init__(self, grpc_port: int, bulk_port: int, path: str) -> None:
         from kdn.client.transport import NodeClient
+        from kdn.wire.recv_pool import ReceivePool
 
         bulk = f"127.0.0.1:{bulk_port}" if bulk_port > 0 else ""
         self.client = NodeClient(f"127.0.0.1:{grpc_port}", bulk, tenant="default", timeout_s=60.0,
-                                 transport=transport)
+                                 transport="grpc" if path == "grpc" else "bulk", shared_memory=path == "shm")
+        self.pool = ReceivePool(256 * MiB) if path == "bulk" else None
+        self.shm = path == "shm"
 
     def put(self, key: str, obj: bytes) -> None:
         if self.client.put_many([(key, obj)]) != [True]:
             raise RuntimeError(f"node refused the object {key}")
 
     def get(self, key: str, size: int) -> None:
-        (got,) = self.client.get_many([key])
+        leases: list = []
+
+        def alloc(n: int):
+            leases.append(self.pool.lease(n))
+            return leases[-1].view
+
+        (got,) = self.client.get_many([key], alloc=alloc if self.pool is not None else None)
         if got is None or len(got) != size:
             raise RuntimeError(f"node returned {None if got is None else len(got)} bytes for {key}")
+        if self.shm and not _is_shared(got):
+            raise RuntimeError("the shm path did not read through shared memory")
+        for lease in leases:
+            self.pool.release(lease)
 
     def close(self) -> None:
         self.client.close()
+
+
+def _is_shared(data: Any) -> bool:
+    from kdn.wire.shm import is_shared
+
+    return is_shared(data)
 
 
 # -- objects --------------------------------------------------------------------------------------------------------
@@ -295,7 +326,7 @@ def run(args: argparse.Namespace) -> dict:
     if "raw" not in paths:
         paths.insert(0, "raw")  # every ratio is against it
     ops = args.warmup + args.repeat
-    node_paths = [p for p in paths if p in ("bulk", "grpc")]
+    node_paths = [p for p in paths if p in ("bulk", "shm", "grpc")]
     children: list[_Child] = []
     clients: dict[str, Any] = {}
     timings: dict[tuple[int, str, str], list[float]] = {}
@@ -314,7 +345,7 @@ def run(args: argparse.Namespace) -> dict:
             node = _Child(_node_server, capacity, max(sizes) + MiB)
             children.append(node)
             grpc_port, bulk_port = node.ports
-            if "bulk" in node_paths and bulk_port <= 0:
+            if {"bulk", "shm"} & set(node_paths) and bulk_port <= 0:
                 raise RuntimeError("the node has no bulk channel")
             for path in node_paths:
                 clients[path] = _NodePath(grpc_port, bulk_port, path)
@@ -355,6 +386,116 @@ def run(args: argparse.Namespace) -> dict:
     print(f"transfer over 127.0.0.1, one object per call, p50 of {args.repeat} "
           f"(ratio: vs raw socket into a reused buffer)")
     print(format_table(rows, _COLUMNS))
+    if args.prefix_mib > 0:
+        prefix = _prefix_rows(args)
+        print(f"\nwhole prefix of {args.prefix_mib} MiB, node over TCP only, p50 of {args.repeat} "
+              f"(ratio: vs the raw sockets with as many streams)")
+        print(format_table(prefix, _PREFIX_COLUMNS))
+        rows += prefix
     return {"rows": rows, "hardware": _hardware(), "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "settings": {"sizes_mib": [s / MiB for s in sizes], "repeat": args.repeat, "warmup": args.warmup,
                          "paths": paths}}
+
+
+# -- whole-prefix delivery ------------------------------------------------------------------------------------------
+_PREFIX_COLUMNS = ["path", "streams", "device", "mib", "gbps", "p50_ms", "ratio"]
+
+
+def _raw_striped(port: int, streams: int, total: int, pinned: bool, repeat: int, warmup: int) -> list[float]:
+    """Seconds per fetch of ``total`` bytes over ``streams`` raw sockets, each into its slice of one buffer."""
+    import numpy as np
+
+    if pinned:
+        import torch
+
+        dest = torch.empty(total, dtype=torch.uint8, pin_memory=True).numpy()
+    else:
+        dest = np.empty(total, dtype=np.uint8)
+    dest.fill(0)
+    view = memoryview(dest)
+    clients = [_RawClient(port, fresh=False) for _ in range(streams)]
+    per = -(-total // streams)
+    slices = [view[i * per:min(total, (i + 1) * per)] for i in range(streams)]
+
+    def one(client: _RawClient, part: memoryview) -> None:
+        client.sock.sendall(_RAW_REQ.pack(_RAW_GET, 0, len(part)))
+        _recv_exact(client.sock, part)
+
+    times = []
+    try:
+        for i in range(warmup + repeat):
+            threads = [threading.Thread(target=one, args=(c, sl)) for c, sl in zip(clients, slices)]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    finally:
+        for c in clients:
+            c.close()
+    return times
+
+
+def _prefix_rows(args: argparse.Namespace) -> list[dict]:
+    """KDNClient.retrieve of a whole prefix over TCP (1 and ``--streams`` streams) vs raw sockets."""
+    import torch
+
+    from kdn.bench.ttft import _Server
+    from kdn.format.layout import KVLayout
+
+    device = str(args.device)
+    cuda = device.startswith("cuda")
+    layout = KVLayout(model_id="bench-transfer-llama3-8b", num_layers=32, num_kv_heads=8, head_dim=128,
+                      dtype="bfloat16")
+    chunk = 256
+    chunks = max(1, args.prefix_mib * MiB // (layout.bytes_per_token * chunk))
+    tokens = list(range(7, 7 + chunks * chunk))
+    total = chunks * chunk * layout.bytes_per_token
+    kv = torch.randn(layout.shape(len(tokens)), generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    results: list[tuple[str, int, list[float], int]] = []
+    raw = _Child(_raw_server)
+    with tempfile.TemporaryDirectory(prefix="kdn-bench-prefix-") as work:
+        capacity = f"{int(total * 1.3) // MiB + 64}MiB"
+        server = _Server(__import__("pathlib").Path(work), f"[{{kind: memory, capacity: {capacity}}}]")
+        try:
+            with server.client(layout, "raw", chunk, shared_memory=False, store_partial=False) as client:
+                stored = client.store(tokens, kv, copy=False).result(600)
+                if stored.stored + stored.skipped != chunks:
+                    raise RuntimeError(f"storing the prefix failed: {stored}")
+            del kv
+            for streams in sorted({1, max(1, args.streams)}):
+                results.append(("raw", streams, _raw_striped(raw.ports, streams, total, cuda, args.repeat,
+                                                             args.warmup), total))
+                with server.client(layout, "raw", chunk, shared_memory=False, bulk_streams=streams,
+                                   fetch_workers=streams, receive_pool_bytes=total + 64 * MiB) as client:
+                    times = []
+                    for i in range(args.warmup + args.repeat):
+                        if cuda:
+                            torch.cuda.synchronize()
+                        t0 = time.perf_counter()
+                        got = client.retrieve(tokens, device=device)
+                        if cuda:
+                            torch.cuda.synchronize()
+                        elapsed = time.perf_counter() - t0
+                        if got.num_tokens != len(tokens):
+                            raise RuntimeError(f"retrieved {got.num_tokens} of {len(tokens)} tokens")
+                        del got
+                        if i >= args.warmup:
+                            times.append(elapsed)
+                results.append(("kdn", streams, times, total))
+        finally:
+            server.close()
+            raw.close()
+    rows = []
+    base = {}
+    for path, streams, times, nbytes in results:
+        p50 = statistics.median(times)
+        gbps = nbytes / p50 / 1e9
+        if path == "raw":
+            base[streams] = gbps
+        rows.append({"path": f"{path}-prefix", "streams": streams, "device": "host" if path == "raw" else device,
+                     "mib": nbytes / MiB, "gbps": gbps, "p50_ms": 1e3 * p50, "ratio": gbps / base[streams],
+                     "op": "get", "size_mib": nbytes / MiB})
+    return rows

@@ -11,6 +11,10 @@ For each context length T (batch 1) the prompt is T tokens whose first T - suffi
 - ``disk``   (c) a storage node with only a disk tier, page cache dropped before every run (cold reads).
 - ``cachegen`` (d) the default CacheGen level through the memory node (skipped when no CacheGen codec exists),
   decoded on the GPU when the codec decodes there faster than on the CPU (else on the CPU; a note says which).
+- ``cachegen-bulk`` (d') the same over the bulk TCP channel only (the network path between machines).
+
+The TCP paths receive into the client's receive pool (pinned on a GPU host), sized here to hold the largest
+context.
 
 Every KDN path uses layer-pipelined loading (the suffix prefill of layer i overlaps loading of later layers).
 Rows give TTFT, speed-up over ``full`` and the fraction of the ideal's speed-up reached, the hit, time spent
@@ -53,7 +57,8 @@ def add_arguments(parser) -> None:
                         help="auto: llama3-8b (random bf16 weights) on cuda; smollm2 (real) or tiny-llama on cpu")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--chunk-size", type=int, default=256)
-    parser.add_argument("--paths", default="host,node,node-bulk,disk,cachegen", help="KDN paths to run (comma list)")
+    parser.add_argument("--paths", default="host,node,node-bulk,disk,cachegen,cachegen-bulk",
+                        help="KDN paths to run (comma list)")
     parser.add_argument("--cachegen", help="CacheGen codec name (default: the registered default level)")
     parser.add_argument("--work-dir", help="where child nodes keep data (default: a temp dir)")
 
@@ -234,8 +239,9 @@ def run(args) -> dict:
     if "host" in wanted:
         sources["host"] = host
     cap = f"{int(kv_bytes * 1.3) + (256 << 20)}"
+    pool_bytes = layout.bytes_per_token * max(contexts) + (256 << 20)
     try:
-        if wanted & {"node", "node-bulk", "cachegen"}:
+        if wanted & {"node", "node-bulk", "cachegen", "cachegen-bulk"}:
             _start(servers, "node", work, f"[{{kind: memory, capacity: {cap}}}]", notes)
         if "disk" in wanted:
             _start(servers, "disk", work, f"[{{kind: disk, capacity: {cap}}}]", notes)
@@ -243,14 +249,17 @@ def run(args) -> dict:
             if path in wanted and path in servers:
                 sources[path] = servers[path].client(layout, "raw", args.chunk_size)
         if "node-bulk" in wanted and "node" in servers:
-            sources["node-bulk"] = servers["node"].client(layout, "raw", args.chunk_size, shared_memory=False)
-        if "cachegen" in wanted and "node" not in servers:
-            notes.append("cachegen path skipped: it runs through the memory node, which did not start")
-        lazy = {}  # the cachegen client needs a model profile, built from the first context's KV
-        if "cachegen" in wanted and "node" in servers:
-            codec = _cachegen_name(args.cachegen, notes)
-            if codec:
-                lazy["cachegen"] = (codec, layout, work)
+            sources["node-bulk"] = servers["node"].client(layout, "raw", args.chunk_size, shared_memory=False,
+                                                          receive_pool_bytes=pool_bytes)
+        if wanted & {"cachegen", "cachegen-bulk"} and "node" not in servers:
+            notes.append("cachegen paths skipped: they run through the memory node, which did not start")
+        lazy = {}  # the cachegen clients need a model profile, built from the first context's KV
+        for path in ("cachegen", "cachegen-bulk"):
+            if path in wanted and "node" in servers:
+                codec = _cachegen_name(args.cachegen, notes)
+                if codec:
+                    tcp = {"shared_memory": False, "receive_pool_bytes": pool_bytes} if path.endswith("-bulk") else {}
+                    lazy[path] = (codec, layout, work, tcp)
         rows = []
         for ctx in contexts:
             rows += _context_rows(ctx, args, model, sources, servers, cuda, notes, lazy)
@@ -317,23 +326,27 @@ def _context_rows(ctx: int, args, model, sources: dict, servers: dict, cuda: boo
         return {"token": logits.argmax(-1).item()}
 
     paths = [("full", full, None), ("ideal", ideal, None)]
-    if "cachegen" in lazy:
-        _progress("building the cachegen profile")
-        client = _cachegen_client(servers["node"], *lazy.pop("cachegen"), kv_host, args.chunk_size, notes)
-        if client is not None:
-            sources["cachegen"] = client
-    for path in ("host", "node", "node-bulk", "disk", "cachegen"):
+    for path in ("cachegen", "cachegen-bulk"):
+        if path in lazy:
+            _progress(f"building the {path} client")
+            codec, layout, work, overrides = lazy.pop(path)
+            client = _cachegen_client(servers["node"], codec, layout, work, kv_host, args.chunk_size, notes,
+                                      **overrides)
+            if client is not None:
+                sources[path] = client
+    for path in ("host", "node", "node-bulk", "disk", "cachegen", "cachegen-bulk"):
         source = sources.get(path)
         if source is None:
             continue
         device_decode = False
-        if path == "cachegen" and not getattr(source, "probed", False):
+        cachegen = path.startswith("cachegen")
+        if cachegen and not getattr(source, "probed", False):
             source.probed = True
             source.device_decode = cuda and _device_decode(source, kv_host, notes)
-        if path == "cachegen":
+        if cachegen:
             device_decode = source.device_decode
         # CacheGen encodes where the KV is: on a GPU that is the engine's cache, and the encoder runs there.
-        kv_store = kv_host.to(model.device) if path == "cachegen" and cuda else kv_host
+        kv_store = kv_host.to(model.device) if cachegen and cuda else kv_host
         _progress(f"context {ctx}: storing the prefix through {path}")
         stored = source.store(tokens[:prefix], kv_store, copy=False).result(600)
         if getattr(stored, "failed", 0) or getattr(stored, "error", ""):
@@ -362,17 +375,18 @@ def _context_rows(ctx: int, args, model, sources: dict, servers: dict, cuda: boo
 _CACHEGEN_LAYER_GROUP = 8
 
 
-def _cachegen_client(server, codec: str, layout, work: Path, kv, chunk_size: int, notes: list[str]):
+def _cachegen_client(server, codec: str, layout, work: Path, kv, chunk_size: int, notes: list[str], **overrides):
     """A CacheGen client whose model profile is built from this run's KV (statistics only, no Fisher importance:
     fine for timing; quality is measured in ``docs/codec.md``), or None (noted)."""
     from codec.profile import build_profile
 
     try:
-        profile = build_profile([kv[:, :, :512].float().cpu()], model_id=layout.model_id)
         path = work / "cachegen.profile"
-        profile.save(path)
+        if not path.exists():  # both CacheGen paths share one profile (and so read the same objects)
+            build_profile([kv[:, :, :512].float().cpu()], model_id=layout.model_id).save(path)
         # Sections of 8 layers: the GPU decoder then gets 8 layers of every chunk per call (per-call costs amortized).
-        return server.client(layout, codec, chunk_size, codec_profile=str(path), layer_group=_CACHEGEN_LAYER_GROUP)
+        return server.client(layout, codec, chunk_size, codec_profile=str(path), layer_group=_CACHEGEN_LAYER_GROUP,
+                             **overrides)
     except Exception as exc:  # noqa: BLE001 - a missing optional path is a note, not a failure
         notes.append(f"cachegen ({codec}) unavailable: {str(exc)[:200]}")
         return None

@@ -20,6 +20,7 @@ from costmodel.errors import CostModelError
 from kdn.bench import format_table
 from kdn.cli.codec import add_codec_parser
 from kdn.cli.extras import missing_extra
+from kdn.cli.secrets import add_secrets_parser
 from kdn.cli.warm import add_warm_parser
 from kdn.client.control import ControlClient
 from kdn.errors import KDNError
@@ -225,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Commands that open their own connections (or none): each adds its parser and sets ``standalone``. Their
     # modules import only the standard library at the top, so every subcommand is listed on a base install; one
     # whose extra is missing says which to install when it runs (``main``).
-    for add_parser in (add_cost_parser, add_codec_parser, add_warm_parser):
+    for add_parser in (add_cost_parser, add_codec_parser, add_warm_parser, add_secrets_parser):
         add_parser(sub)
     return parser
 

@@ -53,6 +53,8 @@ def _cmd_servers(args: argparse.Namespace) -> int:
         extra["node.bulk_port"] = args.bulk_port
     if args.command in ("serve", "node") and args.link_gbps is not None:
         extra["node.link_gbps"] = args.link_gbps
+    if args.insecure:
+        extra["auth.insecure"] = True
     config = config_from_args(args, extra)
     _setup_logging(config.log_level)
     return run_servers(config, controller=args.command in ("serve", "controller"),
@@ -87,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--controller", help="controller address host:port ('' = standalone)")
     node.add_argument("--node-id", help="node name (default <hostname>:<port>)")
     for p in (serve, ctl, node):
+        p.add_argument("--insecure", action="store_true",
+                       help="allow a non-loopback bind without auth tokens (every caller is admin; warns every minute)")
         add_config_flags(p)
         p.set_defaults(func=_cmd_servers)
     bench = sub.add_parser("bench", help="benchmarks: " + ", ".join(sorted(BENCHES)))

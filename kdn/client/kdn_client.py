@@ -20,8 +20,9 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from codec.raw import torch_dtype
@@ -33,8 +34,10 @@ from kdn.format.chunk import ChunkHeader, verify_object
 from kdn.format.chunk_codec import check_kv, codec_errors, decode_chunk, encode_chunk, get_codec
 from kdn.format.keys import ChunkKey, ChunkSpan, prefix_keys
 from kdn.format.layout import KVLayout
+from kdn.format.mac import load_keyring
 from kdn.metrics import ClientMetrics
 from kdn.wire.auth import call_metadata
+from kdn.wire.recv_pool import Lease, ReceivePool
 from kdn.wire.shm import is_shared
 
 __all__ = ["KDNClient", "LookupResult", "ChunkHit", "RetrieveResult", "StoreResult", "LayerStream"]
@@ -86,14 +89,30 @@ class StoreResult:
 
 
 class LayerStream:
-    """Verified objects of a cached prefix, decoded layer group by layer group on iteration."""
+    """Verified objects of a cached prefix, decoded layer group by layer group on iteration.
 
-    def __init__(self, client: KDNClient, objects: list, num_tokens: int, device) -> None:
+    Objects that came over the network may sit in the client's receive pool: ``close()`` (called at the end of
+    iteration, by :meth:`KDNClient.retrieve`, or when the stream is garbage-collected) hands that memory back, so
+    decode what you need before closing. ``writes_device``: every object is ``raw`` in page-locked memory, so a
+    layer loader may pass GPU ``out`` tensors to :meth:`decode_group` (copies at DMA rate, no host staging).
+    """
+
+    def __init__(self, client: KDNClient, objects: list, num_tokens: int, device,
+                 leases: Sequence[Lease] = ()) -> None:
         self.client = client
         self.objects = objects
         self.num_tokens = num_tokens
         self.device = device
         self.bytes = sum(len(data) for _, data, _ in objects)
+        pool = client._recv_pool
+        pinned = bool(leases) and pool is not None and pool.pinned
+        self.writes_device = (pinned and client.codec.name == "raw" and bool(objects)
+                              and len(leases) >= len(objects))
+        self._finalizer = weakref.finalize(self, _release_leases, pool, list(leases), pinned)
+
+    def close(self) -> None:
+        """Give the objects' receive buffers back to the client's pool (idempotent)."""
+        self._finalizer()
 
     def empty(self):
         """An uninitialized tensor of the whole prefix's KV shape."""
@@ -103,13 +122,15 @@ class LayerStream:
         return torch.empty(layout.shape(self.num_tokens), dtype=torch_dtype(layout.dtype), device=self.device)
 
     def groups(self) -> list[tuple[int, int]]:
-        """The layer groups every object shares (the coarsest common split)."""
+        """The layer groups every object shares: the finest split whose boundaries are section boundaries of every
+        object (objects stored with different ``layer_group`` settings still decode together)."""
         if not self.objects:
             return []
-        cuts = set()
+        cuts: set[int] | None = None
         for _, _, header in self.objects:
-            cuts.update(s.layer_end for s in header.sections)
-        bounds = [0, *sorted(cuts)]
+            ends = {s.layer_end for s in header.sections}
+            cuts = ends if cuts is None else cuts & ends
+        bounds = [0, *sorted(cuts or ())]
         return list(zip(bounds, bounds[1:]))
 
     def decode_group(self, layer_start: int, layer_end: int, out=None):
@@ -153,14 +174,53 @@ class LayerStream:
     def __iter__(self):
         groups = self.groups()
         if not groups:
+            self.close()
             return
         pool = self.client._decode_pool
         pending = pool.submit(self.decode_group, *groups[0])
-        for i, (start, end) in enumerate(groups):
-            kv = pending.result()
-            if i + 1 < len(groups):
-                pending = pool.submit(self.decode_group, *groups[i + 1])
-            yield start, end, kv
+        try:
+            for i, (start, end) in enumerate(groups):
+                kv = pending.result()
+                if i + 1 < len(groups):
+                    pending = pool.submit(self.decode_group, *groups[i + 1])
+                yield start, end, kv
+        finally:
+            pending.cancel() or pending.exception()  # never free buffers a running decode still reads
+            self.close()
+
+
+def _release_leases(pool: ReceivePool | None, leases: list[Lease], pinned: bool) -> None:
+    """Return receive buffers to the pool, after any GPU copy still reading them has finished."""
+    if not leases or pool is None:
+        return
+    if pinned:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+    for lease in leases:
+        pool.release(lease)
+
+
+@dataclass(eq=False)
+class _FetchJob:
+    """One batch of chunks asked of one node; its receive buffers are its own until it is accepted or done."""
+
+    part: list[int]
+    started: float
+    leases: list[Lease] = field(default_factory=list)
+    hedged: bool = False
+
+    def release(self, pool: ReceivePool | None, keep: Sequence[object] = ()) -> list[Lease]:
+        """Release the leases whose views are not in ``keep``; return the kept ones."""
+        kept_ids = {id(v) for v in keep}
+        kept = [lease for lease in self.leases if id(lease.view) in kept_ids]
+        if pool is not None:
+            for lease in self.leases:
+                if id(lease.view) not in kept_ids:
+                    pool.release(lease)
+        self.leases = []
+        return kept
 
 class KDNClient:
     """Lookup, retrieve and store KV caches of one layout for one tenant. Thread-safe; call ``close()``."""
@@ -178,6 +238,7 @@ class KDNClient:
             raise InvalidRequest("chunk_size must be positive")
         self.metrics = ClientMetrics()
         self.metadata = call_metadata(config.token, config.tenant)
+        self.keyring = load_keyring(config.security)
         self._control = ControlClient(config.controller, tls=config.tls, token=config.token, tenant=config.tenant,
                                       timeout_s=config.timeout_s)
         try:  # may ask the controller for the codec's model profile
@@ -188,7 +249,10 @@ class KDNClient:
         self._nodes: dict[str, NodeAddress] = {}
         self._node_clients: dict[str, NodeClient] = {}
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=max(1, config.fetch_workers), thread_name_prefix="kdn-fetch")
+        # Twice the streams: hedged requests to a second holder find a free worker even when a node stalls.
+        workers = 2 * max(1, config.fetch_workers, config.bulk_streams)
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kdn-fetch")
+        self._recv_pool: ReceivePool | None = None
         self._decode_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdn-decode")
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, config.store_queue))
         self._store_thread = threading.Thread(target=self._store_loop, name="kdn-store", daemon=True)
@@ -224,9 +288,27 @@ class KDNClient:
                 client = NodeClient(node.address, node.bulk_address, tenant=self.config.tenant,
                                     token=self.config.token, timeout_s=self.config.timeout_s,
                                     transport=self.config.transport, tls=self.config.tls,
-                                    shared_memory=self.config.shared_memory)
+                                    shared_memory=self.config.shared_memory, bulk_streams=self.config.bulk_streams)
                 self._node_clients[node.address] = client
             return client
+
+    def _receive_pool(self) -> ReceivePool | None:
+        """The receive pool (made on first use), or None when ``receive_pool_bytes`` is 0."""
+        if self._recv_pool is None and self.config.receive_pool_bytes > 0:
+            with self._lock:
+                if self._recv_pool is None:
+                    self._recv_pool = ReceivePool(self.config.receive_pool_bytes, pinned=self._pin_receive_pool())
+        return self._recv_pool
+
+    def _pin_receive_pool(self) -> bool:
+        choice = str(self.config.receive_pool_pinned).strip().lower()
+        if choice not in ("auto", "true", "false"):
+            raise InvalidRequest(f"receive_pool_pinned must be auto, true or false, got {choice!r}")
+        if choice != "auto":
+            return choice == "true"
+        import torch
+
+        return torch.cuda.is_available()
 
     def _codec_options(self) -> dict:
         """``profile=`` for the codec: the configured file, else (``cachegen-*``) the controller's, cached on disk."""
@@ -306,40 +388,45 @@ class KDNClient:
     def retrieve(self, tokens, *, device="cpu", max_tokens: int | None = None) -> RetrieveResult:
         """Fetch, verify and decode the longest cached prefix of ``tokens`` (at most ``max_tokens`` tokens).
 
-        Chunks are fetched in parallel (one batch per node); a chunk that cannot be fetched or fails
-        verification ends the prefix there. Never raises for remote failures.
+        Chunks are fetched in parallel (each node's share striped over ``bulk_streams`` connections); a chunk that
+        cannot be fetched from any holder or fails verification ends the prefix there. Never raises for remote
+        failures.
         """
         stream = self.retrieve_layers(tokens, device=device, max_tokens=max_tokens)
-        if stream.num_tokens == 0:
-            return RetrieveResult(0, None)
-        out = stream.empty()
-        for layer_start, layer_end in stream.groups():
-            stream.decode_group(layer_start, layer_end, out=out[layer_start:layer_end])
-        return RetrieveResult(stream.num_tokens, out, chunks=len(stream.objects), bytes=stream.bytes)
+        try:
+            if stream.num_tokens == 0:
+                return RetrieveResult(0, None)
+            out = stream.empty()
+            for layer_start, layer_end in stream.groups():
+                stream.decode_group(layer_start, layer_end, out=out[layer_start:layer_end])
+            return RetrieveResult(stream.num_tokens, out, chunks=len(stream.objects), bytes=stream.bytes)
+        finally:
+            stream.close()
 
     def retrieve_layers(self, tokens, *, device="cpu", max_tokens: int | None = None) -> LayerStream:
         """Fetch and verify the longest cached prefix, then decode it layer group by layer group.
 
-        Every object is fetched and fully checksum-verified before the first layer is handed out, so a consumer
-        never receives layers of a prefix that later turns out to be damaged. Iterating the returned
-        :class:`LayerStream` yields ``(layer_start, layer_end, kv)`` with ``kv`` of shape
-        ``[layer_end - layer_start, 2, num_tokens, kv_heads, head_dim]``; decoding of the next group runs in a
-        background thread while the caller uses the current one.
+        Every object is fetched and fully checksum-verified (in the fetching threads, as it arrives) before the
+        first layer is handed out, so a consumer never receives layers of a prefix that later turns out to be
+        damaged. Iterating the returned :class:`LayerStream` yields ``(layer_start, layer_end, kv)`` with ``kv`` of
+        shape ``[layer_end - layer_start, 2, num_tokens, kv_heads, head_dim]``; decoding of the next group runs in
+        a background thread while the caller uses the current one. Close the stream (or iterate it to the end)
+        to give its receive buffers back.
         """
         t0 = time.perf_counter()
         found = self.lookup(tokens)
         chunks = found.chunks
         if max_tokens is not None:
             chunks = [c for c in chunks if c.span.end <= max_tokens]
-        datas = self._fetch(chunks) if chunks else []
+        leases: list[Lease] = []
+        datas = self._fetch(chunks, leases) if chunks else []
         good: list[tuple[ChunkHit, object, ChunkHeader]] = []
         for chunk, data in zip(chunks, datas):
             if data is None:
                 break
-            try:
-                # Objects read in place from a node's shared memory (same host) were verified at put time.
+            try:  # the payload was verified as it arrived (_fetch_from); these are the header's claims
                 header = verify_object(data, key=str(chunk.key), fingerprint=self.fingerprint,
-                                       codec=self.codec.name, check_payload=not is_shared(data))
+                                       codec=self.codec.name, check_payload=False, keyring=self.keyring)
                 if header.num_layers != self.layout.num_layers or header.num_tokens != chunk.span.num_tokens:
                     raise CorruptObject("object shape does not match its key")
                 if bytes(header.codec_meta) != self.codec.meta():  # e.g. another CacheGen model profile
@@ -352,49 +439,109 @@ class KDNClient:
         num_tokens = good[-1][0].span.end if good else 0
         self.metrics.fetch_seconds.observe(time.perf_counter() - t0)
         self.metrics.hit_tokens.inc(num_tokens)
-        return LayerStream(self, good, num_tokens, device)
+        return LayerStream(self, good, num_tokens, device, leases)
 
-    def _fetch(self, chunks: Sequence[ChunkHit]) -> list[bytes | bytearray | None]:
-        """Fetch objects, one batch per node in parallel, trying other holders for what a node could not give."""
-        out: list = [None] * len(chunks)
-        todo = list(range(len(chunks)))
-        for attempt in range(3):
-            by_node: dict[str, list[int]] = {}
-            for i in todo:
-                nodes = chunks[i].nodes
-                if attempt < len(nodes):
-                    by_node.setdefault(nodes[attempt].node_id, []).append(i)
-            if not by_node:
+    def _fetch(self, chunks: Sequence[ChunkHit], leases: list[Lease] | None = None) -> list:
+        """Fetch and verify objects from their holders; ``None`` where no holder could give an intact copy.
+
+        Each node's share is striped over ``bulk_streams`` parallel requests. A request that fails is retried on the
+        chunk's next holder; one still running after ``hedge_after_s`` is raced by a request to the next holder
+        (the first intact copy wins), so a stalled node delays nothing that another node holds. With ``leases``,
+        objects from the bulk channel land in the receive pool and the leases of the returned objects are appended
+        (the caller releases them); a late request that loses a race frees its own buffers when it ends.
+        """
+        n = len(chunks)
+        out: list = [None] * n
+        tried = [0] * n  # holders asked so far, per chunk
+        covering = [0] * n  # requests in flight that may still deliver the chunk
+        pool = self._receive_pool() if leases is not None else None
+        deadline = time.monotonic() + self.config.timeout_s
+        hedge = self.config.hedge_after_s
+        pending: dict[Future, _FetchJob] = {}
+
+        def launch(indices: list[int]) -> None:
+            by_node: dict[str, tuple[NodeAddress, list[int]]] = {}
+            for i in indices:
+                if tried[i] < len(chunks[i].nodes):
+                    node = chunks[i].nodes[tried[i]]
+                    tried[i] += 1
+                    by_node.setdefault(node.node_id, (node, []))[1].append(i)
+            streams = max(1, self.config.bulk_streams)
+            for node, share in by_node.values():
+                per = -(-len(share) // streams)
+                for j in range(0, len(share), per):
+                    job = _FetchJob(share[j:j + per], time.monotonic())
+                    for i in job.part:
+                        covering[i] += 1
+                    fut = self._pool.submit(self._fetch_from, node, [chunks[i] for i in job.part],
+                                            self._lease_into(pool, job) if pool is not None else None)
+                    pending[fut] = job
+
+        launch(list(range(n)))
+        while pending:
+            now = time.monotonic()
+            wake = deadline
+            if hedge > 0:
+                wake = min([wake, *(j.started + hedge for j in pending.values() if not j.hedged)])
+            done, _ = wait(list(pending), timeout=max(0.0, wake - now), return_when=FIRST_COMPLETED)
+            retry: list[int] = []
+            for fut in done:
+                job = pending.pop(fut)
+                datas = fut.result()
+                accepted = []
+                for i, data in zip(job.part, datas):
+                    covering[i] -= 1
+                    if data is not None and out[i] is None:
+                        out[i] = data
+                        accepted.append(data)
+                    if out[i] is None and covering[i] == 0:
+                        retry.append(i)
+                kept = job.release(pool, accepted)
+                if leases is not None:
+                    leases.extend(kept)
+            if retry:
+                launch(retry)
+            now = time.monotonic()
+            if now >= deadline or all(d is not None for d in out):
                 break
-            # Each node's batch is split over the fetch workers: parallel streams move large prefixes faster.
-            jobs = []
-            for idx in by_node.values():
-                per = max(1, -(-len(idx) // max(1, self.config.fetch_workers)))
-                for j in range(0, len(idx), per):
-                    part = idx[j:j + per]
-                    jobs.append((part, self._pool.submit(self._fetch_from, chunks[part[0]].nodes[attempt],
-                                                         [chunks[i] for i in part])))
-            for part, fut in jobs:
-                for i, data in zip(part, fut.result()):
-                    out[i] = data
-            todo = [i for i in todo if out[i] is None]
-            if not todo:
-                break
+            if hedge > 0:
+                for job in list(pending.values()):
+                    if not job.hedged and now - job.started >= hedge:
+                        job.hedged = True
+                        late = [i for i in job.part if out[i] is None and tried[i] < len(chunks[i].nodes)]
+                        if late:
+                            self.metrics.fallbacks.labels("hedge").inc(len(late))
+                            launch(late)
+        for fut, job in pending.items():  # stragglers: their buffers go back to the pool when they end
+            fut.add_done_callback(lambda _f, job=job: job.release(pool))
         return out
 
-    def _fetch_from(self, node: NodeAddress, chunks: list[ChunkHit]) -> list:
+    @staticmethod
+    def _lease_into(pool: ReceivePool, job: _FetchJob):
+        def alloc(size: int) -> memoryview:
+            lease = pool.lease(size)
+            job.leases.append(lease)
+            return lease.view
+        return alloc
+
+    def _fetch_from(self, node: NodeAddress, chunks: list[ChunkHit], alloc=None) -> list:
+        """Objects from one node, each fully verified here (in this fetching thread, while other streams keep
+        receiving); ``None`` for misses, failures and bad copies. Never raises."""
         try:
-            datas = self._node(node).get_many([str(c.key) for c in chunks])
+            datas = self._node(node).get_many([str(c.key) for c in chunks], alloc=alloc)
         except KDNError as exc:
             log.warning("fetch from node %s failed: %s", node.node_id, exc)
             self.metrics.fallbacks.labels("node").inc()
             return [None] * len(chunks)
+        except Exception:  # noqa: BLE001 - a fetch never raises into the engine
+            log.exception("fetch from node %s failed", node.node_id)
+            return [None] * len(chunks)
         out = []
         for chunk, data in zip(chunks, datas):
-            if data is not None and not is_shared(data):  # shared objects: checked once, in retrieve_layers
-                try:
+            if data is not None:
+                try:  # every path, shared memory included: a copy that does not verify is never handed out
                     verify_object(data, key=str(chunk.key), fingerprint=self.fingerprint, codec=self.codec.name,
-                                  check_payload=False)
+                                  keyring=self.keyring)
                 except CorruptObject as exc:
                     log.warning("node %s sent a bad object for %s: %s", node.node_id, chunk.key, exc)
                     self.metrics.fallbacks.labels("corrupt").inc()
@@ -491,16 +638,21 @@ class KDNClient:
             return out
         hits = [i for i, nodes in enumerate(found) if nodes]
         chunks = [ChunkHit(ChunkSpan(i, 0, 0), keys[i], found[i]) for i in hits]
-        for i, chunk, data in zip(hits, chunks, self._fetch(chunks)):
-            if data is None:
-                continue
-            try:
-                view = self._shared_view(data, str(chunk.key), device) if zero_copy else None
-                out[i] = view if view is not None else decode_chunk(data, key=str(chunk.key), layout=self.layout,
-                                                                     codec=self.codec, device=device)
-            except CorruptObject as exc:
-                log.warning("chunk %s rejected: %s", chunk.key, exc)
-                self.metrics.fallbacks.labels("corrupt").inc()
+        leases: list[Lease] = []
+        try:
+            for i, chunk, data in zip(hits, chunks, self._fetch(chunks, leases)):
+                if data is None:
+                    continue
+                try:
+                    view = self._shared_view(data, str(chunk.key), device) if zero_copy else None
+                    out[i] = view if view is not None else decode_chunk(data, key=str(chunk.key),
+                                                                         layout=self.layout, codec=self.codec,
+                                                                         device=device, keyring=self.keyring)
+                except CorruptObject as exc:
+                    log.warning("chunk %s rejected: %s", chunk.key, exc)
+                    self.metrics.fallbacks.labels("corrupt").inc()
+        finally:  # decoded tensors are copies: the receive buffers can be reused
+            _release_leases(self._recv_pool, leases, bool(self._recv_pool and self._recv_pool.pinned))
         return out
 
     def _shared_view(self, data, key: str, device):
@@ -511,7 +663,8 @@ class KDNClient:
 
         if self.codec.name != "raw" or not is_shared(data):
             return None
-        header = verify_object(data, key=key, fingerprint=self.fingerprint, codec="raw", check_payload=False)
+        header = verify_object(data, key=key, fingerprint=self.fingerprint, codec="raw", check_payload=False,
+                               keyring=self.keyring)
         sections = header.sections
         nbytes = self.layout.bytes_per_token * header.num_tokens
         if header.num_layers != self.layout.num_layers or not sections or any(
@@ -553,6 +706,7 @@ class KDNClient:
             return kv if on_device and kv.is_cuda else kv.cpu()
 
         objects = {i: encode_chunk(source(chunks[i][1]), key=names[i], layout=self.layout, codec=self.codec,
+                                   keyring=self.keyring,
                                    start=chunks[i][2], layer_group=self.config.layer_group) for i in missing}
         placed = self._call(
             "Place", keys=[names[i] for i in missing], sizes=[len(objects[i]) for i in missing],

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import grpc
@@ -40,7 +40,7 @@ class NodeClient:
 
     def __init__(self, address: str, bulk_address: str = "", *, tenant: str = "default", token: str = "",
                  timeout_s: float = 10.0, transport: str = "bulk", tls: TLSConfig | None = None,
-                 shared_memory: bool = True) -> None:
+                 shared_memory: bool = True, bulk_streams: int = 4) -> None:
         if transport not in ("bulk", "grpc"):
             raise InvalidRequest(f"transport must be 'bulk' or 'grpc', got {transport!r}")
         self.address = address
@@ -54,6 +54,7 @@ class NodeClient:
         self._channel = make_channel(address, tls)
         self._stub = data_pb2_grpc.DataStub(self._channel)
         self._bulk = None
+        self._bulk_streams = max(1, bulk_streams)
         self._bulk_down_until = 0.0
         self._shm = None
         self._shm_worked = False
@@ -84,7 +85,7 @@ class NodeClient:
 
                 self._bulk = BulkClient(self.bulk_address, token=self.token, tenant=self.tenant,
                                         timeout_s=self.timeout_s, ssl_context=self._bulk_ssl,
-                                        server_name=self._server_name)
+                                        server_name=self._server_name, pool_size=self._bulk_streams)
             return self._bulk
 
     def _bulk_failed(self, exc: Exception) -> None:
@@ -116,22 +117,25 @@ class NodeClient:
             return [None] * len(keys)
 
     # -- operations ---------------------------------------------------------------------------------------------
-    def get_many(self, keys: Sequence[str]) -> list[Buffer | None]:
-        """Whole objects for ``keys`` (``None`` for misses). Raises Unavailable/DeadlineExceeded/AuthError."""
+    def get_many(self, keys: Sequence[str], *,
+                 alloc: Callable[[int], Buffer] | None = None) -> list[Buffer | None]:
+        """Whole objects for ``keys`` (``None`` for misses). ``alloc(size)`` may supply the buffers that objects
+        arriving over the bulk channel are received into (e.g. a :class:`~kdn.wire.recv_pool.ReceivePool`'s).
+        Raises Unavailable/DeadlineExceeded/AuthError."""
         out = self._get_shared(keys)
         missing = [i for i, data in enumerate(out) if data is None]
         if len(missing) < len(keys):
             if missing:
-                for i, data in zip(missing, self._get_remote([keys[i] for i in missing])):
+                for i, data in zip(missing, self._get_remote([keys[i] for i in missing], alloc)):
                     out[i] = data
             return out
-        return self._get_remote(keys)
+        return self._get_remote(keys, alloc)
 
-    def _get_remote(self, keys: Sequence[str]) -> list[Buffer | None]:
+    def _get_remote(self, keys: Sequence[str], alloc: Callable[[int], Buffer] | None = None) -> list[Buffer | None]:
         bulk = self._bulk_client()
         if bulk is not None:
             try:
-                return bulk.get_many(list(keys))
+                return bulk.get_many(list(keys), alloc=alloc)
             except AuthError:
                 raise
             except Unavailable as exc:

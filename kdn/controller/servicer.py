@@ -8,6 +8,10 @@ Placement (``placement.policy``): ``cost`` (default) picks each new chunk's tier
 periodic pass that promotes, demotes and evicts (:mod:`kdn.controller.placement`); ``hash`` only spreads chunks over
 nodes
 by rendezvous hashing and leaves tiers to the nodes.
+
+Roles (:mod:`kdn.wire.auth`, docs/security.md): storage-node tokens may only register, heartbeat and report their
+inventory; tenant tokens see and change only their tenant's keys, and ``Stats`` / ``ListNodes`` report only their
+tenant's keys and bytes; admin tokens act on every tenant and alone may upload codec profiles.
 """
 
 from __future__ import annotations
@@ -24,10 +28,10 @@ from kdn.controller.index import GlobalIndex, Location, NodeRecord
 from kdn.controller.node_link import NodeLink
 from kdn.controller.placement import CostPlacement, PlaceHints
 from kdn.controller.profile_store import ProfileStore
-from kdn.errors import AuthError, InvalidRequest, Unavailable
+from kdn.errors import CapacityError, InvalidRequest, Unavailable
 from kdn.metrics import ControllerMetrics
 from kdn.v1 import common_pb2, control_pb2, control_pb2_grpc
-from kdn.wire.auth import Authenticator, Principal
+from kdn.wire.auth import ADMIN, DIGEST_PREFIX, Authenticator, Principal, RateLimiter, key_tenant
 from kdn.wire.rpc import create_server, servicer_method
 
 __all__ = ["Controller"]
@@ -50,11 +54,15 @@ class Controller:
         self.index = GlobalIndex(config.controller.node_timeout_s, config.placement.half_life_s)
         self.placement = CostPlacement(config.placement, self.index, _NodeMover(self))
         self.auth = Authenticator(config.auth.tokens)
+        self.rate = RateLimiter({t: q.requests_per_s for t, q in config.auth.quotas.items()})
+        self.admin_token = config.auth.admin_token or next(
+            (t for t, role in config.auth.tokens.items() if role == ADMIN and not t.startswith(DIGEST_PREFIX)), "")
         self.metrics = ControllerMetrics(registry or CollectorRegistry())
         # codec model profiles are the controller's only durable state: kept in <data_dir>/profiles
         self.profiles = ProfileStore(os.path.join(config.data_dir, "profiles") if config.data_dir else None)
         self.started_at = time.monotonic()
         self.counters = {"lookups": 0, "lookup_keys": 0, "lookup_hits": 0}
+        self.tenant_counters: dict[str, dict[str, int]] = {}
         self.port = 0
         self._server = None
         self._node_clients: dict[str, NodeLink] = {}
@@ -65,6 +73,9 @@ class Controller:
         self._server, self.port = create_server(cfg.host, cfg.port, tls=self.config.tls)
         control_pb2_grpc.add_ControlServicer_to_server(ControlServicer(self), self._server)
         self._server.start()
+        if not self.auth.open and not self.admin_token:
+            log.warning("auth.tokens has no @admin token in plain and auth.admin_token is unset: evictions and "
+                        "placement moves on nodes will be refused")
         if self.cost_driven:
             self.placement.start()
         log.info("controller serving on %s:%d (placement: %s)", cfg.host, self.port, self.config.placement.policy)
@@ -87,12 +98,12 @@ class Controller:
         return f"{self.config.controller.host}:{self.port}"
 
     def node_client(self, record: NodeRecord):
-        """A cached data-plane link (admin) for forwarding deletes and moves."""
+        """A cached data-plane link for forwarding deletes and moves (with ``auth.admin_token``: nodes accept these
+        for any tenant from admin tokens only)."""
         with self._lock:
             client = self._node_clients.get(record.node_id)
             if client is None or client.address != record.address:
-                token = next((t for t, p in self.config.auth.tokens.items() if p == "@admin"), "")
-                client = NodeLink(record.address, token=token, timeout_s=5.0, tls=self.config.tls)
+                client = NodeLink(record.address, token=self.admin_token, timeout_s=5.0, tls=self.config.tls)
                 self._node_clients[record.node_id] = client
             return client
 
@@ -132,14 +143,50 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
     def __init__(self, controller: Controller) -> None:
         self.c = controller
 
+    def _caller(self, context) -> Principal:
+        principal = self.c.auth.from_metadata(context.invocation_metadata())
+        self.c.rate.admit(principal)
+        return principal
+
     def _principal(self, context) -> Principal:
-        return self.c.auth.from_metadata(context.invocation_metadata())
+        """A tenant or an operator (calls on tenant data; storage-node tokens are refused)."""
+        return self._caller(context).require_tenant_or_admin()
 
     def _admin(self, context) -> Principal:
-        principal = self._principal(context)
-        if not principal.admin:
-            raise AuthError("this call needs the admin role")
-        return principal
+        return self._caller(context).require_admin()
+
+    def _node(self, context, node_id: str) -> Principal:
+        return self._caller(context).require_node(node_id)
+
+    def _tenant_count(self, principal: Principal, **deltas: int) -> None:
+        if principal.admin:
+            return
+        with self.c._lock:
+            counts = self.c.tenant_counters.setdefault(principal.tenant, {"lookups": 0, "lookup_keys": 0,
+                                                                          "lookup_hits": 0})
+            for name, value in deltas.items():
+                counts[name] += value
+
+    def _tenant_usage(self, tenant: str) -> tuple[int, int, dict[str, dict[str, int]], dict[str, int]]:
+        """The tenant's (keys, bytes, node_id -> tier -> bytes, node_id -> objects) from the index."""
+        index = self.c.index
+        prefix = tenant + "/"
+        keys = nbytes = 0
+        per_tier: dict[str, dict[str, int]] = {}
+        objects: dict[str, int] = {}
+        with index._lock:
+            for key, holders in index._where.items():
+                if not key.startswith(prefix):
+                    continue
+                keys += 1
+                stats = index.stats.get(key)
+                nbytes += stats.size if stats else 0
+                for node_id, tiers in holders.items():
+                    objects[node_id] = objects.get(node_id, 0) + 1
+                    node_tiers = per_tier.setdefault(node_id, {})
+                    for tier, size in tiers.items():
+                        node_tiers[tier] = node_tiers.get(tier, 0) + size
+        return keys, nbytes, per_tier, objects
 
     @staticmethod
     def _keys(keys) -> list[str]:
@@ -149,7 +196,7 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
 
     @servicer_method
     def RegisterNode(self, request, context):  # noqa: N802
-        self._admin(context)
+        self._node(context, request.node.node_id)
         n = request.node
         if not n.node_id or not n.address:
             raise InvalidRequest("node_id and address are required")
@@ -160,13 +207,13 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
 
     @servicer_method
     def Heartbeat(self, request, context):  # noqa: N802
-        self._admin(context)
+        self._node(context, request.node_id)
         return control_pb2.HeartbeatReply(known=self.c.index.heartbeat(request.node_id, request.epoch,
                                                                          _tiers(request.tiers)))
 
     @servicer_method
     def ReportInventory(self, request, context):  # noqa: N802
-        self._admin(context)
+        self._node(context, request.node_id)
         known = self.c.index.apply(request.node_id, request.epoch, request.full,
                                    [(e.key, e.tier, e.size) for e in request.added],
                                    [(e.key, e.tier) for e in request.removed])
@@ -190,6 +237,7 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
             self.c.counters["lookups"] += 1
             self.c.counters["lookup_keys"] += len(keys)
             self.c.counters["lookup_hits"] += hits
+        self._tenant_count(principal, lookups=1, lookup_keys=len(keys), lookup_hits=hits)
         return control_pb2.LookupReply(results=results, prefix_hits=prefix_hits)
 
     @servicer_method
@@ -242,10 +290,19 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
 
     @servicer_method
     def Pin(self, request, context):  # noqa: N802
-        keys = self._scoped(self._principal(context), request.keys, "")
+        principal = self._principal(context)
+        keys = self._scoped(principal, request.keys, "")
+        quota = self.c.config.auth.quotas.get(principal.tenant)
         with self.c._lock:
-            before = len(self.c.index.pinned)
-            self.c.index.pinned.update(keys)
+            pinned = self.c.index.pinned
+            if quota is not None and quota.pins and not principal.admin:
+                held = sum(1 for k in pinned if key_tenant(k) == principal.tenant)
+                new = len(set(keys) - pinned)
+                if held + new > quota.pins:
+                    raise CapacityError(f"tenant {principal.tenant!r} may pin at most {quota.pins} keys "
+                                        f"({held} pinned, {new} more asked)")
+            before = len(pinned)
+            pinned.update(keys)
             return control_pb2.PinReply(changed=len(self.c.index.pinned) - before)
 
     @servicer_method
@@ -258,32 +315,49 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
 
     @servicer_method
     def Stats(self, request, context):  # noqa: N802
-        self._principal(context)
+        """Cluster-wide numbers for admins; a tenant's own keys, bytes, pins and lookups for a tenant."""
+        principal = self._principal(context)
         index = self.c.index
         now = time.monotonic()
         nodes = list(index.nodes.values())
         alive = sum(1 for r in nodes if index.alive(r, now))
         self.c.metrics.nodes.labels("alive").set(alive)
         self.c.metrics.nodes.labels("dead").set(len(nodes) - alive)
-        keys, nbytes = index.totals()
-        c = self.c.counters
+        if principal.admin:
+            keys, nbytes = index.totals()
+            c = dict(self.c.counters)
+            pinned = len(index.pinned)
+        else:
+            keys, nbytes, _, _ = self._tenant_usage(principal.tenant)
+            with self.c._lock:
+                c = dict(self.c.tenant_counters.get(principal.tenant, {}))
+                pinned = sum(1 for k in index.pinned if key_tenant(k) == principal.tenant)
         return control_pb2.ControllerStats(nodes=len(nodes), alive_nodes=alive, keys=keys, bytes=nbytes,
-                                           lookups=c["lookups"], lookup_keys=c["lookup_keys"],
-                                           lookup_hits=c["lookup_hits"], pinned=len(index.pinned),
+                                           lookups=c.get("lookups", 0), lookup_keys=c.get("lookup_keys", 0),
+                                           lookup_hits=c.get("lookup_hits", 0), pinned=pinned,
                                            uptime_s=now - self.c.started_at)
 
     @servicer_method
     def ListNodes(self, request, context):  # noqa: N802
-        self._principal(context)
+        """Every node's addresses (clients need them); used bytes and objects: all of them for admins, the
+        caller's own for a tenant."""
+        principal = self._principal(context)
         index = self.c.index
         now = time.monotonic()
+        own = None if principal.admin else self._tenant_usage(principal.tenant)
         out = []
         for r in sorted(index.nodes.values(), key=lambda r: r.node_id):
+            if own is None:
+                tiers = [common_pb2.TierUsage(kind=k, capacity_bytes=c, used_bytes=u) for k, c, u in r.tiers]
+                objects = len(index._node_keys.get(r.node_id, ()))
+            else:
+                used = own[2].get(r.node_id, {})
+                tiers = [common_pb2.TierUsage(kind=k, capacity_bytes=c, used_bytes=used.get(k, 0))
+                         for k, c, _ in r.tiers]
+                objects = own[3].get(r.node_id, 0)
             out.append(common_pb2.NodeInfo(
-                node_id=r.node_id, address=r.address, bulk_address=r.bulk_address, epoch=r.epoch,
-                tiers=[common_pb2.TierUsage(kind=k, capacity_bytes=c, used_bytes=u) for k, c, u in r.tiers],
-                alive=index.alive(r, now), heartbeat_age_s=now - r.last_seen,
-                objects=len(index._node_keys.get(r.node_id, ()))))
+                node_id=r.node_id, address=r.address, bulk_address=r.bulk_address, epoch=r.epoch, tiers=tiers,
+                alive=index.alive(r, now), heartbeat_age_s=now - r.last_seen, objects=objects))
         return control_pb2.ListNodesReply(nodes=out)
 
     @servicer_method
@@ -310,10 +384,9 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         principal = self._principal(context)
         out = []
         for key in self._keys(request.keys):
-            if not principal.may_access(key):
-                out.append(control_pb2.KeyExplanation(key=key, found=False))
-                continue
-            data = self.c.placement.explain(key, self.c.config.placement.policy)
+            # another tenant's key is explained exactly like an absent one ("" is never in the index)
+            data = self.c.placement.explain(key if principal.may_access(key) else "", self.c.config.placement.policy)
+            data["key"] = key
             tiers = [control_pb2.TierValue(**t) for t in data.pop("tiers")]
             out.append(control_pb2.KeyExplanation(tiers=tiers, **data))
         return control_pb2.ExplainReply(keys=out)

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
     from codec.base import Codec
     from kdn.format.layout import KVLayout
+    from kdn.format.mac import Keyring
 
 __all__ = ["encode_chunk", "decode_chunk", "iter_layer_groups", "codec_errors", "get_codec", "check_kv"]
 
@@ -48,8 +49,8 @@ def check_kv(kv: torch.Tensor, layout: KVLayout) -> None:
 
 
 def encode_chunk(kv: torch.Tensor, *, key: str, layout: KVLayout, codec: Codec | str, start: int = 0,
-                 layer_group: int = 1) -> bytes:
-    """Encode one chunk's KV (``[layers, 2, tokens, heads, dim]``) into a chunk object."""
+                 layer_group: int = 1, keyring: Keyring | None = None) -> bytes:
+    """Encode one chunk's KV (``[layers, 2, tokens, heads, dim]``) into a chunk object (signed with a keyring)."""
     check_kv(kv, layout)
     if isinstance(codec, str):
         codec = get_codec(codec, layout)
@@ -58,7 +59,8 @@ def encode_chunk(kv: torch.Tensor, *, key: str, layout: KVLayout, codec: Codec |
         sections = [(ls, min(ls + group, layout.num_layers), codec.encode(kv[ls:ls + group], layer_start=ls))
                     for ls in range(0, layout.num_layers, group)]
     return build_object(codec=codec.name, key=key, fingerprint=layout.fingerprint(), num_tokens=kv.shape[2],
-                        start=start, num_layers=layout.num_layers, sections=sections, codec_meta=codec.meta())
+                        start=start, num_layers=layout.num_layers, sections=sections, codec_meta=codec.meta(),
+                        keyring=keyring)
 
 
 def _check_header(header: ChunkHeader, layout: KVLayout) -> None:
@@ -66,13 +68,15 @@ def _check_header(header: ChunkHeader, layout: KVLayout) -> None:
         raise CorruptObject(f"object has {header.num_layers} layers, layout has {layout.num_layers}")
 
 
-def iter_layer_groups(data: bytes | memoryview, *, key: str, layout: KVLayout, codec: Codec,
-                      device="cpu") -> Iterator[tuple[int, int, torch.Tensor]]:
-    """Verify and decode ``data`` one section at a time: yields ``(layer_start, layer_end, kv)``."""
-    header = verify_object(data, key=key, fingerprint=layout.fingerprint(), codec=codec.name, check_payload=False)
+def iter_layer_groups(data: bytes | memoryview, *, key: str, layout: KVLayout, codec: Codec, device="cpu",
+                      keyring: Keyring | None = None) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Verify (authenticate, with a keyring) and decode ``data`` one section at a time: yields
+    ``(layer_start, layer_end, kv)``."""
+    header = verify_object(data, key=key, fingerprint=layout.fingerprint(), codec=codec.name, check_payload=False,
+                           keyring=keyring)
     _check_header(header, layout)
     for section in header.sections:
-        view = verify_section(data, section)
+        view = verify_section(data, section, keyring)
         with codec_errors():
             kv = codec.decode(view, section.layer_end - section.layer_start, header.num_tokens,
                               meta=header.codec_meta, device=device, layer_start=section.layer_start)
@@ -80,15 +84,16 @@ def iter_layer_groups(data: bytes | memoryview, *, key: str, layout: KVLayout, c
 
 
 def decode_chunk(data: bytes | memoryview, *, key: str, layout: KVLayout, codec: Codec, device="cpu",
-                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """Verify and decode a whole chunk object into ``out`` (``[layers, 2, tokens, heads, dim]``) or a new tensor.
+                 out: torch.Tensor | None = None, keyring: Keyring | None = None) -> torch.Tensor:
+    """Verify (authenticate, with a keyring) and decode a whole chunk object into ``out``
+    (``[layers, 2, tokens, heads, dim]``) or a new tensor.
 
     Raises :class:`CorruptObject` if anything does not match; nothing is written to ``out`` in that case
     unless a later section fails after earlier ones were decoded (callers treat the chunk as a miss).
     """
     import torch
 
-    header = verify_object(data, key=key, fingerprint=layout.fingerprint(), codec=codec.name)
+    header = verify_object(data, key=key, fingerprint=layout.fingerprint(), codec=codec.name, keyring=keyring)
     _check_header(header, layout)
     if out is None:
         from codec.raw import torch_dtype

@@ -9,7 +9,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from prometheus_client import CollectorRegistry
 
@@ -17,13 +17,15 @@ from kdn.config import KDNConfig
 from kdn.errors import ConfigError, CorruptObject, InvalidRequest
 from kdn.format.chunk import parse_header, verify_object
 from kdn.format.keys import ChunkKey
+from kdn.format.mac import load_keyring
 from kdn.metrics import NodeMetrics
 from kdn.node.controller_link import ControllerLink
+from kdn.node.quota import TierQuotas, put_within_quota
 from kdn.node.tier_stack import TierStack
 from kdn.node.tiers import build_tier
 from kdn.node.tiers.base import Buffer
 from kdn.v1 import common_pb2, data_pb2, data_pb2_grpc
-from kdn.wire.auth import Authenticator, Principal
+from kdn.wire.auth import Authenticator, Principal, RateLimiter
 from kdn.wire.rpc import DEFAULT_FRAME_BYTES, abort, create_server, servicer_method, ssl_context
 
 __all__ = ["StorageNode"]
@@ -39,12 +41,16 @@ class StorageNode:
         self.node_id = config.node_id()
         self.epoch = secrets.randbits(62) or 1
         self.auth = Authenticator(config.auth.tokens)
+        self.rate = RateLimiter({t: q.requests_per_s for t, q in config.auth.quotas.items()})
+        self.quotas = TierQuotas(config.auth.quotas)
+        self.keyring = load_keyring(config.security)  # with keys: unsigned or forged puts are refused
         self.metrics = NodeMetrics(registry or CollectorRegistry())
         self.started_at = time.monotonic()
         os.makedirs(config.data_dir, exist_ok=True)
         tiers = [self._build_tier(spec) for spec in config.node.tiers]
         self.link = ControllerLink(self, config) if config.node.controller else None
         self.store = TierStack(tiers, config.node.write_policy, on_change=self._changed)
+        self.quotas.changed(self.store.inventory() if self.quotas.active else [], [])
         self.grpc_port = 0
         self.bulk_port = -1
         self._server = None
@@ -74,7 +80,8 @@ class StorageNode:
 
     @property
     def bulk_address(self) -> str:
-        return f"{self.advertise_host}:{self.bulk_port}" if self.bulk_port > 0 else ""
+        port = self.config.node.advertise_bulk_port or self.bulk_port
+        return f"{self.advertise_host}:{port}" if self.bulk_port > 0 else ""
 
     def info(self) -> common_pb2.NodeInfo:
         usage = [common_pb2.TierUsage(kind=t.kind, capacity_bytes=t.capacity_bytes, used_bytes=t.used_bytes)
@@ -136,12 +143,14 @@ class StorageNode:
 
     # -- inventory -------------------------------------------------------------------------------------------
     def _changed(self, added: list[tuple[str, str, int]], removed: list[tuple[str, str]]) -> None:
+        self.quotas.changed(added, removed)
         if self.link is not None:
             self.link.report(added, removed)
 
     # -- operations shared by gRPC and the bulk channel (the BulkHandler protocol) --------------------------
     def authenticate(self, token: str, tenant: str) -> Principal:
-        return self.auth.authenticate(token, tenant)
+        """The caller of a data-plane call or connection; storage-node tokens are refused (they carry no data)."""
+        return self.auth.authenticate(token, tenant).require_tenant_or_admin()
 
     def _count(self, **deltas: int) -> None:
         with self._lock:
@@ -150,16 +159,32 @@ class StorageNode:
 
     def get_many(self, principal: Principal, keys: Sequence[str], transport: str = "bulk") -> list[Buffer | None]:
         """Objects for keys the caller may see; misses (and other tenants' keys) are ``None``."""
+        out, leases = self._get(principal, keys, transport, leased=False)
+        return out
+
+    def get_leased(self, principal: Principal, keys: Sequence[str]) -> tuple[list[Buffer | None], Callable[[], None]]:
+        """:meth:`get_many` for the bulk channel: objects in the top memory tier are views of it (no copy), valid
+        until the returned ``release()`` is called."""
+        out, leases = self._get(principal, keys, "bulk", leased=True)
+
+        def release() -> None:
+            for lease in leases:
+                lease.release()
+        return out, release
+
+    def _get(self, principal: Principal, keys: Sequence[str], transport: str, leased: bool) -> tuple[list, list]:
         self.metrics.requests.labels("get", transport).inc()
+        self.rate.admit(principal)
         allowed = [i for i, k in enumerate(keys) if principal.may_access(k)]
-        found = self.store.get_many([keys[i] for i in allowed])
+        wanted = [keys[i] for i in allowed]
+        found, leases = self.store.get_leased(wanted) if leased else (self.store.get_many(wanted), [])
         out: list[Buffer | None] = [None] * len(keys)
         for i, item in zip(allowed, found):
             if item is not None:
                 out[i] = item[0]
         self.account_get(transport, len(keys), sum(1 for d in out if d is not None),
                          sum(len(d) for d in out if d is not None), count_request=False)
-        return out
+        return out, leases
 
     def account_get(self, transport: str, keys: int, hits: int, nbytes: int, count_request: bool = True) -> None:
         """Count a served get (also the shared-memory leases of :mod:`kdn.wire.shm`)."""
@@ -177,11 +202,12 @@ class StorageNode:
             raise InvalidRequest("key outside the caller's tenant")
         if len(data) > self.config.node.max_object_bytes:
             raise InvalidRequest(f"object of {len(data)} bytes exceeds max_object_bytes")
-        verify_object(data, key=key)
+        verify_object(data, key=key, keyring=self.keyring)
 
     def put_many(self, principal: Principal, items: Sequence[tuple[str, Buffer]],
                  transport: str = "bulk", tier: str = "") -> list[tuple[bool, str]]:
         self.metrics.requests.labels("put", transport).inc()
+        self.rate.admit(principal)
         results: list[tuple[bool, str]] = [(False, "")] * len(items)
         good: list[int] = []
         for i, (key, data) in enumerate(items):
@@ -193,11 +219,12 @@ class StorageNode:
                     self._count(corrupt=1)
                     self.metrics.corrupt.inc()
                 results[i] = (False, str(exc))
-        stored = self.store.put_many([items[i] for i in good], tier=tier)
+        outcomes = put_within_quota(self.store, self.quotas, [items[i] for i in good], tier)
+        stored = [ok for ok, _ in outcomes]
         if self.link is not None and any(stored):
             self.link.sync()
-        for i, ok in zip(good, stored):
-            results[i] = (ok, "" if ok else "no tier can hold the object")
+        for i, outcome in zip(good, outcomes):
+            results[i] = outcome
         nbytes = sum(len(items[i][1]) for i, ok in zip(good, stored) if ok)
         self._count(puts=len(items), bytes_in=nbytes)
         self.metrics.objects.labels("put", "stored").inc(sum(stored))
@@ -205,6 +232,7 @@ class StorageNode:
         return results
 
     def contains_many(self, principal: Principal, keys: Sequence[str]) -> list[str]:
+        self.rate.admit(principal)
         allowed = [i for i, k in enumerate(keys) if principal.may_access(k)]
         located = self.store.locate_many([keys[i] for i in allowed])
         out = [""] * len(keys)
@@ -213,7 +241,9 @@ class StorageNode:
         return out
 
     def move_many(self, principal: Principal, keys: Sequence[str], tier: str) -> list[bool]:
-        allowed = [i for i, k in enumerate(keys) if principal.may_access(k)]
+        """Move keys the caller may see; a move into a tier over the key's tenant's byte quota is refused."""
+        self.rate.admit(principal)
+        allowed = [i for i, k in enumerate(keys) if principal.may_access(k) and self.quotas.room_for_move(k, tier)]
         moved = self.store.move_many([keys[i] for i in allowed], tier)
         out = [False] * len(keys)
         for i, ok in zip(allowed, moved):
@@ -223,6 +253,7 @@ class StorageNode:
         return out
 
     def delete_many(self, principal: Principal, keys: Sequence[str]) -> list[bool]:
+        self.rate.admit(principal)
         allowed = [i for i, k in enumerate(keys) if principal.may_access(k)]
         deleted = self.store.delete_many([keys[i] for i in allowed])
         out = [False] * len(keys)
@@ -254,7 +285,7 @@ class DataServicer(data_pb2_grpc.DataServicer):
         self.node = node
 
     def _principal(self, context) -> Principal:
-        return self.node.auth.from_metadata(context.invocation_metadata())
+        return self.node.auth.from_metadata(context.invocation_metadata()).require_tenant_or_admin()
 
     def Get(self, request, context):  # noqa: N802 - gRPC method name
         try:
@@ -312,7 +343,11 @@ class DataServicer(data_pb2_grpc.DataServicer):
             fail("incomplete object")
         for hint in sorted({t for *_, t in batch}):
             group = [b for b in batch if b[3] == hint]
-            outcomes = self.node.put_many(principal, [(k, d) for _, k, d, _ in group], transport="grpc", tier=hint)
+            try:
+                outcomes = self.node.put_many(principal, [(k, d) for _, k, d, _ in group], transport="grpc",
+                                              tier=hint)
+            except Exception as exc:  # noqa: BLE001 - e.g. the tenant's request rate
+                abort(context, exc, "Put")
             for (index, *_), (ok, err) in zip(group, outcomes):
                 results[index].stored = ok
                 results[index].error = err
@@ -334,7 +369,7 @@ class DataServicer(data_pb2_grpc.DataServicer):
 
     @servicer_method
     def Stats(self, request, context):  # noqa: N802
-        self._principal(context)
+        self._principal(context).require_admin()  # node-wide counters: operators only
         node = self.node
         info = node.info()
         info.objects = sum(1 for _ in node.store.inventory())

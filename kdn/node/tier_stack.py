@@ -91,6 +91,29 @@ class TierStack:
         self._emit(added, [])
         return stored
 
+    def get_leased(self, keys: Sequence[str]) -> tuple[list[tuple[Buffer, str] | None], list]:
+        """Like :meth:`get_many`, but objects of a host-memory pool tier on top come as zero-copy views, valid
+        until every returned lease is released (the bulk channel sends straight from the tier's memory)."""
+        out: list[tuple[Buffer, str] | None] = [None] * len(keys)
+        leases: list = []
+        top = self.tiers[0] if self.tiers else None
+        if top is not None and hasattr(top, "lease_many"):
+            for i, lease in enumerate(top.lease_many(keys)):
+                if lease is None:
+                    continue
+                try:
+                    view = lease.view()
+                except Exception:  # noqa: BLE001 - e.g. a GPU pool: no host view, copy it out below
+                    lease.release()
+                    continue
+                out[i] = (view, top.kind)
+                leases.append(lease)
+        rest = [i for i, item in enumerate(out) if item is None]
+        if rest:
+            for i, item in zip(rest, self.get_many([keys[i] for i in rest])):
+                out[i] = item
+        return out, leases
+
     def get_many(self, keys: Sequence[str]) -> list[tuple[Buffer, str] | None]:
         """Objects with the kind of the tier that served them; ``None`` for misses."""
         out: list[tuple[Buffer, str] | None] = [None] * len(keys)

@@ -69,7 +69,9 @@ class BulkHandler(Protocol):
         """Return the principal for this connection, or raise ``AuthError``."""
 
     def get_many(self, principal: Any, keys: list[str]) -> list[Buffer | None]:
-        """Objects per key (``None`` = miss); buffers must stay unchanged while they are being sent."""
+        """Objects per key (``None`` = miss); buffers must stay unchanged while they are being sent. A handler
+        may also define ``get_leased(principal, keys) -> (buffers, release)``: then the server sends the buffers
+        (e.g. views of the tier's memory, no copy) and calls ``release()`` once they are on the wire."""
 
     def put_many(self, principal: Any, items: list[tuple[str, Buffer]]) -> list[tuple[bool, str]]:
         """Store objects (fresh bytearrays the handler may keep); per item (stored, error message)."""
@@ -399,20 +401,30 @@ class BulkServer:
             keys.append(self._read_key(conn, key_len))
             table += _KEY.size + key_len
         conn.read(_pad(table))
+        release: Callable[[], None] | None = None
         try:
-            bufs = self.handler.get_many(principal, keys) if keys else []
+            if keys and hasattr(self.handler, "get_leased"):
+                bufs, release = self.handler.get_leased(principal, keys)
+            else:
+                bufs = self.handler.get_many(principal, keys) if keys else []
             if len(bufs) != count:
                 raise RuntimeError(f"handler returned {len(bufs)} objects for {count} keys")
         except Exception as exc:
+            if release is not None:
+                release()
             if not isinstance(exc, KDNError):
                 log.exception("bulk: get handler failed")
             msg = _message(str(exc) or type(exc).__name__)
             conn.send([_block(_RESP.pack(RESP_ERROR, _error_code(exc), len(msg)), msg)])
             return
-        views = [None if b is None else byte_view(b) for b in bufs]
-        head = _block(_RESP.pack(RESP_OK, 0, count),
-                      *(_GET_ITEM.pack(ITEM_MISS, 0) if v is None else _GET_ITEM.pack(ITEM_HIT, len(v)) for v in views))
-        conn.send([head, *_payload_parts(views)])
+        try:
+            views = [None if b is None else byte_view(b) for b in bufs]
+            head = _block(_RESP.pack(RESP_OK, 0, count), *(_GET_ITEM.pack(ITEM_MISS, 0) if v is None
+                                                           else _GET_ITEM.pack(ITEM_HIT, len(v)) for v in views))
+            conn.send([head, *_payload_parts(views)])
+        finally:
+            if release is not None:
+                release()
 
     def _put(self, conn: _Conn, principal: Any, count: int) -> None:
         entries, table = [], _REQ.size

@@ -41,6 +41,7 @@ _STATUS = {
     errors.InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     errors.ConfigError: grpc.StatusCode.INVALID_ARGUMENT,
     errors.AuthError: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
     errors.CorruptObject: grpc.StatusCode.DATA_LOSS,
     errors.CapacityError: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -100,6 +101,9 @@ def make_channel(address: str, tls: TLSConfig | None = None) -> grpc.Channel:
 def create_server(host: str, port: int, workers: int = 16, tls: TLSConfig | None = None) -> tuple[grpc.Server, int]:
     """A gRPC server bound to ``host:port`` (port 0 picks one), TLS when ``tls`` has a certificate; returns the
     server and the bound port."""
+    from kdn.wire.grpc_log import quiet_malformed_messages
+
+    quiet_malformed_messages()  # grpc's tracebacks for undecodable requests: a log flood before authentication
     # No SO_REUSEPORT: a second server on a busy port must fail, not silently share it.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kdn-rpc"),
                          options=[*_OPTIONS, ("grpc.so_reuseport", 0)])

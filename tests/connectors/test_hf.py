@@ -114,9 +114,9 @@ def test_node_killed_mid_retrieve_recomputes_the_rest(smol, prompts, reference, 
             assert "node-b" in holders, holders
             fetch = client._fetch
 
-            def kill_then_fetch(chunks):  # the node dies after the lookup, before its chunks arrive
+            def kill_then_fetch(chunks, *args):  # the node dies after the lookup, before its chunks arrive
                 c.nodes[1].kill()
-                return fetch(chunks)
+                return fetch(chunks, *args)
 
             client._fetch = kill_then_fetch
             out = gen(smol, prompts["A"], client)

@@ -1,0 +1,165 @@
+"""``kdnctl gen-secrets DIR``: the tokens and TLS files of a deployment (docs/security.md, "Roles and tokens").
+
+Writes, each readable by its owner only:
+
+- ``admin.token``: the operators' and the controller's token (``auth.admin_token_file``, ``client.token_file``
+  of ``kdnctl``);
+- ``node-<name>.token`` per node: the node's own token (``node.token_file``), bound to that node id;
+- ``tenant-<name>.token`` per tenant: engines' tokens (``client.token_file``);
+- ``tokens.yaml``: the token map every server loads (``auth.tokens_file``), holding only SHA-256 digests
+  (``sha256:<hex>: role``), so no host learns a token from it;
+- with ``cryptography`` installed (else the equivalent ``openssl`` commands are printed): ``ca.crt``/``ca.key``
+  (a self-signed CA; keep ``ca.key`` offline) and ``kdn.crt``/``kdn.key`` for servers and clients, valid for the
+  given host names (server and client auth, so the same pair serves mutual TLS).
+
+Existing files are never overwritten (``--force`` to replace them). Secrets are never printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+from pathlib import Path
+
+__all__ = ["add_secrets_parser", "generate"]
+
+DEFAULT_HOSTS = ["localhost", "127.0.0.1", "controller", "node-1", "node-2"]
+
+
+def add_secrets_parser(sub) -> None:
+    """Add ``gen-secrets`` to ``kdnctl``'s subcommands (it needs no controller)."""
+    p = sub.add_parser("gen-secrets", help="write tokens (hashed token map) and a self-signed CA + certificate")
+    p.add_argument("dir", help="output directory (created, mode 0700)")
+    p.add_argument("--tenants", default="default", help="comma-separated tenant names (default: default)")
+    p.add_argument("--nodes", default="node-1,node-2", help="comma-separated node ids (default: node-1,node-2)")
+    p.add_argument("--hosts", default=",".join(DEFAULT_HOSTS),
+                   help="comma-separated DNS names / IPs for the certificate (default: %(default)s)")
+    p.add_argument("--days", type=int, default=365, help="certificate validity in days (default 365)")
+    p.add_argument("--no-tls", action="store_true", help="tokens only")
+    p.add_argument("--force", action="store_true", help="replace existing files")
+    p.set_defaults(func=cmd_gen_secrets, standalone=True)
+
+
+def _write(path: Path, data: str | bytes, force: bool) -> None:
+    from kdn.errors import ConfigError
+
+    if path.exists() and not force:
+        raise ConfigError(f"{path} exists (use --force to replace it)")
+    raw = data.encode() if isinstance(data, str) else data
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(raw)
+    os.chmod(path, 0o600)
+
+
+def _names(text: str, what: str) -> list[str]:
+    from kdn.format.keys import validate_name
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    return [validate_name(what, n) if what == "tenant" else n for n in names]
+
+
+def generate(out: str | os.PathLike, *, tenants: list[str], nodes: list[str], hosts: list[str] | None = None,
+             tls: bool = True, days: int = 365, force: bool = False) -> dict[str, str]:
+    """Write the files; returns ``{what: path}`` (no secret values)."""
+    from kdn.wire.auth import ADMIN, NODE, token_digest
+
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    written: dict[str, str] = {}
+    roles: dict[str, str] = {}
+    entries = [("admin", ADMIN)] + [(f"node-{n}" if not n.startswith("node-") else n, f"{NODE}:{n}") for n in nodes]
+    entries += [(f"tenant-{t}", t) for t in tenants]
+    for name, role in entries:
+        token = secrets.token_urlsafe(32)
+        _write(root / f"{name}.token", token + "\n", force)
+        written[name] = str(root / f"{name}.token")
+        roles[token_digest(token)] = role
+    lines = ["# KDN token map (auth.tokens_file): SHA-256 digests of tokens -> role. Safe to mount on every host."]
+    lines += [f"'{digest}': '{role}'" for digest, role in roles.items()]
+    _write(root / "tokens.yaml", "\n".join(lines) + "\n", force)
+    written["tokens"] = str(root / "tokens.yaml")
+    if tls:
+        written.update(_tls(root, hosts or DEFAULT_HOSTS, days, force))
+    return written
+
+
+def _tls(root: Path, hosts: list[str], days: int, force: bool) -> dict[str, str]:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)  # noqa: UP017
+
+    def pem_key(key) -> bytes:
+        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kdn-ca")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(days=days))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    alt: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            alt.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            alt.append(x509.DNSName(host))
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kdn")]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName(alt), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    files = {"ca": ca.public_bytes(serialization.Encoding.PEM), "ca_key": pem_key(ca_key),
+             "cert": cert.public_bytes(serialization.Encoding.PEM), "key": pem_key(key)}
+    names = {"ca": "ca.crt", "ca_key": "ca.key", "cert": "kdn.crt", "key": "kdn.key"}
+    for what, data in files.items():
+        _write(root / names[what], data, force)
+    # certificates are public; servers in containers may run as another user than the one generating them
+    os.chmod(root / "ca.crt", 0o644)
+    os.chmod(root / "kdn.crt", 0o644)
+    return {what: str(root / name) for what, name in names.items()}
+
+
+OPENSSL_HINT = """cryptography is not installed; make the TLS files with openssl instead:
+  cd {dir}
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days {days} -subj /CN=kdn-ca \\
+      -keyout ca.key -out ca.crt
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=kdn -keyout kdn.key -out kdn.csr
+  openssl x509 -req -in kdn.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days {days} -out kdn.crt \\
+      -extfile <(printf 'subjectAltName={san}\\nextendedKeyUsage=serverAuth,clientAuth')
+  chmod 600 ca.key kdn.key"""
+
+
+def cmd_gen_secrets(args: argparse.Namespace) -> int:
+    tls = not args.no_tls
+    hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
+    if tls:
+        try:
+            import cryptography  # noqa: F401
+        except ModuleNotFoundError:
+            tls = False
+            san = ",".join(("IP:" if h.replace(".", "").isdigit() or ":" in h else "DNS:") + h for h in hosts)
+            print(OPENSSL_HINT.format(dir=args.dir, days=args.days, san=san))
+    written = generate(args.dir, tenants=_names(args.tenants, "tenant"), nodes=_names(args.nodes, "node"),
+                       hosts=hosts, tls=tls, days=args.days, force=args.force)
+    for what, path in written.items():
+        print(f"{what:14} {path}")
+    print("Mount the directory read-only; servers: auth.tokens_file=tokens.yaml, the controller also "
+          "auth.admin_token_file=admin.token; see docs/security.md.")
+    return 0
