@@ -168,6 +168,17 @@ class ControllerConfig:
     """gRPC port of the control plane (0 picks a free port)."""
     node_timeout_s: float = 10.0
     """A node that has not sent a heartbeat for this long is marked dead and its index entries are ignored."""
+    redis: str = ""
+    """Replicas (docs/operations.md): a Redis URL (``redis://host:6379/0``) shared by every controller replica.
+    One replica at a time holds the lease and serves; the others answer UNAVAILABLE (clients and nodes move on to
+    the next address) until the lease is free. Pins and key statistics live in Redis. Empty: one controller."""
+    lease_ttl_s: float = 1.0
+    """Lease lifetime in Redis; a killed active replica is replaced after at most this long."""
+    advertise: str = ""
+    """Address of this replica as clients reach it (shown by standbys; default ``host:port``)."""
+    health_port: int = -1
+    """A plaintext port serving only the gRPC health service (for kubelet gRPC probes, which cannot speak TLS);
+    -1 = off (the health service is always on the main port too)."""
 
 
 #: How node tier kinds are priced: node tier kind -> catalog tier (``costmodel/prices.yaml``).
@@ -260,6 +271,11 @@ class NodeConfig:
     heartbeat_interval_s: float = 2.0
     max_object_bytes: int = 1 << 30
     """Objects larger than this are refused."""
+    tenant_inflight_bytes: int = 2 << 30
+    """Put bytes one tenant may have in flight on this node (received, not yet stored), over all its bulk
+    connections and gRPC streams; more is refused at once (docs/security.md, "Bounds")."""
+    max_inflight_bytes: int = 8 << 30
+    """Put bytes in flight on this node over all tenants."""
     write_policy: str = "write-through"
     """``write-through`` (puts also go to every durable tier) or ``write-back`` (demote on eviction)."""
     shared_memory: bool = True
@@ -309,6 +325,10 @@ class ClientConfig:
     bulk channel land there instead of in a fresh allocation each. Grows on demand up to this size; 0 = off."""
     receive_pool_pinned: str = "auto"
     """``auto`` (page-locked when CUDA is available: GPU copies at DMA rate), ``true`` or ``false``."""
+    transfer_policy: str = "srpt"
+    """Order of concurrent fetches on the streams: ``srpt`` (shortest remaining first with aging) or ``fifo``."""
+    transfer_aging: float = 0.1
+    """λ of ``srpt``: seconds of priority a waiting fetch gains per second waited (kdn/wire/schedule.py)."""
     hedge_after_s: float = 1.0
     """A node whose batch has not arrived after this long is raced by the next holder of its chunks (no
     head-of-line blocking behind a stalled node); 0 = never."""

@@ -206,3 +206,58 @@ def test_token_bucket_paces_to_its_rate():
     assert elapsed >= (2_000_000 - (64 << 10)) / 10e6 * 0.95  # can never beat the rate (beyond one burst)
     with pytest.raises(ValueError):
         TokenBucket(0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_network_objects_land_on_the_gpu_through_the_pinned_pool(two_nodes):
+    cluster, _, kv = two_nodes
+    with _client(cluster) as client:
+        got = client.retrieve(TOKENS, device="cuda")
+        assert got.kv.is_cuda and torch.equal(got.kv.cpu(), kv)
+        assert client._recv_pool.pinned and client._recv_pool.leased == 0
+        stream = client.retrieve_layers(TOKENS)  # host decode of the same pinned objects
+        assert stream.writes_device
+        out = torch.empty(LAYOUT.shape(len(TOKENS), 2), dtype=torch.float16, device="cuda")
+        stream.decode_group(1, 3, out=out)
+        stream.close()
+        assert torch.equal(out.cpu(), kv[1:3])
+
+
+BIG = KVLayout(model_id="delivery-big", num_layers=16, num_kv_heads=8, head_dim=128, dtype="float16")
+
+
+@pytest.mark.parametrize("policy", ["srpt", "fifo"])
+def test_short_fetch_overtakes_a_long_one_under_srpt_not_fifo(tmp_path, policy):
+    cluster = Cluster(tmp_path)
+    cluster.start_controller()
+    cluster.start_node("slow", tiers="[{kind: memory, capacity: 512MiB}]", extra=["--link-gbps", "0.8"])
+    cluster.wait_nodes(1)
+    try:
+        long_tokens, short_tokens = list(range(24 * CHUNK)), list(range(10**6, 10**6 + CHUNK))
+        settings = dict(chunk_size=CHUNK, shared_memory=False, store_partial=False, timeout_s=60.0, bulk_streams=1,
+                        transfer_policy=policy)
+        with KDNClient(BIG, controller=cluster.address, **settings) as client:
+            for tokens in (long_tokens, short_tokens):
+                kv = torch.zeros(BIG.shape(len(tokens)), dtype=torch.float16)
+                assert client.store(tokens, kv, copy=False).result(120).stored == len(tokens) // CHUNK
+            finished: dict[str, float] = {}
+
+            def fetch(name, tokens):
+                got = client.retrieve(tokens)
+                assert got.num_tokens == len(tokens)
+                finished[name] = time.monotonic()
+
+            import threading
+
+            long = threading.Thread(target=fetch, args=("long", long_tokens))
+            started = time.monotonic()
+            long.start()
+            time.sleep(0.3)  # the long fetch (about 1 s at 0.8 Gbit/s) is streaming
+            fetch("short", short_tokens)
+            long.join()
+        # SRPT: the short fetch takes the stream at the long one's next request and ends well before it; FIFO:
+        # it waits behind the whole long fetch and ends with it.
+        margin = 0.25 * (finished["long"] - started)
+        assert (finished["short"] < finished["long"] - margin) == (policy == "srpt"), (finished, started)
+    finally:
+        cluster.close()

@@ -44,7 +44,7 @@ POLICY = {
     ("Control", "ListNodes"): "data", ("Control", "ListKeys"): "data", ("Control", "Explain"): "data",
     ("Control", "PutProfile"): "admin", ("Control", "GetProfile"): "data",
     ("Data", "Put"): "data", ("Data", "Get"): "data", ("Data", "Contains"): "data", ("Data", "Delete"): "data",
-    ("Data", "Stats"): "admin", ("Data", "Move"): "data",
+    ("Data", "Stats"): "admin", ("Data", "Move"): "data", ("Data", "ReportBad"): "data",
 }
 ALLOWED = {"node": {"node", "admin"}, "data": {"acme", "admin"}, "admin": {"admin"}}
 # Calls that name keys: for these a tenant's reply about another tenant's key must equal that for an absent one.
@@ -131,6 +131,7 @@ def _request(service: str, name: str, key: str):
         ("Data", "Delete"): lambda: d.KeysRequest(keys=[key]),
         ("Data", "Stats"): lambda: d.NodeStatsRequest(),
         ("Data", "Move"): lambda: d.MoveRequest(keys=[key], tier="disk"),
+        ("Data", "ReportBad"): lambda: d.KeysRequest(keys=[key]),
     }
     return table[(service, name)]()
 

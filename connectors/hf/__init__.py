@@ -11,7 +11,8 @@ Quick start::
 
 Lower-level pieces: :func:`prefill` (returns the filled cache and logits), :func:`kv_from_cache` /
 :func:`cache_from_kv` (``DynamicCache`` <-> KDN's ``[layers, 2, tokens, kv_heads, head_dim]``), :func:`layout_for`,
-:class:`KDNPrefixCache` and :class:`LayerLoader` (the pipelining), :class:`HostKVCache` (in-process pinned tier).
+:class:`KDNPrefixCache` and :class:`LayerLoader` (the pipelining), :class:`HostKVCache` (in-process pinned tier),
+:func:`score` (prefill-only requests: one output token, one layer's KV; ``docs/prefill_only.md``).
 See ``docs/connectors/hf.md``.
 """
 
@@ -26,10 +27,12 @@ from connectors.hf.cache import (
 )
 from connectors.hf.generate import GenerateResult, PrefillResult, PrefillStats, kdn_generate, prefill, run_forward
 from connectors.hf.loader import LayerLoader, LoadTrace
+from connectors.hf.prefill_only import ScoreResult, score
 from kdn.client.host_cache import HostKVCache
 
 __all__ = [
     "kdn_generate", "prefill", "run_forward", "GenerateResult", "PrefillResult", "PrefillStats",
     "kv_from_cache", "cache_from_kv", "layout_for", "check_supported", "SUPPORTED_MODEL_TYPES",
     "KDNPrefixCache", "PrefixLoadError", "LayerLoader", "LoadTrace", "HostKVCache",
+    "score", "ScoreResult",
 ]

@@ -19,7 +19,7 @@ from connectors.hf.generate import run_forward
 from kdn import ChunkKey, content_key
 from kdn.blend.blend import BlendResult, blend, concat_chunks
 from kdn.blend.ratio import choose_ratio, prefill_seconds
-from kdn.blend.rope import rope_inv_freq
+from kdn.blend.rope import layer_inv_freqs
 from kdn.errors import InvalidRequest
 
 __all__ = ["BlendStats", "BlendGenerateResult", "chunk_kv", "fetch_chunk_kvs", "blend_generate", "greedy",
@@ -168,7 +168,7 @@ def blend_generate(model, tokenizer, chunks: Sequence[str | Sequence[int]], quer
         t1 = time.perf_counter()
         if method == "naive":
             kvs = [kv.to(device) for kv in kvs]  # zero-copy host chunks included
-            cache = cache_from_kv(concat_chunks(kvs, rope_inv_freq(model, device=device)), model.config)
+            cache = cache_from_kv(concat_chunks(kvs, layer_inv_freqs(model, device=device)), model.config)
             logits = run_forward(model, torch.tensor([q_ids], device=device), cache)
             stats.recomputed_tokens, stats.compute_fraction = 0, len(q_ids) / len(all_ids)
         else:

@@ -18,7 +18,7 @@ from typing import Any
 from kdn.config import ClientConfig, load_config
 from kdn.errors import ConfigError
 
-__all__ = ["ConnectorSettings", "check_chunk_size"]
+__all__ = ["ConnectorSettings", "check_chunk_size", "weights_id"]
 
 
 @dataclass
@@ -28,7 +28,8 @@ class ConnectorSettings:
     client: ClientConfig = field(default_factory=ClientConfig)
     """The KDN client settings (controller, tenant, token, codec, chunk_size, ...)."""
     model_id: str = ""
-    """Model name in the layout fingerprint ("" = vLLM's served model name). Engines share KV only when equal."""
+    """Model name in the layout fingerprint ("" = :func:`weights_id` of the checkpoint: config + weight files, so
+    the same weights served from different folders share KV). Engines share KV only when equal."""
     stats_path: str = ""
     """Append one JSON line per load and store to this file ("" = log only)."""
     load: bool = True
@@ -67,3 +68,36 @@ def check_chunk_size(chunk_size: int, block_size: int) -> None:
         suggestion = max(block_size, (chunk_size // block_size) * block_size)
         raise ConfigError(f"KDN chunk_size {chunk_size} is not a multiple of vLLM's block size {block_size}; "
                           f"set client.chunk_size to e.g. {suggestion}")
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+_SAMPLES, _SAMPLE_BYTES = 16, 1 << 16
+
+
+def weights_id(model: str, model_type: str = "") -> str:
+    """The default ``model_id``: what identifies the *weights*, not the path they were served from.
+
+    For a local folder: a BLAKE2b digest of ``config.json`` and, per weight file (``*.safetensors``, ``*.bin``,
+    ``*.gguf``, ...), its name, size and ``_SAMPLES`` evenly spaced 64 KiB samples of its bytes (the first holds
+    the safetensors header: every tensor's name, dtype, shape and offset); reading ~1 MiB per file keeps engine
+    start fast even for large checkpoints, and any fine-tune changes the sampled bytes. Two engines serving the
+    same checkpoint from different folders get the same id; different weights get different ids. A hub model id
+    (not a folder) is returned as it is.
+    """
+    import hashlib
+    from pathlib import Path
+
+    folder = Path(model)
+    if not folder.is_dir():
+        return model
+    digest = hashlib.blake2b(digest_size=12, person=b"kdn-weights-v1")
+    config = folder / "config.json"
+    digest.update(config.read_bytes() if config.exists() else b"")
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES)):
+        size = path.stat().st_size
+        digest.update(f"\0{path.name}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            for i in range(_SAMPLES):
+                f.seek(max(0, size - _SAMPLE_BYTES) * i // max(1, _SAMPLES - 1))
+                digest.update(f.read(_SAMPLE_BYTES))
+    return f"{model_type or 'model'}@{digest.hexdigest()}"

@@ -25,8 +25,8 @@ import vllm
 from packaging.version import Version
 
 from connectors.vllm import SUPPORTED_VLLM
-from connectors.vllm.config import ConnectorSettings, check_chunk_size
-from connectors.vllm.paged import PagedKVLayout
+from connectors.vllm.config import ConnectorSettings, check_chunk_size, weights_id
+from connectors.vllm.paged import PagedKVLayout, StridedKVLayout
 from connectors.vllm.plan import LoadSpec, SaveSpec, SchedulerPlanner
 from connectors.vllm.worker import KVWorker
 from kdn import KVLayout
@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 __all__ = ["KDNConnector", "KDNConnectorMetadata"]
@@ -84,8 +85,7 @@ class _Events:
 
 def _layout(vllm_config: VllmConfig, settings: ConnectorSettings, tp_rank: int) -> KVLayout:
     model = vllm_config.model_config
-    served = model.served_model_name
-    model_id = settings.model_id or (served[0] if isinstance(served, list) else served) or model.model
+    model_id = settings.model_id or weights_id(model.model, getattr(model.hf_config, "model_type", ""))
     dtype = str(model.dtype).removeprefix("torch.")
     return KVLayout.from_hf_config(model.hf_config, model_id=model_id, dtype=dtype, tp_rank=tp_rank,
                                    tp_size=vllm_config.parallel_config.tensor_parallel_size)
@@ -105,8 +105,9 @@ class KDNConnector(KVConnectorBase_V1):
                              f"{vllm_config.cache_config.cache_dtype!r}")
         groups = getattr(kv_cache_config, "kv_cache_groups", None) or []
         if len(groups) > 1:
-            raise ValueError(f"KDNConnector supports one KV cache group (full attention); this model has "
-                             f"{len(groups)} (hybrid or sliding-window layers)")
+            raise ValueError(f"KDNConnector maps one KV cache group; this engine has {len(groups)} (the hybrid "
+                             f"allocator is on: leave disable_hybrid_kv_cache_manager unset, vLLM then turns it "
+                             f"off for this connector and sliding-window layers keep every token's KV)")
         self._planner: SchedulerPlanner | None = None
         self._worker: KVWorker | None = None
         self._layer_index: dict[str, int] = {}
@@ -123,36 +124,46 @@ class KDNConnector(KVConnectorBase_V1):
     # Worker side
     # ==============================
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        from vllm import _custom_ops as ops
         from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
         from vllm.model_executor.models.utils import extract_layer_index
-        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
         names = sorted(kv_caches, key=extract_layer_index)
         self._layer_index = {name: i for i, name in enumerate(names)}
         caches = [kv_caches[name] for name in names]
         first = caches[0]
-        if first.device.type != "cpu" or first.dim() != 4:
-            raise ValueError(f"KDNConnector supports vLLM's CPU attention backend; got a {first.device.type} cache "
-                             f"of shape {tuple(first.shape)}")
+        if first.dim() != 4:
+            raise ValueError(f"KDNConnector expects vLLM's logical [blocks, heads, block_size, 2 x head_dim] "
+                             f"per-layer view; got a cache of shape {tuple(first.shape)}")
         _, heads, block_size, width = first.shape
         if block_size != self.block_size:
-            raise ValueError(f"paged cache blocks hold {block_size} tokens but the scheduler uses {self.block_size}")
-        isa = _get_attn_isa(first.dtype, block_size, width // 2, "auto")
-
-        def writer(key, value, key_cache, value_cache, slots) -> None:
-            ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa)
-
-        paged = PagedKVLayout.probe(writer, block_size, heads, width // 2, first.dtype)
+            raise ValueError(f"paged cache blocks hold {block_size} tokens but the scheduler uses {self.block_size} "
+                             f"(kernel block splitting is not mapped: set --block-size to the kernel block size)")
+        if first.device.type == "cpu":
+            paged, kind = self._cpu_paged(first)
+        else:  # GPU backends (FlashAttention, FlashInfer, Triton, Flex): one logical view, any stride order
+            paged, kind = StridedKVLayout(block_size, heads, width // 2), f"strided {first.device.type}"
         layout = _layout(self._vllm_config, self.settings, get_tensor_model_parallel_rank())
         if (layout.num_layers, layout.num_kv_heads, layout.head_dim) != (len(caches), heads, width // 2):
             raise ValueError(f"model config says {layout.num_layers} layers x {layout.num_kv_heads} KV heads x "
                              f"{layout.head_dim}, paged caches hold {len(caches)} x {heads} x {width // 2}")
         self._worker = KVWorker(KDNClient(layout, self.settings.client), caches, paged,
                                 on_event=_Events(self.settings.stats_path, "worker"))
-        log.info("KDN connector: %d layers, block %d, isa %s, controller %s, tenant %s, codec %s, chunk %d",
-                 len(caches), block_size, isa, self.settings.client.controller, self.settings.client.tenant,
+        log.info("KDN connector: %d layers, block %d, cache %s, controller %s, tenant %s, codec %s, chunk %d",
+                 len(caches), block_size, kind, self.settings.client.controller, self.settings.client.tenant,
                  self.settings.client.codec, self.settings.client.chunk_size)
+
+    def _cpu_paged(self, first: torch.Tensor) -> tuple[PagedKVLayout, str]:
+        """vLLM's CPU backend: probe its ISA-specific order inside each block with its own cache writer."""
+        from vllm import _custom_ops as ops
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+        _, heads, block_size, width = first.shape
+        isa = _get_attn_isa(first.dtype, block_size, width // 2, "auto")
+
+        def writer(key, value, key_cache, value_cache, slots) -> None:
+            ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa)
+
+        return PagedKVLayout.probe(writer, block_size, heads, width // 2, first.dtype), f"cpu isa {isa}"
 
     def _metadata(self) -> KDNConnectorMetadata | None:
         meta = self._connector_metadata
@@ -216,6 +227,11 @@ class KDNConnector(KVConnectorBase_V1):
                   for i, (req_id, blocks) in enumerate(zip(cached_out.req_ids, cached_out.new_block_ids))]
         plan = self._planner.build(new, cached, dict(scheduler_output.num_scheduled_tokens))
         return KDNConnectorMetadata(plan.loads, plan.saves)
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        invalid = getattr(connector_output, "invalid_block_ids", None)
+        if self._planner is not None and invalid:
+            self._planner.load_failed(set(invalid))
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         if self._planner is not None:

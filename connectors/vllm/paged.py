@@ -21,7 +21,7 @@ import torch
 
 from kdn.errors import InvalidRequest
 
-__all__ = ["PagedKVLayout", "probe_permutation", "Writer"]
+__all__ = ["PagedKVLayout", "StridedKVLayout", "probe_permutation", "Writer"]
 
 #: ``writer(key, value, key_cache, value_cache, slot_mapping)`` — the engine's cache write for one layer:
 #: ``key``/``value`` ``[tokens, heads, dim]``, caches ``[blocks, heads, block_size, dim]`` views.
@@ -126,3 +126,61 @@ class PagedKVLayout:
             stored[:, :, self._gather_idx] = nat
             nat = stored
         self._rows(cache).index_copy_(0, ids, nat)
+
+
+@dataclass
+class StridedKVLayout:
+    """Gather/scatter of whole blocks for vLLM's GPU attention backends (FlashAttention, FlashInfer, Triton, Flex).
+
+    vLLM 0.32 hands every layer a logical ``[num_blocks, num_kv_heads, block_size, head_dim + head_dim]`` view
+    (per block, head and token the keys then the values) whose physical strides follow the model's resolved
+    ``KVCacheLayout`` (``LBNHC``, ``LBHNC``, ``BLHNC``, ... — see :mod:`connectors.vllm.layouts`); the backends
+    split it with ``kv_cache.transpose(1, 2).split(head_size, -1)`` (FlashAttention) or after permuting by
+    ``layer_view_order`` (FlashInfer). This class works on the logical view whatever its strides: a gather is
+    one ``index_select`` over the block axis of the ``[2, blocks, block_size, heads, dim]`` re-view straight into
+    the output, a scatter one ``index_copy_`` back — one kernel per layer (and request), on the cache's device.
+    """
+
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+
+    def check(self, cache: torch.Tensor) -> None:
+        expected = (self.num_kv_heads, self.block_size, 2 * self.head_dim)
+        if cache.dim() != 4 or tuple(cache.shape[1:]) != expected or cache.stride(3) != 1:
+            raise InvalidRequest(f"paged KV cache of shape {tuple(cache.shape)} strides {cache.stride()} is not "
+                                 f"[blocks, {expected[0]}, {expected[1]}, {expected[2]}] with a dense last axis "
+                                 f"(vLLM's logical per-layer view)")
+
+    def _kv(self, cache: torch.Tensor) -> torch.Tensor:
+        """``[2, num_blocks, block_size, heads, dim]`` view of the cache (no copy)."""
+        return cache.unflatten(3, (2, self.head_dim)).permute(3, 0, 2, 1, 4)
+
+    def _ids(self, cache: torch.Tensor, block_ids: Sequence[int]) -> torch.Tensor:
+        ids = torch.as_tensor(list(block_ids), dtype=torch.int64)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= cache.shape[0]):
+            raise InvalidRequest(f"block ids outside [0, {cache.shape[0]})")
+        return ids.to(cache.device, non_blocking=True)
+
+    def gather(self, cache: torch.Tensor, block_ids: Sequence[int], out: torch.Tensor | None = None) -> torch.Tensor:
+        """KV of whole blocks ``block_ids`` as ``[2, len(block_ids) * block_size, heads, dim]`` (into ``out``,
+        which must be contiguous and on the cache's device)."""
+        nb = len(block_ids)
+        shape = (2, nb * self.block_size, self.num_kv_heads, self.head_dim)
+        if out is None:
+            out = torch.empty(shape, dtype=cache.dtype, device=cache.device)
+        if tuple(out.shape) != shape or not out.is_contiguous() or out.device != cache.device:
+            raise InvalidRequest(f"gather output {tuple(out.shape)} on {out.device} is not a contiguous {shape} "
+                                 f"on {cache.device}")
+        torch.index_select(self._kv(cache), 1, self._ids(cache, block_ids),
+                           out=out.view(2, nb, self.block_size, self.num_kv_heads, self.head_dim))
+        return out
+
+    def scatter(self, cache: torch.Tensor, block_ids: Sequence[int], kv: torch.Tensor) -> None:
+        """Write ``kv`` (``[2, len(block_ids) * block_size, heads, dim]``, any device) into blocks ``block_ids``."""
+        nb = len(block_ids)
+        if tuple(kv.shape) != (2, nb * self.block_size, self.num_kv_heads, self.head_dim):
+            raise InvalidRequest(f"KV of shape {tuple(kv.shape)} does not fill {nb} blocks of {self.block_size}")
+        src = kv.to(device=cache.device, dtype=cache.dtype, non_blocking=True)
+        self._kv(cache).index_copy_(1, self._ids(cache, block_ids),
+                                    src.reshape(2, nb, self.block_size, self.num_kv_heads, self.head_dim))

@@ -55,6 +55,8 @@ class _Request:
     """End of the prefix KDN supplies (0: none)."""
     pending_load: bool = False
     saved: bool = False
+    load_blocks: list[int] = field(default_factory=list)
+    """Blocks of this request's KDN load (to map reported load failures back to tokens)."""
 
 
 class SchedulerPlanner:
@@ -132,6 +134,7 @@ class SchedulerPlanner:
                 start = state.local // self.block_size * self.block_size
                 blocks = state.blocks[:state.hit // self.block_size]
                 plan.loads.append(LoadSpec(req_id, state.prompt[:state.hit], blocks, start, state.hit))
+                state.load_blocks = blocks
             touched.append((req_id, computed))
         for req_id, new_blocks, resumed, computed in cached_reqs:
             state = self.requests.get(req_id)
@@ -158,6 +161,22 @@ class SchedulerPlanner:
                 continue
             plan.saves.append(SaveSpec(req_id, state.prompt[:end], state.blocks[:nblocks]))
         return plan
+
+    def load_failed(self, block_ids: set[int]) -> list[str]:
+        """The workers could not load ``block_ids`` (vLLM recomputes them): a request whose load lost blocks
+        counts as hit only up to its first lost block, so the freshly computed KV is stored again. Returns the
+        affected request ids."""
+        affected = []
+        for req_id, state in self.requests.items():
+            lost = [i for i, b in enumerate(state.load_blocks) if b in block_ids]
+            if not lost:
+                continue
+            state.hit = min(state.hit, lost[0] * self.block_size) // self.chunk_size * self.chunk_size
+            state.saved = False
+            state.load_blocks = []
+            affected.append(req_id)
+            self.on_event({"event": "load_failed", "req": req_id, "valid_tokens": state.hit})
+        return affected
 
     def finished(self, req_id: str) -> None:
         self.requests.pop(req_id, None)

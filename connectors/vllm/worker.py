@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from connectors.vllm.paged import PagedKVLayout
+from connectors.vllm.paged import PagedKVLayout, StridedKVLayout
 from connectors.vllm.plan import LoadSpec, SaveSpec
 from kdn.client import KDNClient
 
@@ -36,7 +36,7 @@ class KVWorker:
     """Loads and stores for one worker (one TP rank). Call order per step: ``start_load``, then per layer
     ``wait_for_layer`` and ``save_layer``, then ``flush_saves``. ``close()`` waits for queued stores."""
 
-    def __init__(self, client: KDNClient, caches: Sequence[torch.Tensor], layout: PagedKVLayout, *,
+    def __init__(self, client: KDNClient, caches: Sequence[torch.Tensor], layout: PagedKVLayout | StridedKVLayout, *,
                  wait_timeout_s: float = 120.0, on_event: Callable[[dict], None] | None = None) -> None:
         for cache in caches:
             layout.check(cache)
@@ -56,6 +56,8 @@ class KVWorker:
         self._loader: threading.Thread | None = None
         self._saves: list[tuple[SaveSpec, torch.Tensor, list[bool], float]] = []
         self.pending_stores: list = []
+        self.device = self.caches[0].device if self.caches else torch.device("cpu")
+        self._device_kw = {} if self.device.type == "cpu" else {"device": self.device}
 
     # -- loads ---------------------------------------------------------------------------------------------------
     def start_load(self, specs: Sequence[LoadSpec]) -> None:
@@ -70,7 +72,8 @@ class KVWorker:
         streams = []
         for spec in specs:
             try:
-                stream = self.client.retrieve_layers(spec.token_ids[:spec.end], max_tokens=spec.end)
+                stream = self.client.retrieve_layers(spec.token_ids[:spec.end], max_tokens=spec.end,
+                                                     **self._device_kw)
             except Exception as exc:  # noqa: BLE001 - any failure is a miss for this request
                 log.warning("KDN retrieve failed for %s: %s", spec.req_id, exc)
                 stream = None
@@ -142,7 +145,7 @@ class KVWorker:
         """Allocate staging tensors for this step's saves (``[layers, 2, tokens, heads, dim]`` each)."""
         layout = self.client.layout
         dtype = self.caches[0].dtype
-        self._saves = [(spec, torch.empty(layout.shape(len(spec.token_ids)), dtype=dtype),
+        self._saves = [(spec, torch.empty(layout.shape(len(spec.token_ids)), dtype=dtype, device=self.device),
                         [False] * len(self.caches), time.perf_counter()) for spec in specs]
 
     def save_layer(self, index: int, cache: torch.Tensor | None = None) -> None:
@@ -155,24 +158,47 @@ class KVWorker:
     def flush_saves(self) -> None:
         """Queue this step's complete staging tensors for storage (returns at once)."""
         saves, self._saves = self._saves, []
+        if saves and self.device.type == "cuda":  # the gathers ran on the engine's stream; the client reads later
+            torch.cuda.current_stream(self.device).synchronize()
         for spec, staging, done, t0 in saves:
             if not all(done):
                 log.warning("KDN store of %s skipped: %d of %d layers saved", spec.req_id, sum(done), len(done))
+                self._store_event(spec, t0, failed=len(spec.token_ids) // self.client.config.chunk_size,
+                                  error="not every layer was saved")
                 continue
             try:
                 future = self.client.store(spec.token_ids, staging, copy=False)
             except Exception as exc:  # noqa: BLE001 - a store never fails the engine step
                 log.warning("KDN store of %s failed: %s", spec.req_id, exc)
+                self._store_event(spec, t0, failed=len(spec.token_ids) // self.client.config.chunk_size,
+                                  error=str(exc))
                 continue
             future.add_done_callback(self._stored_callback(spec, t0))
             self.pending_stores = [f for f in self.pending_stores if not f.done()] + [future]
 
+    def _store_event(self, spec: SaveSpec, t0: float, *, stored: int = 0, skipped: int = 0, failed: int = 0,
+                     dropped: bool = False, error: str = "") -> None:
+        event = {"event": "store", "req": spec.req_id, "tokens": len(spec.token_ids), "stored": stored,
+                 "skipped": skipped, "failed": failed, "dropped": dropped,
+                 "seconds": round(time.perf_counter() - t0, 4)}
+        if error:
+            event["error"] = error
+        self.on_event(event)
+
     def _stored_callback(self, spec: SaveSpec, t0: float):
         def done(future) -> None:
-            result = future.result()
-            self.on_event({"event": "store", "req": spec.req_id, "tokens": len(spec.token_ids),
-                           "stored": result.stored, "skipped": result.skipped, "failed": result.failed,
-                           "dropped": result.dropped, "seconds": round(time.perf_counter() - t0, 4)})
+            try:
+                result = future.result()
+            except Exception as exc:  # noqa: BLE001 - a failed store is counted, never raised into the engine
+                log.warning("KDN store of %s failed: %s", spec.req_id, exc)
+                self._store_event(spec, t0, failed=len(spec.token_ids) // self.client.config.chunk_size,
+                                  error=str(exc))
+                return
+            failed = result.failed
+            if result.error and not (result.dropped or result.stored or result.skipped or failed):
+                failed = len(spec.token_ids) // self.client.config.chunk_size
+            self._store_event(spec, t0, stored=result.stored, skipped=result.skipped, failed=failed,
+                              dropped=result.dropped, error=result.error)
         return done
 
     def close(self) -> None:

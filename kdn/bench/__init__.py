@@ -11,9 +11,13 @@ BENCHES: dict[str, str] = {
     "connectors": "kdn.bench.connectors",
     "codec": "kdn.bench.codec",
     "blend": "kdn.bench.blend",
+    "rag": "kdn.bench.rag",
     "schedule": "kdn.bench.schedule",
     "stream": "kdn.bench.stream",
     "mac": "kdn.bench.mac",
+    "fuzz": "kdn.bench.fuzz",
+    "load": "kdn.bench.load",
+    "prefill-only": "kdn.bench.prefill_only",
 }
 
 

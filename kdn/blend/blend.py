@@ -12,7 +12,9 @@ Inputs are chunk KVs computed alone at position 0 (content-keyed) plus every tok
 Everything is batched index gather/scatter in plain torch, so the same code runs on CPU and GPU; on CUDA, chunks in
 host memory are copied layer by layer on a side stream, overlapping the recompute. Supported:
 Llama-, Mistral- and Qwen2-style decoder layers (``input_layernorm``, ``self_attn.{q,k,v,o}_proj``,
-``post_attention_layernorm``, ``mlp``), full attention.
+``post_attention_layernorm``, ``mlp``), full attention; and Gemma 3 text models: q/k norms, sandwich norms
+(``pre/post_feedforward_layernorm``), a RoPE table per layer type, and sliding-window layers, where each token
+attends only to the ``sliding_window`` keys before it (the same mask as the model's own forward).
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from dataclasses import dataclass, field
 import torch
 
 from kdn.blend.attention import attend
-from kdn.blend.models import check_supported
-from kdn.blend.rope import rerotate, rope_inv_freq
+from kdn.blend.models import check_blend_supported, text_config
+from kdn.blend.rope import layer_inv_freqs, rerotate
 from kdn.blend.select import (
     DEFAULT_SCORE,
     DEFAULT_SINK,
@@ -60,8 +62,10 @@ class BlendResult:
         return sum(self.recomputed) / total if total else 0.0
 
 
-def concat_chunks(chunk_kvs: Sequence[torch.Tensor], inv_freq: torch.Tensor) -> torch.Tensor:
-    """Position-0 chunk KVs re-rotated to their places and concatenated along tokens (one new tensor)."""
+def concat_chunks(chunk_kvs: Sequence[torch.Tensor], inv_freq: torch.Tensor | Sequence[torch.Tensor]
+                  ) -> torch.Tensor:
+    """Position-0 chunk KVs re-rotated to their places and concatenated along tokens (one new tensor).
+    ``inv_freq``: one table for every layer, or one per layer (:func:`kdn.blend.rope.layer_inv_freqs`)."""
     if not chunk_kvs:
         raise InvalidRequest("no chunks to blend")
     total = sum(int(kv.shape[2]) for kv in chunk_kvs)
@@ -72,36 +76,85 @@ def concat_chunks(chunk_kvs: Sequence[torch.Tensor], inv_freq: torch.Tensor) -> 
     for kv in chunk_kvs:
         n = int(kv.shape[2])
         out[:, 1, start:start + n] = kv[:, 1]
-        out[:, 0, start:start + n] = rerotate(kv[:, 0], start, inv_freq) if start else kv[:, 0]
+        if not start:
+            out[:, 0, :n] = kv[:, 0]
+        elif isinstance(inv_freq, torch.Tensor):
+            out[:, 0, start:start + n] = rerotate(kv[:, 0], start, inv_freq)
+        else:
+            for layer, inv in enumerate(inv_freq):
+                out[layer, 0, start:start + n] = rerotate(kv[layer, 0], start, inv)
         start += n
     return out
 
 
-def _check_layers(model) -> None:
-    check_supported(model.config)
-    cfg = model.config
-    kinds = set(getattr(cfg, "layer_types", None) or ())
-    if "sliding_attention" in kinds or (not kinds and getattr(cfg, "sliding_window", None)
-                                        and getattr(cfg, "use_sliding_window", True)):
-        raise InvalidRequest("blend: sliding-window attention is not supported yet")
+def _check_layers(model) -> list[int | None]:
+    """Refuse what the blend cannot run exactly; each layer's sliding window (None: full attention)."""
+    check_blend_supported(model.config)
+    cfg = text_config(model.config)
+    kinds = list(getattr(cfg, "layer_types", None) or ())
+    if not kinds and getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+        raise InvalidRequest("blend: sliding-window attention without per-layer types is not supported")
+    if "sliding_attention" in kinds and cfg.model_type != "gemma3_text":
+        raise InvalidRequest(f"blend: sliding-window layers of {cfg.model_type} are not supported")
     layer = model.model.layers[0]
     for name in ("input_layernorm", "post_attention_layernorm", "mlp", "self_attn"):
         if not hasattr(layer, name):
             raise InvalidRequest(f"blend: decoder layer has no {name}")
-    if hasattr(layer.self_attn, "q_norm"):
+    if hasattr(layer.self_attn, "q_norm") and cfg.model_type != "gemma3_text":
         raise InvalidRequest("blend: attention with q/k norms is not supported")
+    window = getattr(cfg, "sliding_window", None)
+    return [window if kind == "sliding_attention" else None for kind in kinds] or [None] * cfg.num_hidden_layers
 
 
-def _query_attention(attn, q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+def _rotary(inner, hidden: torch.Tensor, positions: torch.Tensor, config) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's ``(cos, sin) [1, N, d]`` from the model's rotary module (one table per layer type)."""
+    kinds = list(getattr(config, "layer_types", None) or ())
+    if not kinds or hasattr(inner.rotary_emb, "inv_freq"):
+        table = inner.rotary_emb(hidden, positions[None])
+        return [table] * config.num_hidden_layers
+    tables = {kind: inner.rotary_emb(hidden, positions[None], kind) for kind in set(kinds)}
+    return [tables[kind] for kind in kinds[: config.num_hidden_layers]]
+
+
+def _project(attn, x: torch.Tensor, hd: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q/K/V ``[1, heads, n, d]`` of ``x [1, n, H]`` before RoPE (q/k norms applied where the model has them)."""
+    n = x.shape[1]
+    q = attn.q_proj(x).view(1, n, -1, hd).transpose(1, 2)
+    k = attn.k_proj(x).view(1, n, -1, hd).transpose(1, 2)
+    v = attn.v_proj(x).view(1, n, -1, hd).transpose(1, 2)
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    return q, k, v
+
+
+def _residual(layer, hidden: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+    """The rest of a decoder layer after attention: residual + MLP (Gemma's sandwich norms where present)."""
+    if hasattr(layer, "pre_feedforward_layernorm"):
+        hidden = hidden + layer.post_attention_layernorm(attn_out)
+        return hidden + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(hidden)))
+    hidden = hidden + attn_out
+    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
+def _query_attention(attn, q: torch.Tensor, keys: torch.Tensor, q_pos: torch.Tensor | None = None,
+                     window: int | None = None) -> torch.Tensor:
     """Mean attention weight ``[N]`` (float32) of the query tokens ``q [1, heads, n, d]`` on context keys
-    ``[N, kv_heads, d]`` (softmax over the context only)."""
+    ``[N, kv_heads, d]`` (softmax over the context only; with a sliding ``window``, only the keys inside each query
+    position's ``q_pos`` window count)."""
     k = keys.transpose(0, 1).float()  # [kv_heads, N, d]
     qf = q[0].float().reshape(k.shape[0], -1, q.shape[-1])  # [kv_heads, groups * n, d]
-    probs = torch.softmax(qf @ k.transpose(1, 2) * attn.scaling, dim=-1)
+    scores = qf @ k.transpose(1, 2) * attn.scaling
+    if window is not None and q_pos is not None:
+        inside = torch.arange(k.shape[1], device=k.device)[None, :] > (q_pos[:, None] - window)  # [n, N]
+        groups = qf.shape[1] // q_pos.shape[0]
+        scores = scores.masked_fill(~inside.repeat(groups, 1)[None], float("-inf"))
+        return torch.softmax(scores, dim=-1).nan_to_num(0.0).mean(dim=(0, 1))
+    probs = torch.softmax(scores, dim=-1)
     return probs.mean(dim=(0, 1))
 
 
-def _stage(kv: torch.Tensor, chunk_kvs: Sequence[torch.Tensor], inv_freq: torch.Tensor) -> list | None:
+def _stage(kv: torch.Tensor, chunk_kvs: Sequence[torch.Tensor],
+           inv_freq: torch.Tensor | Sequence[torch.Tensor]) -> list | None:
     """Write the chunks, re-rotated to their places, into ``kv[:, :, :n_ctx]``.
 
     Per layer: one copy per chunk, then one rotation of every shifted key (per-token angles computed once). Host
@@ -114,17 +167,23 @@ def _stage(kv: torch.Tensor, chunk_kvs: Sequence[torch.Tensor], inv_freq: torch.
     first, n_ctx = lengths[0], sum(lengths)
     # angle of each shifted token: its chunk's start position times the frequencies (as rerotate computes it)
     starts = torch.repeat_interleave(torch.tensor([0] + lengths[:-1]).cumsum(0), torch.tensor(lengths))[first:]
-    freqs = starts.to(device=kv.device, dtype=torch.float32)[:, None] * inv_freq.to(kv.device)[None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [shifted tokens, 1, rot]
-    cos, sin = emb.cos(), emb.sin()
-    rot = emb.shape[-1]
-    if rot > kv.shape[-1]:
-        raise InvalidRequest(f"{inv_freq.shape[0]} RoPE frequencies do not fit head_dim {kv.shape[-1]}")
+    per_layer = [inv_freq] * kv.shape[0] if isinstance(inv_freq, torch.Tensor) else list(inv_freq)
+    angles: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per distinct table (one, or one per layer type)
+    tables = []
+    for inv in per_layer:
+        if id(inv) not in angles:
+            freqs = starts.to(device=kv.device, dtype=torch.float32)[:, None] * inv.to(kv.device)[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [shifted tokens, 1, rot]
+            if emb.shape[-1] > kv.shape[-1]:
+                raise InvalidRequest(f"{inv.shape[0]} RoPE frequencies do not fit head_dim {kv.shape[-1]}")
+            angles[id(inv)] = (emb.cos(), emb.sin())
+        tables.append(angles[id(inv)])
     stream = torch.cuda.Stream(kv.device) if pipelined else None
     if stream is not None:
         stream.wait_stream(torch.cuda.current_stream(kv.device))
-        cos.record_stream(stream)  # made on the compute stream, read on the side stream
-        sin.record_stream(stream)
+        for cos, sin in angles.values():
+            cos.record_stream(stream)  # made on the compute stream, read on the side stream
+            sin.record_stream(stream)
     events = []
     with torch.cuda.stream(stream) if stream is not None else nullcontext():
         for layer in range(kv.shape[0]):
@@ -133,7 +192,8 @@ def _stage(kv: torch.Tensor, chunk_kvs: Sequence[torch.Tensor], inv_freq: torch.
                 kv[layer, :, start:start + n].copy_(chunk[layer], non_blocking=pipelined)
                 start += n
             if n_ctx > first:
-                keys = kv[layer, 0, first:n_ctx, :, :rot]
+                cos, sin = tables[layer]
+                keys = kv[layer, 0, first:n_ctx, :, :cos.shape[-1]]
                 k = keys.float()
                 keys.copy_(k * cos + _rotate_half(k) * sin)
             if stream is not None:
@@ -167,13 +227,14 @@ def blend(model, chunk_kvs: Sequence[torch.Tensor], input_ids: Sequence[int] | t
     last one only) and the ``look_heads`` (``mean`` / ``max``) over heads. Its query rows count in
     ``compute_fraction``.
     """
-    _check_layers(model)
+    windows = _check_layers(model)
     device, dtype = model.device, model.dtype
     inner = model.model
-    layers = inner.layers[: model.config.num_hidden_layers]
+    config = text_config(model.config)
+    layers = inner.layers[: config.num_hidden_layers]
     ids = torch.as_tensor(input_ids, device=device).reshape(1, -1)
     n_total = ids.shape[1]
-    inv_freq = rope_inv_freq(model, device=device)
+    inv_freq = layer_inv_freqs(model, device=device)
     if not chunk_kvs:
         raise InvalidRequest("no chunks to blend")
     n_ctx = sum(int(c.shape[2]) for c in chunk_kvs)
@@ -196,7 +257,7 @@ def blend(model, chunk_kvs: Sequence[torch.Tensor], input_ids: Sequence[int] | t
 
     hidden = inner.embed_tokens(ids)  # [1, N, H]
     positions = torch.arange(n_total, device=device)
-    cos_all, sin_all = inner.rotary_emb(hidden, positions[None])  # [1, N, d]
+    rotary = _rotary(inner, hidden, positions, config)  # per layer: (cos, sin) [1, N, d]
     sel = positions  # token positions still being recomputed (sorted)
     lengths = [int(c.shape[2]) for c in chunk_kvs]
     starts = torch.tensor([0] + lengths, device=device).cumsum(0)
@@ -212,8 +273,9 @@ def blend(model, chunk_kvs: Sequence[torch.Tensor], input_ids: Sequence[int] | t
     if method == "lookahead" and all(plan.keep(layer, n_ctx) >= n_ctx for layer in plan.ratios):
         plan = Schedule({}, plan.first_layer)  # nothing to drop (ratio 1): no preview, a plain prefill
     elif method == "lookahead":
-        look = _preview(layers, hidden[:, n_ctx:], cos_all[:, n_ctx:], sin_all[:, n_ctx:], kv, n_ctx, events,
-                        ctx_only=look_ctx, heads_max=look_heads == "max", last_only=look_last)
+        look = _preview(layers, hidden[:, n_ctx:], [(c[:, n_ctx:], s[:, n_ctx:]) for c, s in rotary], kv, n_ctx,
+                        events, ctx_only=look_ctx, heads_max=look_heads == "max", last_only=look_last,
+                        windows=windows)
     extra_rows = n_total - n_ctx if look is not None else 0
     base = score.removesuffix("-look").removesuffix("-attn")
     recomputed: list[int] = []
@@ -231,12 +293,10 @@ def blend(model, chunk_kvs: Sequence[torch.Tensor], input_ids: Sequence[int] | t
             hidden, sel, n_sel_ctx = hidden[:, keep_local], sel[keep_local], picked.shape[0]
             keep_ctx = None
         attn = layer.self_attn
-        hd = attn.head_dim
         x = layer.input_layernorm(hidden)
         n = x.shape[1]
-        q = attn.q_proj(x).view(1, n, -1, hd).transpose(1, 2)
-        k = attn.k_proj(x).view(1, n, -1, hd).transpose(1, 2)
-        v = attn.v_proj(x).view(1, n, -1, hd).transpose(1, 2)
+        q, k, v = _project(attn, x, attn.head_dim)
+        cos_all, sin_all = rotary[idx]
         cos, sin = cos_all[:, sel].unsqueeze(1), sin_all[:, sel].unsqueeze(1)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
@@ -249,7 +309,8 @@ def blend(model, chunk_kvs: Sequence[torch.Tensor], input_ids: Sequence[int] | t
         kv[idx, 1].index_copy_(0, sel, v_rows)
         if keep_ctx is not None:
             if "-attn" in score:
-                w = _query_attention(attn, q[:, :, n_sel_ctx:], kv[idx, 0, :n_ctx])[ctx_pos]
+                w = _query_attention(attn, q[:, :, n_sel_ctx:], kv[idx, 0, :n_ctx], sel[n_sel_ctx:],
+                                     windows[idx])[ctx_pos]
                 dev = dev / dev.mean().clamp_min(1e-12) * (w / w.mean().clamp_min(1e-12))
             if score.endswith("-look"):
                 w = preview_weight(look, max(look_from, idx) if look_rest else look_from, reduce=look_reduce)
@@ -260,21 +321,23 @@ def blend(model, chunk_kvs: Sequence[torch.Tensor], input_ids: Sequence[int] | t
             q, hidden, sel, n_sel_ctx = q[:, :, keep_local], hidden[:, keep_local], sel[keep_local], picked.shape[0]
         keys = kv[idx, 0].transpose(0, 1).unsqueeze(0)
         values = kv[idx, 1].transpose(0, 1).unsqueeze(0)
-        out = attend(q, keys, values, sel, attn.scaling)  # [1, heads, n, d], causal by position
-        out = attn.o_proj(out.transpose(1, 2).reshape(1, q.shape[2], -1))
-        hidden = hidden + out
-        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        out = attend(q, keys, values, sel, attn.scaling, window=windows[idx])  # [1, heads, n, d], causal
+        hidden = _residual(layer, hidden, attn.o_proj(out.transpose(1, 2).reshape(1, q.shape[2], -1)))
     last = inner.norm(hidden[:, -1:])
     logits = model.lm_head(last)[:, -1]
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
     selected = sel[:n_sel_ctx]
     return BlendResult(kv=kv, logits=logits.float(), selected=selected, num_context=n_ctx, recomputed=recomputed)
 
 
 @torch.no_grad()
-def _preview(layers, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor, n_ctx: int,
+def _preview(layers, hidden: torch.Tensor, rotary: list, kv: torch.Tensor, n_ctx: int,
              events: list | None, *, ctx_only: bool = False, heads_max: bool = False,
-             last_only: bool = False) -> torch.Tensor:
-    """The lookahead preview: the query tokens alone (``hidden [1, n_q, H]``, rotary ``cos``/``sin [1, n_q, d]``)
+             last_only: bool = False, windows: list | None = None) -> torch.Tensor:
+    """The lookahead preview: the query tokens alone (``hidden [1, n_q, H]``, per layer rotary ``(cos, sin)
+    [1, n_q, d]``; ``windows``: each layer's sliding window or None)
     through every layer over the reused context KV ``kv[:, :, :n_ctx]`` (their own K/V go to ``kv``'s query rows,
     which the real pass overwrites). Returns their attention weight on each context token per layer,
     ``[layers, n_ctx]`` float32: softmax over context and query (``ctx_only``: renormalized over the context), mean
@@ -282,19 +345,21 @@ def _preview(layers, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     n_q = hidden.shape[1]
     n_keys = n_ctx + n_q
     device = hidden.device
-    mask = torch.ones(n_q, n_keys, dtype=torch.bool, device=device)
-    mask[:, n_ctx:] = torch.ones(n_q, n_q, dtype=torch.bool, device=device).tril()
+    causal = torch.ones(n_q, n_keys, dtype=torch.bool, device=device)
+    causal[:, n_ctx:] = torch.ones(n_q, n_q, dtype=torch.bool, device=device).tril()
+    q_pos = torch.arange(n_ctx, n_keys, device=device)
     out = torch.empty(len(layers), n_ctx, dtype=torch.float32, device=device)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     for idx, layer in enumerate(layers):
+        window = windows[idx] if windows else None
+        mask = causal if window is None else causal & (torch.arange(n_keys, device=device)[None, :]
+                                                        > q_pos[:, None] - window)
+        cos, sin = rotary[idx][0].unsqueeze(1), rotary[idx][1].unsqueeze(1)
         if events:
             torch.cuda.current_stream(device).wait_event(events[idx])
         attn = layer.self_attn
         hd = attn.head_dim
         x = layer.input_layernorm(hidden)
-        q = attn.q_proj(x).view(1, n_q, -1, hd).transpose(1, 2)
-        k = attn.k_proj(x).view(1, n_q, -1, hd).transpose(1, 2)
-        v = attn.v_proj(x).view(1, n_q, -1, hd).transpose(1, 2)
+        q, k, v = _project(attn, x, hd)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         kv[idx, 0, n_ctx:] = k[0].transpose(0, 1)
@@ -304,15 +369,14 @@ def _preview(layers, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         kvh, heads = keys.shape[0], q.shape[1]
         qf = q[0].float().reshape(kvh, -1, hd)  # [kv_heads, groups * n_q, d]
         scores = (qf @ keys.transpose(1, 2) * attn.scaling).view(kvh, heads // kvh, n_q, n_keys)
-        probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+        probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
         ctx = probs[..., :n_ctx]
         if ctx_only:
             ctx = ctx / ctx.sum(-1, keepdim=True).clamp_min(1e-12)
         per_head = (ctx[:, :, -1] if last_only else ctx.mean(2)).reshape(heads, n_ctx)
         out[idx] = per_head.amax(0) if heads_max else per_head.mean(0)
         o = (probs.reshape(kvh, -1, n_keys) @ values).reshape(heads, n_q, hd).to(hidden.dtype)
-        hidden = hidden + attn.o_proj(o.transpose(0, 1).reshape(1, n_q, -1))
-        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        hidden = _residual(layer, hidden, attn.o_proj(o.transpose(0, 1).reshape(1, n_q, -1)))
     return out
 
 

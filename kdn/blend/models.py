@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from kdn.errors import InvalidRequest
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "check_supported", "text_config"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "BLEND_MODEL_TYPES", "check_supported", "check_blend_supported", "text_config"]
 
 #: Decoder-only RoPE + (G)QA families whose DynamicCache holds plain per-layer K/V tensors.
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
+#: Families :func:`kdn.blend.blend` can run (on KV it is handed): the above plus Gemma 3 text models (sliding and
+#: full attention layers, q/k norms, sandwich norms). Storing Gemma 3 KV in KDN (layouts, the prefix connector)
+#: is not supported yet, so these are blend-only.
+BLEND_MODEL_TYPES = SUPPORTED_MODEL_TYPES | {"gemma3_text"}
 
 
 def text_config(config):
@@ -38,3 +42,18 @@ def check_supported(config) -> None:
                              "(layer-type-aware caching is not implemented)")
     if kinds - {"full_attention", "sliding_attention"}:
         raise InvalidRequest(f"KDN HF connector: layer type {sorted(kinds)} is not supported")
+
+
+def check_blend_supported(config) -> None:
+    """Raise :class:`InvalidRequest` unless :func:`kdn.blend.blend` can run this model: a
+    :data:`SUPPORTED_MODEL_TYPES` model (see :func:`check_supported`), or a Gemma 3 text model (sliding-window and
+    full-attention layers; the blend honours each layer's window and RoPE table)."""
+    cfg = text_config(config)
+    if getattr(cfg, "model_type", "") != "gemma3_text":
+        check_supported(config)
+        return
+    if getattr(cfg, "attn_logit_softcapping", None):
+        raise InvalidRequest("blend: attention logit soft-capping is not supported")
+    kinds = set(getattr(cfg, "layer_types", None) or ())
+    if kinds - {"full_attention", "sliding_attention"}:
+        raise InvalidRequest(f"blend: layer type {sorted(kinds)} is not supported")

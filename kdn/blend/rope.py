@@ -14,7 +14,7 @@ import torch
 
 from kdn.errors import InvalidRequest
 
-__all__ = ["SHIFTABLE_ROPE_TYPES", "rope_inv_freq", "rotate_half", "rerotate", "shift_kv"]
+__all__ = ["SHIFTABLE_ROPE_TYPES", "rope_inv_freq", "layer_inv_freqs", "rotate_half", "rerotate", "shift_kv"]
 
 #: RoPE types whose frequencies are fixed, so a position shift is a pure rotation.
 SHIFTABLE_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn"})
@@ -50,6 +50,29 @@ def rope_inv_freq(model_or_config, device: torch.device | str | None = None) -> 
     dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     dim = int(dim * params.get("partial_rotary_factor", 1.0))
     return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+
+
+def layer_inv_freqs(model, device: torch.device | str | None = None) -> list[torch.Tensor]:
+    """Each layer's RoPE inverse frequencies (float32). Models with one rotary table give :func:`rope_inv_freq`
+    for every layer; models whose layer types rotate differently (Gemma 3: local base 10K on sliding layers, 1M on
+    full ones) give each layer its type's table (``rotary_emb.<type>_inv_freq``)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    types = list(getattr(config, "layer_types", None) or ())
+    if rotary is None or hasattr(rotary, "inv_freq") or not types:
+        return [rope_inv_freq(model, device=device)] * config.num_hidden_layers
+    params = getattr(config, "rope_parameters", None) or {}
+    tables = {}
+    for kind in set(types):
+        rope = (params.get(kind) or {}).get("rope_type", "default")
+        if rope not in SHIFTABLE_ROPE_TYPES:
+            raise InvalidRequest(f"RoPE type {rope!r} ({kind} layers) cannot be re-rotated exactly")
+        inv = getattr(rotary, f"{kind}_original_inv_freq", None)
+        inv = inv if inv is not None else getattr(rotary, f"{kind}_inv_freq", None)
+        if inv is None:
+            raise InvalidRequest(f"the rotary module has no frequencies for {kind} layers")
+        tables[kind] = inv.detach().to(device=device or inv.device, dtype=torch.float32)
+    return [tables[kind] for kind in types[: config.num_hidden_layers]]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
 Layer 0's K/V depend only on token embeddings and positions, so they never deviate from a full prefill; the first
 layer where deviation shows is layer 1. *Single selection* (the reference code) picks the top ``ratio`` of context
-tokens once, at layer 1. *Gradual filtering* (the paper) keeps a larger share ``start_ratio`` at layer 1 and
-narrows linearly to ``ratio`` over the next ``steps - 1`` layers, so the final set deviates on several layers.
+tokens once, at layer 1. *Gradual filtering* (the paper) keeps a larger share ``start_ratio`` (2r) at layer 1 and
+narrows linearly to ``ratio`` over the next ``steps - 1`` layers (by layer 3), ranked by K+V deviation (``kv``).
 *kdn* (the default) is gradual filtering tuned on SmolLM2 RAG prompts: a wide first set (at least 60 % of the
 context) narrowed over 16 layers, ranked by key *and* value deviation weighted by the attention the query tokens pay
 to each token at that layer (``kv-attn``), plus each chunk's first token (an attention sink when the chunk is
@@ -38,7 +38,7 @@ METHODS = ("kdn", "gradual", "single", "lookahead")
 SCORES = ("value", "key", "kv", "value-attn", "key-attn", "kv-attn", "look", "value-look", "key-look", "kv-look",
           "value-attn-look", "key-attn-look", "kv-attn-look")
 #: The deviation score of each method when none is given.
-DEFAULT_SCORE = {"kdn": "kv-attn", "gradual": "value", "single": "value", "lookahead": "kv-look"}
+DEFAULT_SCORE = {"kdn": "kv-attn", "gradual": "kv", "single": "value", "lookahead": "kv-look"}
 #: Tokens at the start of every chunk recomputed through every layer, on top of the ratio, per method.
 DEFAULT_SINK = {"kdn": 1, "lookahead": 1}
 
@@ -61,9 +61,10 @@ def schedule(num_layers: int, ratio: float, method: str = "kdn", *, first_layer:
              start_ratio: float | None = None, steps: int | None = None) -> Schedule:
     """The selection schedule for a model of ``num_layers`` layers.
 
-    ``gradual``: ``start_ratio`` (default ``min(1, 2 * ratio)``) at ``first_layer``, linearly down to ``ratio`` at
-    ``first_layer + steps - 1`` (``steps`` default 4). ``kdn``: the same with defaults ``start_ratio =
-    max(0.6, 2 * ratio)`` and ``steps = 16``. ``single``: ``ratio`` at ``first_layer`` only. ``lookahead``: the
+    ``gradual`` (the paper's gradual filtering): ``start_ratio`` (default ``min(1, 2 * ratio)``) at ``first_layer``,
+    linearly down to ``ratio`` at ``first_layer + steps - 1`` (``steps`` default 3: layers 1-3), by K+V deviation.
+    ``kdn``: the same with defaults ``start_ratio = max(0.6, 2 * ratio)`` and ``steps = 16``. ``single``:
+    ``ratio`` at ``first_layer`` only. ``lookahead``: the
     same with defaults ``first_layer = 0``, ``start_ratio = 0.4`` and ``steps = 4``. ``first_layer`` (default 1)
     must be >= 1 (selecting at layer 0 by deviation is selecting at random), except for ``lookahead``, whose
     preview ranks tokens before layer 0.
@@ -78,7 +79,7 @@ def schedule(num_layers: int, ratio: float, method: str = "kdn", *, first_layer:
     if not lowest <= first_layer < num_layers:
         raise InvalidRequest(f"first_layer must be in [{lowest}, {num_layers - 1}], got {first_layer}")
     if steps is None:
-        steps = 16 if method == "kdn" else 4
+        steps = {"kdn": 16, "gradual": 3}.get(method, 4)
     if method == "single" or steps <= 1:
         return Schedule({first_layer: ratio}, first_layer)
     if start_ratio is None:

@@ -38,6 +38,7 @@ from kdn.format.mac import load_keyring
 from kdn.metrics import ClientMetrics
 from kdn.wire.auth import call_metadata
 from kdn.wire.recv_pool import Lease, ReceivePool
+from kdn.wire.schedule import TransferScheduler
 from kdn.wire.shm import is_shared
 
 __all__ = ["KDNClient", "LookupResult", "ChunkHit", "RetrieveResult", "StoreResult", "LayerStream"]
@@ -142,6 +143,8 @@ class LayerStream:
         if out is None:
             out = torch.empty(layout.shape(self.num_tokens, layer_end - layer_start),
                               dtype=torch_dtype(layout.dtype), device=self.device)
+        if out.is_cuda and self.writes_device and self._place_raw(layer_start, layer_end, out):
+            return out
         # Codecs with a batched device decoder (CacheGen on CUDA) get every section of one shape in one call.
         batched = getattr(client.codec, "decode_batch", None) if out.is_cuda else None
         batches: dict[tuple, tuple[list, list]] = {}
@@ -150,6 +153,43 @@ class LayerStream:
             for (start, end, num_tokens, meta), (views, outs) in batches.items():
                 batched(views, end - start, num_tokens, outs=outs, meta=meta, layer_start=start)
         return out
+
+    def _place_raw(self, layer_start: int, layer_end: int, out) -> bool:
+        """Raw objects in page-locked memory to a GPU ``out``: per run of equal-sized consecutive chunks, one
+        asynchronous copy per object into a staging tensor, then one kernel that puts the tokens in place (all on
+        the current stream). False (nothing done) when an object's sections of the group are not back to back."""
+        import torch
+
+        from kdn.wire.buffers import host_tensor
+
+        layout = self.client.layout
+        g = layer_end - layer_start
+        per_token = layout.bytes_per_token // layout.num_layers
+        runs: list[list[tuple[int, int, memoryview]]] = []
+        for chunk, data, header in self.objects:
+            sections = header.sections_for(layer_start, layer_end)
+            if not sections or sections[0].layer_start != layer_start or sections[-1].layer_end != layer_end or any(
+                    a.offset + a.length != b.offset for a, b in zip(sections, sections[1:])):
+                return False
+            first, tokens = sections[0].offset, chunk.span.num_tokens
+            nbytes = sections[-1].offset + sections[-1].length - first
+            if nbytes != g * per_token * tokens:
+                return False
+            item = (chunk.span.start, tokens, memoryview(data)[first:first + nbytes])
+            last = runs[-1][-1] if runs else None
+            if last is not None and last[1] == tokens and last[0] + last[1] == item[0]:
+                runs[-1].append(item)
+            else:
+                runs.append([item])
+        heads, dim = layout.num_kv_heads, layout.head_dim
+        for run in runs:
+            k, t, s0 = len(run), run[0][1], run[0][0]
+            stage = torch.empty((k, g * per_token * t), dtype=torch.uint8, device=out.device)
+            for i, (_, _, view) in enumerate(run):
+                stage[i].copy_(host_tensor(view), non_blocking=True)
+            dst = out[:, :, s0:s0 + k * t].view(g, 2, k, t, heads, dim)
+            dst.copy_(stage.view(out.dtype).view(k, g, 2, t, heads, dim).permute(1, 2, 0, 3, 4, 5))
+        return True
 
     def _decode_sections(self, layer_start: int, layer_end: int, out, batched, batches: dict) -> None:
         client = self.client
@@ -189,6 +229,24 @@ class LayerStream:
             self.close()
 
 
+_BATCH_BYTES = 8 << 20
+"""About this many bytes per bulk request of a fetch: the scheduler's preemption granularity."""
+
+
+@dataclass(eq=False)
+class _FetchRequest:
+    """What one fetch still has to move (shared by its stripes) and when it must end."""
+
+    remaining: int
+    deadline: float
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def taken(self, nbytes: int) -> int:
+        with self._lock:
+            self.remaining = max(0, self.remaining - nbytes)
+            return self.remaining
+
+
 def _release_leases(pool: ReceivePool | None, leases: list[Lease], pinned: bool) -> None:
     """Return receive buffers to the pool, after any GPU copy still reading them has finished."""
     if not leases or pool is None:
@@ -210,6 +268,11 @@ class _FetchJob:
     started: float
     leases: list[Lease] = field(default_factory=list)
     hedged: bool = False
+    """A race for this job's chunks was started."""
+    hedge: bool = False
+    """This job is itself a race (it bypasses the transfer scheduler: it is the way around a stuck slot)."""
+    cancelled: bool = False
+    """The fetch ended without it: send nothing more."""
 
     def release(self, pool: ReceivePool | None, keep: Sequence[object] = ()) -> list[Lease]:
         """Release the leases whose views are not in ``keep``; return the kept ones."""
@@ -253,6 +316,11 @@ class KDNClient:
         workers = 2 * max(1, config.fetch_workers, config.bulk_streams)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kdn-fetch")
         self._recv_pool: ReceivePool | None = None
+        # Concurrent fetches share the client's streams, shortest remaining first with aging (or FIFO).
+        self._scheduler = TransferScheduler(config.transfer_policy, config.transfer_aging,
+                                            slots=max(1, config.bulk_streams))
+        self._rate = 0.0  # bytes/s of one stream, smoothed
+        self._verify_pool = ThreadPoolExecutor(max_workers=max(1, config.bulk_streams), thread_name_prefix="kdn-verify")
         self._decode_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdn-decode")
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, config.store_queue))
         self._store_thread = threading.Thread(target=self._store_loop, name="kdn-store", daemon=True)
@@ -269,6 +337,7 @@ class KDNClient:
         self._queue.put(None)
         self._store_thread.join(timeout=self.config.timeout_s)
         self._pool.shutdown(wait=True)
+        self._verify_pool.shutdown(wait=True)
         self._decode_pool.shutdown(wait=True)
         for client in self._node_clients.values():
             client.close()
@@ -458,8 +527,9 @@ class KDNClient:
         deadline = time.monotonic() + self.config.timeout_s
         hedge = self.config.hedge_after_s
         pending: dict[Future, _FetchJob] = {}
+        request = _FetchRequest(sum(self._expected_bytes(c) for c in chunks), deadline)
 
-        def launch(indices: list[int]) -> None:
+        def launch(indices: list[int], hedge: bool = False) -> None:
             by_node: dict[str, tuple[NodeAddress, list[int]]] = {}
             for i in indices:
                 if tried[i] < len(chunks[i].nodes):
@@ -470,11 +540,11 @@ class KDNClient:
             for node, share in by_node.values():
                 per = -(-len(share) // streams)
                 for j in range(0, len(share), per):
-                    job = _FetchJob(share[j:j + per], time.monotonic())
+                    job = _FetchJob(share[j:j + per], time.monotonic(), hedge=hedge)
                     for i in job.part:
                         covering[i] += 1
-                    fut = self._pool.submit(self._fetch_from, node, [chunks[i] for i in job.part],
-                                            self._lease_into(pool, job) if pool is not None else None)
+                    fut = self._pool.submit(self._fetch_stripe, node, [chunks[i] for i in job.part],
+                                            self._lease_into(pool, job) if pool is not None else None, job, request)
                     pending[fut] = job
 
         launch(list(range(n)))
@@ -511,10 +581,63 @@ class KDNClient:
                         late = [i for i in job.part if out[i] is None and tried[i] < len(chunks[i].nodes)]
                         if late:
                             self.metrics.fallbacks.labels("hedge").inc(len(late))
-                            launch(late)
-        for fut, job in pending.items():  # stragglers: their buffers go back to the pool when they end
+                            launch(late, hedge=True)
+        for fut, job in pending.items():  # stragglers stop asking; their buffers go back when they end
+            job.cancelled = True
             fut.add_done_callback(lambda _f, job=job: job.release(pool))
         return out
+
+    def _expected_bytes(self, chunk: ChunkHit) -> int:
+        """What a chunk's object should weigh (raw size: the scheduler only compares requests)."""
+        return self.layout.bytes_per_token * max(1, chunk.span.num_tokens)
+
+    def _fetch_stripe(self, node: NodeAddress, chunks: list[ChunkHit], alloc, job: _FetchJob,
+                      request: _FetchRequest) -> list:
+        """One stripe of a fetch: requests of about ``_BATCH_BYTES`` each, every one sent when the transfer
+        scheduler gives this fetch a stream (a short fetch overtakes a long one at the next request). Races and
+        requests of a cancelled fetch skip the scheduler / send nothing."""
+        step = max(1, min(64, _BATCH_BYTES // max(1, self._expected_bytes(chunks[0]))))
+        ticket = None if job.hedge else self._scheduler.submit(id(job), request.remaining)
+        # FIFO keeps its stream for the whole stripe; SRPT gives it back after every request (the preemption point).
+        preempt = self.config.transfer_policy != "fifo"
+        held = False
+        out: list = []
+        try:
+            for i in range(0, len(chunks), step):
+                part = chunks[i:i + step]
+                if job.cancelled:
+                    out.append([None] * len(part))
+                    continue
+                if ticket is not None and not held:
+                    if not self._scheduler.acquire(ticket, timeout=max(0.0, request.deadline - time.monotonic())):
+                        out.append([None] * (len(chunks) - i))
+                        break
+                    held = True
+                t0 = time.monotonic()
+                try:
+                    got = self._receive_from(node, part, alloc)
+                finally:
+                    if held and preempt:
+                        self._scheduler.release(ticket)
+                        held = False
+                nbytes = sum(len(d) for d in got if d is not None)
+                self._observe(nbytes, time.monotonic() - t0)
+                if ticket is not None:
+                    self._scheduler.update(ticket, request.taken(nbytes))
+                # Verify this request's objects while the next one is received.
+                out.append(self._verify_pool.submit(self._verify_from, node, part, got))
+        finally:
+            if ticket is not None:
+                self._scheduler.done(ticket)
+        return [data for item in out for data in (item if isinstance(item, list) else item.result())]
+
+    def _observe(self, nbytes: int, seconds: float) -> None:
+        """Feed the scheduler the streams' measured throughput (an average weighting recent requests)."""
+        if nbytes <= 0 or seconds <= 0:
+            return
+        rate = nbytes / seconds
+        self._rate = rate if not self._rate else 0.8 * self._rate + 0.2 * rate
+        self._scheduler.set_throughput(self._rate * max(1, self.config.bulk_streams))
 
     @staticmethod
     def _lease_into(pool: ReceivePool, job: _FetchJob):
@@ -525,10 +648,13 @@ class KDNClient:
         return alloc
 
     def _fetch_from(self, node: NodeAddress, chunks: list[ChunkHit], alloc=None) -> list:
-        """Objects from one node, each fully verified here (in this fetching thread, while other streams keep
-        receiving); ``None`` for misses, failures and bad copies. Never raises."""
+        """Objects from one node, each fully verified; ``None`` for misses, failures and bad copies. Never raises."""
+        return self._verify_from(node, chunks, self._receive_from(node, chunks, alloc))
+
+    def _receive_from(self, node: NodeAddress, chunks: list[ChunkHit], alloc=None) -> list:
+        """Objects from one node as they arrived (not verified yet); ``None`` for misses and failures."""
         try:
-            datas = self._node(node).get_many([str(c.key) for c in chunks], alloc=alloc)
+            return self._node(node).get_many([str(c.key) for c in chunks], alloc=alloc)
         except KDNError as exc:
             log.warning("fetch from node %s failed: %s", node.node_id, exc)
             self.metrics.fallbacks.labels("node").inc()
@@ -536,6 +662,9 @@ class KDNClient:
         except Exception:  # noqa: BLE001 - a fetch never raises into the engine
             log.exception("fetch from node %s failed", node.node_id)
             return [None] * len(chunks)
+
+    def _verify_from(self, node: NodeAddress, chunks: list[ChunkHit], datas: list) -> list:
+        """Each object fully verified (hashing releases the GIL: this runs beside the receives)."""
         out = []
         for chunk, data in zip(chunks, datas):
             if data is not None:
@@ -546,6 +675,7 @@ class KDNClient:
                     log.warning("node %s sent a bad object for %s: %s", node.node_id, chunk.key, exc)
                     self.metrics.fallbacks.labels("corrupt").inc()
                     data = None
+                    self._node(node).report_bad([str(chunk.key)])  # async: the node drops it where listed
             out.append(data)
         return out
 

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 BULK_RETRY_S = 5.0
 SHM_RETRY_S = 30.0
+MAX_REPORT_KEYS = 4096  # keys per ReportBad call (the node's limit)
 
 
 class NodeClient:
@@ -61,6 +62,8 @@ class NodeClient:
         # ``grpc`` means every byte over gRPC (no bulk channel, no shared memory).
         self._shm_down_until = 0.0 if shared_memory and transport == "bulk" else float("inf")
         self._lock = threading.Lock()
+        self._bad: dict[str, None] = {}  # keys to report as bad (ordered set)
+        self._reporter: threading.Thread | None = None
 
     def close(self) -> None:
         if self._shm is not None:
@@ -212,6 +215,33 @@ class NodeClient:
         except grpc.RpcError as exc:
             raise_from_rpc(exc, f"move on {self.address}")
         return list(reply.moved)
+
+    def report_bad(self, keys: Sequence[str]) -> None:
+        """Tell the node that copies of ``keys`` it sent did not verify, so that it drops the bad ones (and the
+        controller stops listing them). In a background thread, best effort: never blocks, never raises."""
+        with self._lock:
+            self._bad.update(dict.fromkeys(keys))
+            if self._reporter is not None:
+                return
+            self._reporter = threading.Thread(target=self._send_reports, name="kdn-report-bad", daemon=True)
+            reporter = self._reporter
+        reporter.start()
+
+    def _send_reports(self) -> None:
+        while True:
+            with self._lock:
+                keys = list(self._bad)[:MAX_REPORT_KEYS]
+                for key in keys:
+                    del self._bad[key]
+                if not keys:
+                    self._reporter = None
+                    return
+            try:
+                reply = self._stub.ReportBad(data_pb2.KeysRequest(keys=keys), timeout=self.timeout_s,
+                                             metadata=self.metadata)
+                log.info("reported %d bad copies to %s: %d dropped", len(keys), self.address, sum(reply.dropped))
+            except Exception as exc:  # noqa: BLE001 - best effort: the copy was refused here either way
+                log.warning("reporting %d bad copies to %s failed: %s", len(keys), self.address, exc)
 
     def delete_many(self, keys: Sequence[str]) -> list[bool]:
         try:

@@ -288,6 +288,16 @@ class GlobalIndex:
                 count += 1
             return count
 
+    def clear(self) -> None:
+        """Forget every node, entry, statistic and pin (a replica that starts or stops serving)."""
+        with self._lock:
+            self.nodes.clear()
+            self._where.clear()
+            self._node_keys.clear()
+            self.stats.clear()
+            self.pinned.clear()
+            self._seeds.clear()
+
     def totals(self) -> tuple[int, int]:
         """(keys, bytes) in the index."""
         with self._lock:

@@ -12,6 +12,11 @@ by rendezvous hashing and leaves tiers to the nodes.
 Roles (:mod:`kdn.wire.auth`, docs/security.md): storage-node tokens may only register, heartbeat and report their
 inventory; tenant tokens see and change only their tenant's keys, and ``Stats`` / ``ListNodes`` report only their
 tenant's keys and bytes; admin tokens act on every tenant and alone may upload codec profiles.
+
+Replicas (``controller.redis``, :mod:`kdn.controller.ha`): one replica holds a lease in Redis and serves; the others
+answer every call with UNAVAILABLE (clients and nodes try the next address). Every server also runs the standard
+gRPC health service: ``""`` is SERVING while the process runs (liveness), ``kdn.v1.Control`` only on the replica
+that serves (readiness).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import os
 import threading
 import time
 
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from kdn.config import KDNConfig
@@ -39,6 +45,8 @@ __all__ = ["Controller"]
 log = logging.getLogger(__name__)
 
 MAX_KEYS_PER_CALL = 100_000
+#: Name of the control service in the gRPC health service (readiness: SERVING on the replica that serves).
+HEALTH_SERVICE = "kdn.v1.Control"
 
 
 def _location(loc: Location) -> common_pb2.Location:
@@ -67,12 +75,38 @@ class Controller:
         self._server = None
         self._node_clients: dict[str, NodeLink] = {}
         self._lock = threading.Lock()
+        self.replica = None  # a kdn.controller.ha.ReplicaLease with controller.redis
+        self._health_server = None
+        self.health_port = -1
+        self.health = health.HealthServicer()
+        self._stats_stop = threading.Event()
+        self._stats_thread: threading.Thread | None = None
+
+    @property
+    def serving(self) -> bool:
+        """Whether this process answers control calls (always, unless it is a standby replica)."""
+        return self.replica is None or self.replica.active
 
     def start(self) -> Controller:
         cfg = self.config.controller
         self._server, self.port = create_server(cfg.host, cfg.port, tls=self.config.tls)
         control_pb2_grpc.add_ControlServicer_to_server(ControlServicer(self), self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self._set_ready(not cfg.redis)
         self._server.start()
+        if cfg.health_port >= 0:  # health only, no TLS: it answers SERVING / NOT_SERVING and nothing else
+            self._health_server, self.health_port = create_server(cfg.host, cfg.health_port, workers=2)
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
+            self._health_server.start()
+        if cfg.redis:
+            from kdn.controller.ha import ReplicaLease
+
+            advertise = cfg.advertise or f"{cfg.host}:{self.port}"
+            self.replica = ReplicaLease(cfg.redis, advertise, cfg.lease_ttl_s, self._on_active).start()
+            self._stats_thread = threading.Thread(target=self._save_stats_loop, name="kdn-controller-stats",
+                                                  daemon=True)
+            self._stats_thread.start()
         if not self.auth.open and not self.admin_token:
             log.warning("auth.tokens has no @admin token in plain and auth.admin_token is unset: evictions and "
                         "placement moves on nodes will be refused")
@@ -85,8 +119,50 @@ class Controller:
     def cost_driven(self) -> bool:
         return self.config.placement.policy == "cost"
 
+    def _set_ready(self, ready: bool) -> None:
+        self.health.set(HEALTH_SERVICE, health_pb2.HealthCheckResponse.SERVING if ready
+                        else health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    def _on_active(self, active: bool) -> None:
+        """Replica transitions: start from an empty index either way (the nodes resend their inventories to
+        whichever replica serves); an active replica takes the pins and key statistics from Redis."""
+        self.index.clear()
+        if active:
+            try:
+                pins, stats = self.replica.load_pins(), self.replica.load_stats()
+            except Exception as exc:  # noqa: BLE001 - serve anyway; pins and statistics come back as Redis does
+                log.warning("cannot load pins and key statistics from Redis: %s", exc)
+                pins, stats = set(), {}
+            with self._lock:
+                self.index.pinned.update(pins)
+            for key, key_stats in stats.items():
+                self.index.seed(key, key_stats)
+            log.info("active: %d pins and %d key statistics from Redis", len(pins), len(stats))
+        self._set_ready(active)
+
+    def _save_stats_loop(self) -> None:
+        from kdn.controller.ha import STATS_PERIOD_S
+
+        while not self._stats_stop.wait(STATS_PERIOD_S):
+            if self.replica is not None and self.replica.active:
+                try:
+                    self.replica.save_stats(self.index)
+                except Exception as exc:  # noqa: BLE001 - Redis away: the next period tries again
+                    log.debug("saving key statistics failed: %s", exc)
+
     def stop(self, grace_s: float = 2.0) -> None:
+        self.health.enter_graceful_shutdown()
+        self._stats_stop.set()
+        if self.replica is not None:
+            if self.replica.active:
+                try:
+                    self.replica.save_stats(self.index)
+                except Exception as exc:  # noqa: BLE001
+                    log.debug("saving key statistics failed: %s", exc)
+            self.replica.stop()
         self.placement.stop()
+        if self._health_server is not None:
+            self._health_server.stop(0)
         if self._server is not None:
             self._server.stop(grace_s).wait()
         for client in self._node_clients.values():
@@ -117,6 +193,11 @@ class Controller:
                 self.node_client(record).delete_many(node_keys)
             except Unavailable as exc:
                 log.warning("evict on node %s failed: %s", node_id, exc)
+        if self.replica is not None:
+            try:
+                self.replica.forget(list(keys))
+            except Exception as exc:  # noqa: BLE001 - statistics are a cache; pins of evicted keys are moot
+                log.warning("dropping evicted keys from Redis failed: %s", exc)
         return self.index.forget(keys)
 
 
@@ -144,6 +225,8 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         self.c = controller
 
     def _caller(self, context) -> Principal:
+        if not self.c.serving:
+            raise Unavailable(f"standby controller replica; active: {self.c.replica.holder() or 'none yet'}")
         principal = self.c.auth.from_metadata(context.invocation_metadata())
         self.c.rate.admit(principal)
         return principal
@@ -187,6 +270,13 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
                     for tier, size in tiers.items():
                         node_tiers[tier] = node_tiers.get(tier, 0) + size
         return keys, nbytes, per_tier, objects
+
+    def _shared(self, op: str, keys: list[str]) -> None:
+        """Write pins through to Redis before acknowledging them (a failover keeps every acknowledged pin)."""
+        try:
+            getattr(self.c.replica, op)(keys)
+        except Exception as exc:  # noqa: BLE001 - redis errors are not KDN errors
+            raise Unavailable(f"{op} not recorded: Redis unreachable ({exc})") from exc
 
     @staticmethod
     def _keys(keys) -> list[str]:
@@ -302,6 +392,8 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
                     raise CapacityError(f"tenant {principal.tenant!r} may pin at most {quota.pins} keys "
                                         f"({held} pinned, {new} more asked)")
             before = len(pinned)
+            if self.c.replica is not None:
+                self._shared("pin", keys)
             pinned.update(keys)
             return control_pb2.PinReply(changed=len(self.c.index.pinned) - before)
 
@@ -310,6 +402,8 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         keys = self._scoped(self._principal(context), request.keys, "")
         with self.c._lock:
             before = len(self.c.index.pinned)
+            if self.c.replica is not None:
+                self._shared("unpin", keys)
             self.c.index.pinned.difference_update(keys)
             return control_pb2.PinReply(changed=before - len(self.c.index.pinned))
 

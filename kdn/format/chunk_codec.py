@@ -63,9 +63,21 @@ def encode_chunk(kv: torch.Tensor, *, key: str, layout: KVLayout, codec: Codec |
                         keyring=keyring)
 
 
+MAX_CHUNK_TOKENS = 1 << 16
+"""Tokens one chunk object may declare (chunks are hundreds of tokens; the header field is 32 bits)."""
+MAX_EXPANSION = 1024
+"""Decoded KV bytes per payload byte a header may declare, beyond ``_EXPANSION_SLACK`` (no codec compresses KV
+that far; a forged token count must not drive the output allocation)."""
+_EXPANSION_SLACK = 64 << 20
+
+
 def _check_header(header: ChunkHeader, layout: KVLayout) -> None:
     if header.num_layers != layout.num_layers:
         raise CorruptObject(f"object has {header.num_layers} layers, layout has {layout.num_layers}")
+    decoded = header.num_tokens * layout.bytes_per_token
+    if header.num_tokens > MAX_CHUNK_TOKENS or decoded > MAX_EXPANSION * header.payload_len + _EXPANSION_SLACK:
+        raise CorruptObject(f"object declares {header.num_tokens} tokens ({decoded} bytes of KV) for "
+                            f"{header.payload_len} payload bytes")
 
 
 def iter_layer_groups(data: bytes | memoryview, *, key: str, layout: KVLayout, codec: Codec, device="cpu",

@@ -3,6 +3,10 @@
 Runs in one background thread. When the controller is unreachable the node keeps serving; changes pile up (bounded)
 and are sent when it is back, or replaced by a full inventory report when too many piled up or when the controller
 does not know the node (it restarted).
+
+Replicas: ``node.controller`` may list several controllers (``"a:7070,b:7070"``). When the current one is
+unreachable or a standby (UNAVAILABLE), the link moves to the next at once, registers there and sends its full
+inventory (the new active replica starts with an empty index).
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ BATCH = 5_000
 class ControllerLink:
     def __init__(self, node: StorageNode, config: KDNConfig) -> None:
         self.node = node
-        self.address = config.node.controller
+        self.addresses = [a.strip() for a in config.node.controller.split(",") if a.strip()]
+        self._current = 0
         self.interval = config.node.heartbeat_interval_s
         self.metadata = call_metadata(config.node.token)
         self.timeout = max(1.0, self.interval * 2)
@@ -46,8 +51,17 @@ class ControllerLink:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kdn-controller-link", daemon=True)
-        self._channel = make_channel(self.address, config.tls)
-        self._stub = control_pb2_grpc.ControlStub(self._channel)
+        self._channels = [make_channel(a, config.tls) for a in self.addresses]
+        self._stubs = [control_pb2_grpc.ControlStub(c) for c in self._channels]
+
+    @property
+    def address(self) -> str:
+        """The controller the link talks to now."""
+        return self.addresses[self._current]
+
+    @property
+    def _stub(self):
+        return self._stubs[self._current]
 
     def start(self) -> None:
         self._thread.start()
@@ -56,7 +70,8 @@ class ControllerLink:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=5)
-        self._channel.close()
+        for channel in self._channels:
+            channel.close()
 
     def report(self, added: list[tuple[str, str, int]], removed: list[tuple[str, str]]) -> None:
         """Queue inventory changes (called from tier operations; never blocks on the network)."""
@@ -85,16 +100,25 @@ class ControllerLink:
             self._wake.set()
 
     def _run(self) -> None:
+        failed = 0  # addresses tried in a row without success
         while not self._stop.is_set():
             try:
                 with self._send_lock:
                     self._step()
                 self._set_connected(True)
+                failed = 0
             except grpc.RpcError as exc:
                 if self.connected:
                     log.warning("controller %s unreachable: %s", self.address, exc.code().name)
                 self._set_connected(False)
                 self._registered = False
+                if len(self.addresses) > 1:
+                    with self._send_lock:
+                        self._current = (self._current + 1) % len(self.addresses)
+                    failed += 1
+                    if failed < len(self.addresses):
+                        continue  # the next replica at once; after a full round, wait one interval
+                    failed = 0
             except Exception:  # noqa: BLE001 - keep the link alive whatever happens
                 log.exception("controller link error")
             self._wake.wait(self.interval)

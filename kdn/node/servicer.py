@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from prometheus_client import CollectorRegistry
 
 from kdn.config import KDNConfig
-from kdn.errors import ConfigError, CorruptObject, InvalidRequest
+from kdn.errors import CapacityError, ConfigError, CorruptObject, InvalidRequest
 from kdn.format.chunk import parse_header, verify_object
 from kdn.format.keys import ChunkKey
 from kdn.format.mac import load_keyring
@@ -26,11 +26,16 @@ from kdn.node.tiers import build_tier
 from kdn.node.tiers.base import Buffer
 from kdn.v1 import common_pb2, data_pb2, data_pb2_grpc
 from kdn.wire.auth import Authenticator, Principal, RateLimiter
+from kdn.wire.budget import InflightBudget
 from kdn.wire.rpc import DEFAULT_FRAME_BYTES, abort, create_server, servicer_method, ssl_context
 
 __all__ = ["StorageNode"]
 
 log = logging.getLogger(__name__)
+
+MAX_REPORTED_KEYS = 4096
+PUT_STREAM_FLUSH_BYTES = 256 << 20
+"""A gRPC put stream hands its complete objects to the tiers whenever this many bytes have arrived."""
 
 
 class StorageNode:
@@ -46,10 +51,12 @@ class StorageNode:
         self.keyring = load_keyring(config.security)  # with keys: unsigned or forged puts are refused
         self.metrics = NodeMetrics(registry or CollectorRegistry())
         self.started_at = time.monotonic()
+        # Put bytes received and not yet stored, per tenant and in total (bulk channel and gRPC Put share it).
+        self.inflight = InflightBudget(config.node.tenant_inflight_bytes, config.node.max_inflight_bytes)
         os.makedirs(config.data_dir, exist_ok=True)
         tiers = [self._build_tier(spec) for spec in config.node.tiers]
         self.link = ControllerLink(self, config) if config.node.controller else None
-        self.store = TierStack(tiers, config.node.write_policy, on_change=self._changed)
+        self.store = TierStack(tiers, config.node.write_policy, on_change=self._changed, keyring=self.keyring)
         self.quotas.changed(self.store.inventory() if self.quotas.active else [], [])
         self.grpc_port = 0
         self.bulk_port = -1
@@ -67,6 +74,11 @@ class StorageNode:
             tier = shared_tier_or_none(spec.config.capacity)
             if tier is not None:
                 return tier
+        if spec.kind == "disk":  # its start-up check needs the keyring and the object size limit
+            from kdn.node.tiers.disk import DiskTier
+
+            return DiskTier.from_config(spec.config, self.config.data_dir, keyring=self.keyring,
+                                        max_object_bytes=self.config.node.max_object_bytes)
         return build_tier(spec.kind, spec.config, self.config.data_dir)
 
     # -- addresses -------------------------------------------------------------------------------------------
@@ -104,7 +116,8 @@ class StorageNode:
             from kdn.wire.bulk import BulkServer
 
             self._bulk = BulkServer(cfg.host, cfg.bulk_port, self, max_object_bytes=cfg.max_object_bytes,
-                                    ssl_context=ssl_context(self.config.tls, server=True), link_gbps=cfg.link_gbps)
+                                    ssl_context=ssl_context(self.config.tls, server=True), link_gbps=cfg.link_gbps,
+                                    inflight=self.inflight)
             try:
                 self.bulk_port = self._bulk.start()
             except OSError as exc:
@@ -252,6 +265,23 @@ class StorageNode:
             self.link.sync()
         return out
 
+    def report_bad(self, principal: Principal, keys: Sequence[str]) -> list[bool]:
+        """A client got bad copies of ``keys`` from this node: verify every copy held (the caller's keys only) and
+        drop the bad ones; per key True when one was dropped. The removals reach the controller at once."""
+        self.rate.admit(principal)
+        allowed = [i for i, k in enumerate(keys) if principal.may_access(k)]
+        dropped = self.store.scrub([keys[i] for i in allowed])
+        out = [False] * len(keys)
+        for i, ok in zip(allowed, dropped):
+            out[i] = ok
+        if any(dropped):
+            self._count(corrupt=sum(dropped))
+            self.metrics.corrupt.inc(sum(dropped))
+            if self.link is not None:
+                self.link.sync()
+        log.info("bad copies reported for %d keys: %d dropped", len(keys), sum(dropped))
+        return out
+
     def delete_many(self, principal: Principal, keys: Sequence[str]) -> list[bool]:
         self.rate.admit(principal)
         allowed = [i for i, k in enumerate(keys) if principal.may_access(k)]
@@ -304,53 +334,80 @@ class DataServicer(data_pb2_grpc.DataServicer):
                                         data=bytes(view[offset:offset + length]))
 
     def Put(self, request_iterator, context):  # noqa: N802
+        """Objects are received as their frames arrive (never allocated from ``total_size``), the bytes held are
+        charged to the node's in-flight budget (refused at once past the tenant's or the node's limit), and
+        complete objects go to the tiers every ``PUT_STREAM_FLUSH_BYTES``."""
         try:
             principal = self._principal(context)
         except Exception as exc:  # noqa: BLE001
             abort(context, exc, "Put")
         limit = self.node.config.node.max_object_bytes
         results: list[data_pb2.PutResult] = []  # one per object, in arrival order
-        batch: list[tuple[int, str, bytes, str]] = []
+        batch: list[tuple[int, str, bytearray, str]] = []
+        reservation = self.node.inflight.reservation(principal.tenant)
         tier = ""
         buf: bytearray | None = None
-        key, filled = "", 0
+        key, total, batch_bytes = "", 0, 0
 
         def fail(error: str) -> None:
             results[-1].error = error
 
-        for frame in request_iterator:
-            if frame.offset == 0 and (buf is None or frame.key != key or filled == 0):
-                if buf is not None:
-                    fail("incomplete object")
-                key, filled, buf, tier = frame.key, 0, None, frame.tier
-                results.append(data_pb2.PutResult(key=key, stored=False))
-                if frame.total_size > limit:
-                    fail("object exceeds max_object_bytes")
+        def flush() -> None:
+            for hint in sorted({t for *_, t in batch}):
+                group = [b for b in batch if b[3] == hint]
+                try:
+                    outcomes = self.node.put_many(principal, [(k, d) for _, k, d, _ in group], transport="grpc",
+                                                  tier=hint)
+                except Exception as exc:  # noqa: BLE001 - e.g. the tenant's request rate
+                    abort(context, exc, "Put")
+                for (index, *_), (ok, err) in zip(group, outcomes):
+                    results[index].stored = ok
+                    results[index].error = err
+            batch.clear()
+            reservation.release()  # the tiers own those bytes now
+
+        try:
+            for frame in request_iterator:
+                if frame.offset == 0 and (buf is None or frame.key != key or not buf):
+                    if buf is not None:
+                        fail("incomplete object")
+                        reservation.release(len(buf))
+                    key, total, buf, tier = frame.key, frame.total_size, None, frame.tier
+                    results.append(data_pb2.PutResult(key=key, stored=False))
+                    if total > limit:
+                        fail("object exceeds max_object_bytes")
+                        continue
+                    buf = bytearray()
+                if buf is None:
                     continue
-                buf = bytearray(frame.total_size)
-            if buf is None:
-                continue
-            if frame.key != key or frame.offset != filled or filled + len(frame.data) > len(buf):
-                fail("out-of-order frame")
-                buf = None
-                continue
-            buf[filled:filled + len(frame.data)] = frame.data
-            filled += len(frame.data)
-            if filled == len(buf):
-                batch.append((len(results) - 1, key, bytes(buf), tier))
-                buf = None
-        if buf is not None:
-            fail("incomplete object")
-        for hint in sorted({t for *_, t in batch}):
-            group = [b for b in batch if b[3] == hint]
-            try:
-                outcomes = self.node.put_many(principal, [(k, d) for _, k, d, _ in group], transport="grpc",
-                                              tier=hint)
-            except Exception as exc:  # noqa: BLE001 - e.g. the tenant's request rate
-                abort(context, exc, "Put")
-            for (index, *_), (ok, err) in zip(group, outcomes):
-                results[index].stored = ok
-                results[index].error = err
+                n = len(frame.data)
+                if frame.key != key or frame.offset != len(buf) or len(buf) + n > total:
+                    fail("out-of-order frame")
+                    reservation.release(len(buf))
+                    buf = None
+                    continue
+                try:
+                    reservation.charge(n)
+                except CapacityError as exc:
+                    fail(str(exc))
+                    reservation.release(len(buf))
+                    buf = None
+                    continue
+                buf += frame.data
+                if len(buf) == total:
+                    batch.append((len(results) - 1, key, buf, tier))
+                    batch_bytes += total
+                    buf = None
+                    if batch_bytes >= PUT_STREAM_FLUSH_BYTES:
+                        flush()
+                        batch_bytes = 0
+            if not context.is_active():  # gRPC ended the call (a frame it could not parse, a cancel): answer
+                return None              # nothing; a reply here would leave the call unfinished (stop() hangs)
+            if buf is not None:
+                fail("incomplete object")
+            flush()
+        finally:
+            reservation.release()
         return data_pb2.PutReply(results=results)
 
     @servicer_method
@@ -362,6 +419,13 @@ class DataServicer(data_pb2_grpc.DataServicer):
     def Move(self, request, context):  # noqa: N802
         return data_pb2.MoveReply(moved=self.node.move_many(self._principal(context), list(request.keys),
                                                             request.tier))
+
+    @servicer_method
+    def ReportBad(self, request, context):  # noqa: N802
+        keys = list(request.keys)
+        if len(keys) > MAX_REPORTED_KEYS:
+            raise InvalidRequest(f"at most {MAX_REPORTED_KEYS} keys per report")
+        return data_pb2.ReportBadReply(dropped=self.node.report_bad(self._principal(context), keys))
 
     @servicer_method
     def Delete(self, request, context):  # noqa: N802

@@ -8,15 +8,28 @@
 
 Every change of which tier holds which key is reported through ``on_change(added, removed)`` so the node can
 tell the controller (``added``: ``(key, tier, size)``; ``removed``: ``(key, tier)``).
+
+Bad copies heal (docs/security.md, "Healing"): a tier that drops a bad object on its own (disk, Redis, S3 verify
+every read) reports it through ``on_drop`` and the removal reaches the controller; objects of tiers that do not
+verify themselves (memory, pinned, GPU) have their header checked on every get (checksum, key, fingerprint and
+codec; with the keyring its MAC), and a bad one is dropped and the next tier tried, so a corrupt memory copy never
+shadows a good disk copy. :meth:`TierStack.scrub` fully verifies every copy of reported keys (a client that got a
+bad copy says so) and drops the bad ones.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-from kdn.errors import ConfigError
+from kdn.errors import ConfigError, CorruptObject
+from kdn.format.chunk import verify_object
+from kdn.node.tiers._remote import expected_fields
 from kdn.node.tiers.base import Buffer, Tier
+
+if TYPE_CHECKING:
+    from kdn.format.mac import Keyring
 
 __all__ = ["TierStack", "WRITE_POLICIES"]
 
@@ -30,7 +43,7 @@ class TierStack:
     """Ordered tiers behaving as one store."""
 
     def __init__(self, tiers: Sequence[Tier], write_policy: str = "write-through",
-                 on_change: ChangeCallback | None = None) -> None:
+                 on_change: ChangeCallback | None = None, keyring: Keyring | None = None) -> None:
         if not tiers:
             raise ConfigError("a node needs at least one tier")
         if write_policy not in WRITE_POLICIES:
@@ -42,8 +55,12 @@ class TierStack:
         self.write_policy = write_policy
         self.on_change = on_change
         self.promote_on_hit = True
+        self.keyring = keyring
+        self.dropped = 0
+        """Bad copies dropped (found by a tier, a get's header check or a scrub)."""
         for i, tier in enumerate(self.tiers):
             tier.on_evict = self._make_evict_handler(i)
+            tier.on_drop = self._make_drop_handler(tier)
 
     def _emit(self, added: list[tuple[str, str, int]], removed: list[tuple[str, str]]) -> None:
         if self.on_change is not None and (added or removed):
@@ -60,6 +77,50 @@ class TierStack:
                         break
             self._emit(added, [(key, tier.kind)])
         return handler
+
+    def _make_drop_handler(self, tier: Tier) -> Callable[[str], None]:
+        def handler(key: str) -> None:
+            self.dropped += 1
+            self._emit([], [(key, tier.kind)])
+        return handler
+
+    @staticmethod
+    def _self_verifying(tier: Tier) -> bool:
+        """Whether ``tier`` verifies what it reads itself (the durable tiers do, on every get)."""
+        return tier.durable
+
+    def _check(self, key: str, data: Buffer, *, full: bool) -> str:
+        """'' when ``data`` is a good copy of ``key`` (header only unless ``full``), else why not."""
+        try:
+            verify_object(data, key=key, check_payload=full, keyring=self.keyring, **expected_fields(key))
+        except CorruptObject as exc:
+            return str(exc) or type(exc).__name__
+        return ""
+
+    def _drop_bad(self, tier: Tier, key: str, why: str) -> bool:
+        log.warning("tier %s: dropping bad copy of %s: %s", tier.kind, key, why)
+        if tier.delete(key):
+            self.dropped += 1
+            self._emit([], [(key, tier.kind)])
+            return True
+        return False
+
+    def scrub(self, keys: Sequence[str]) -> list[bool]:
+        """Fully verify every tier's copy of each key (with the keyring when there is one) and drop the bad ones;
+        per key True when a copy was dropped. For keys a client reported bad."""
+        out = [False] * len(keys)
+        for tier in self.tiers:
+            held = [i for i, present in enumerate(tier.contains_many(keys)) if present]
+            if not held:
+                continue
+            for i, data in zip(held, tier.get_many([keys[i] for i in held])):
+                if data is None:  # a verifying tier dropped (and reported) it itself, or it went meanwhile
+                    out[i] = out[i] or not tier.contains(keys[i])
+                    continue
+                why = self._check(keys[i], data, full=True)
+                if why:
+                    out[i] = self._drop_bad(tier, keys[i], why) or out[i]
+        return out
 
     def tier(self, kind: str) -> Tier | None:
         return next((t for t in self.tiers if t.kind == kind), None)
@@ -123,8 +184,14 @@ class TierStack:
             if not pending:
                 break
             found = tier.get_many([keys[i] for i in pending])
+            check = not self._self_verifying(tier)
             still = []
             for i, data in zip(pending, found):
+                if data is not None and check:
+                    why = self._check(keys[i], data, full=False)
+                    if why:
+                        self._drop_bad(tier, keys[i], why)
+                        data = None
                 if data is None:
                     still.append(i)
                 else:

@@ -79,6 +79,12 @@ class DeleteReply(_message.Message):
     deleted: _containers.RepeatedScalarFieldContainer[bool]
     def __init__(self, deleted: _Optional[_Iterable[bool]] = ...) -> None: ...
 
+class ReportBadReply(_message.Message):
+    __slots__ = ("dropped",)
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    dropped: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, dropped: _Optional[_Iterable[bool]] = ...) -> None: ...
+
 class NodeStatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

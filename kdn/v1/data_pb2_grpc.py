@@ -64,6 +64,11 @@ class DataStub:
                 request_serializer=kdn_dot_v1_dot_data__pb2.MoveRequest.SerializeToString,
                 response_deserializer=kdn_dot_v1_dot_data__pb2.MoveReply.FromString,
                 _registered_method=True)
+        self.ReportBad = channel.unary_unary(
+                '/kdn.v1.Data/ReportBad',
+                request_serializer=kdn_dot_v1_dot_data__pb2.KeysRequest.SerializeToString,
+                response_deserializer=kdn_dot_v1_dot_data__pb2.ReportBadReply.FromString,
+                _registered_method=True)
 
 
 class DataServicer:
@@ -110,6 +115,15 @@ class DataServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportBad(self, request, context):
+        """A client got copies of these keys from this node that did not verify: the node fully verifies every copy it
+        holds and drops the bad ones (and tells the controller), so the next lookup and store see them gone. Only
+        the caller's own keys; copies that verify are kept.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DataServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -142,6 +156,11 @@ def add_DataServicer_to_server(servicer, server):
                     servicer.Move,
                     request_deserializer=kdn_dot_v1_dot_data__pb2.MoveRequest.FromString,
                     response_serializer=kdn_dot_v1_dot_data__pb2.MoveReply.SerializeToString,
+            ),
+            'ReportBad': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportBad,
+                    request_deserializer=kdn_dot_v1_dot_data__pb2.KeysRequest.FromString,
+                    response_serializer=kdn_dot_v1_dot_data__pb2.ReportBadReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -306,6 +325,33 @@ class Data:
             '/kdn.v1.Data/Move',
             kdn_dot_v1_dot_data__pb2.MoveRequest.SerializeToString,
             kdn_dot_v1_dot_data__pb2.MoveReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportBad(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kdn.v1.Data/ReportBad',
+            kdn_dot_v1_dot_data__pb2.KeysRequest.SerializeToString,
+            kdn_dot_v1_dot_data__pb2.ReportBadReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from kdn.errors import AuthError, CapacityError, DeadlineExceeded, InvalidRequest, KDNError, NotFound, Unavailable
+from kdn.wire.budget import InflightBudget, Reservation, receive_growing
 from kdn.wire.buffers import Buffer, byte_view
 from kdn.wire.link import PACE_SLICE_BYTES, TokenBucket
 
@@ -166,6 +167,25 @@ class _Conn:
                 pos += self._recv_into(view[pos:])
         self.read(_pad(n))
 
+    def fill(self, view: memoryview) -> None:
+        """Fill ``view`` with the next bytes of the stream (no padding consumed)."""
+        n = len(view)
+        if n <= _SMALL:
+            view[:] = self.read(n)
+            return
+        pos = min(n, self._end - self._start)
+        view[:pos] = self._view[self._start:self._start + pos]
+        self._start += pos
+        while pos < n:
+            pos += self._recv_into(view[pos:])
+
+    def skip(self, n: int) -> None:
+        """Read and discard ``n`` bytes (bounded memory: through the read buffer)."""
+        while n > 0:
+            step = min(n, _SMALL)
+            self.read(step)
+            n -= step
+
     def send(self, parts: list[Any]) -> None:
         """Send buffers in order with ``sendmsg`` (no concatenation; one wakeup of the peer per batch)."""
         parts = [p for p in parts if len(p)]
@@ -218,8 +238,11 @@ class BulkServer:
     def __init__(self, host: str, port: int, handler: BulkHandler, *, max_object_bytes: int,
                  max_connections: int = 256, io_timeout_s: float = 30.0, idle_timeout_s: float = 600.0,
                  max_batch_bytes: int = 256 << 20, sock_buf_bytes: int = SOCK_BUF_BYTES,
-                 ssl_context: ssl.SSLContext | None = None, link_gbps: float = 0.0) -> None:
+                 ssl_context: ssl.SSLContext | None = None, link_gbps: float = 0.0,
+                 inflight: InflightBudget | None = None) -> None:
         self.host, self.port, self.handler = host, port, handler
+        # Put bytes received and not yet stored, per tenant and in total (None: bounded per connection only).
+        self.inflight = inflight
         self.link = TokenBucket(link_gbps) if link_gbps > 0 else None
         self.ssl_context = ssl_context
         self.max_object_bytes = int(max_object_bytes)
@@ -427,6 +450,10 @@ class BulkServer:
                 release()
 
     def _put(self, conn: _Conn, principal: Any, count: int) -> None:
+        """Objects are received as their bytes arrive (:func:`~kdn.wire.budget.receive_growing`: the declared size
+        never drives an allocation); what the connection holds is charged to the in-flight budget and handed to the
+        tiers every ``max_batch_bytes``. An object the budget cannot take is read and discarded (bounded memory)
+        and refused with the budget's message; the connection stays in sync."""
         entries, table = [], _REQ.size
         for _ in range(count):  # the whole table is checked before any payload is read
             key_len, size = _PUT_ITEM.unpack(conn.read(_PUT_ITEM.size))
@@ -437,16 +464,38 @@ class BulkServer:
         conn.read(_pad(table))
         results: list[tuple[bool, str]] = []
         batch: list[tuple[str, Buffer]] = []
+        refused: dict[int, str] = {}  # index in this request -> why
         batch_bytes = 0
-        for key, size in entries:
-            buf = bytearray(size)
-            conn.read_into(memoryview(buf))
-            batch.append((key, buf))
-            batch_bytes += size
-            if batch_bytes >= self.max_batch_bytes:  # bound memory per connection: store as we go
-                results += self._store(principal, batch)
-                batch, batch_bytes = [], 0
-        results += self._store(principal, batch)
+        reservation = Reservation(self.inflight, str(getattr(principal, "tenant", "")))
+        try:
+            for index, (key, size) in enumerate(entries):
+                got = 0
+
+                def fill(view: memoryview) -> None:
+                    nonlocal got
+                    conn.fill(view)
+                    got += len(view)
+
+                try:
+                    buf = receive_growing(size, fill, reservation)
+                except CapacityError as exc:
+                    reservation.release(reservation.held - batch_bytes)  # this object's partial buffer
+                    conn.skip(size - got)
+                    refused[index] = str(exc)
+                else:
+                    batch.append((key, buf))
+                    batch_bytes += size
+                conn.skip(_pad(size))
+                if batch_bytes >= self.max_batch_bytes:  # bound memory per connection: store as we go
+                    results += self._store(principal, batch)
+                    batch, batch_bytes = [], 0
+                    reservation.release()
+            results += self._store(principal, batch)
+        finally:
+            reservation.release()
+        if refused:  # merge the refusals back in request order
+            stored = iter(results)
+            results = [(False, refused[i]) if i in refused else next(stored) for i in range(count)]
         msgs = [(ok, _message(text)) for ok, text in results]
         conn.send([_block(_RESP.pack(RESP_OK, 0, count),
                           *(_PUT_RESULT.pack(int(ok), len(m)) + m for ok, m in msgs))])

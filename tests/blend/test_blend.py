@@ -49,9 +49,9 @@ def small(smol):
 
 def test_schedules():
     assert schedule(30, 0.15, "single").ratios == {1: 0.15}
-    g = schedule(30, 0.15, "gradual")
-    assert list(g.ratios) == [1, 2, 3, 4] and g.ratios[1] == pytest.approx(0.3) and g.ratios[4] == 0.15
-    assert g.keep(4, 100) == 15 and g.keep(5, 100) is None
+    g = schedule(30, 0.15, "gradual")  # the paper's: 2r at layer 1 down to r at layer 3
+    assert list(g.ratios) == [1, 2, 3] and g.ratios[1] == pytest.approx(0.3) and g.ratios[3] == 0.15
+    assert g.keep(3, 100) == 15 and g.keep(4, 100) is None
     k = schedule(30, 0.15)  # the default rule: wide first set, narrowed over 16 layers
     assert list(k.ratios) == list(range(1, 17)) and k.ratios[1] == 0.6 and k.ratios[16] == pytest.approx(0.15)
     assert all(a >= b for a, b in zip(list(k.ratios.values()), list(k.ratios.values())[1:]))

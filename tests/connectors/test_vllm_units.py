@@ -147,3 +147,104 @@ def test_worker_store_then_layerwise_load_into_other_blocks(cluster, layout):
     assert r.take_failed_blocks() == {7, 8}
     w.close()
     r.close()
+
+
+def test_worker_round_trip_through_gpu_backend_strided_caches(cluster, layout):
+    """The worker stores from and loads into vLLM's logical GPU-backend views (BLHNC: every layer's page inside
+    each block, so each layer's view is strided), layer by layer through a real KDN cluster."""
+    from connectors.vllm.paged import StridedKVLayout
+
+    def caches(seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        gen = torch.Generator().manual_seed(seed)
+        raw = torch.randn(16, LAYERS, HEADS, BS, 2 * DIM, generator=gen).to(torch.bfloat16)  # [B, L, H, N, C]
+        return raw, [raw[:, i] for i in range(LAYERS)]
+
+    tokens = list(range(700, 700 + 2 * CHUNK))
+    nblocks = len(tokens) // BS
+    events: list[dict] = []
+    _, src = caches(0)
+    paged = StridedKVLayout(BS, HEADS, DIM)
+    client = KDNClient(layout, controller=cluster.address, chunk_size=CHUNK, store_partial=False, tenant="w")
+    w = KVWorker(client, src, paged, on_event=events.append)
+    w.begin_saves([SaveSpec("s1", tokens, list(range(nblocks)))])
+    for i in range(LAYERS):
+        w.save_layer(i)
+    w.flush_saves()
+    w.pending_stores[-1].result(30)
+
+    dst_raw, dst = caches(1)
+    before = dst_raw.clone()
+    client2 = KDNClient(layout, controller=cluster.address, chunk_size=CHUNK, store_partial=False, tenant="w")
+    r = KVWorker(client2, dst, paged, on_event=events.append)
+    dst_blocks = list(range(15, 15 - nblocks, -1))
+    r.start_load([LoadSpec("s2", tokens, dst_blocks, 0, len(tokens))])
+    for i in range(LAYERS):
+        r.wait_for_layer(i)
+    r._join_loader()
+    assert r.take_failed_blocks() == set()
+    for i in range(LAYERS):
+        assert torch.equal(paged.gather(dst[i], dst_blocks), paged.gather(src[i], list(range(nblocks))))
+    untouched = [b for b in range(16) if b not in dst_blocks]
+    assert torch.equal(dst_raw[untouched], before[untouched])
+    w.close()
+    r.close()
+
+
+def test_failed_store_is_counted_in_the_stats(layout):
+    """Controller unreachable: the store event still appears, with its chunks counted as failed."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    events: list[dict] = []
+    src = [torch.randn(4, HEADS, BS, 2 * DIM).to(torch.bfloat16) for _ in range(LAYERS)]
+    client = KDNClient(layout, controller=f"127.0.0.1:{port}", chunk_size=CHUNK, store_partial=False, tenant="w",
+                       timeout_s=2.0)
+    w = KVWorker(client, src, paged(), on_event=events.append)
+    w.begin_saves([SaveSpec("f1", list(range(2 * CHUNK)), [0, 1, 2, 3])])
+    for i in range(LAYERS):
+        w.save_layer(i)
+    w.flush_saves()
+    for future in w.pending_stores:
+        future.result(60)
+    store = [e for e in events if e["event"] == "store"]
+    assert len(store) == 1 and store[0]["stored"] == 0 and store[0]["failed"] == 2 and store[0]["error"]
+    w.close()
+
+
+def test_default_model_id_identifies_the_weights_not_the_folder(tmp_path):
+    from connectors.vllm.config import weights_id
+
+    def folder(name: str, weights: bytes) -> str:
+        path = tmp_path / name
+        path.mkdir()
+        (path / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": 2}')
+        (path / "model.safetensors").write_bytes(weights)
+        (path / "README.md").write_text(name)  # not part of the identity
+        return str(path)
+
+    weights = bytes(range(256)) * 4096  # 1 MiB
+    a, b = folder("a", weights), folder("b", weights)
+    tuned = bytearray(weights)
+    tuned[len(weights) // 2: len(weights) // 2 + 64] = b"\xff" * 64  # inside a sampled region
+    c = folder("c", bytes(tuned))
+    assert weights_id(a, "llama") == weights_id(b, "llama") != weights_id(c, "llama")
+    assert weights_id(a, "llama").startswith("llama@")
+    assert weights_id("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_failed_load_is_stored_again():
+    """After workers report lost blocks of a load, the request counts as hit only before them and its freshly
+    computed chunks are planned for storage."""
+    planner = SchedulerPlanner(lambda tokens: 192, block_size=BS, chunk_size=CHUNK)
+    prompt = list(range(200))
+    assert planner.num_new_matched_tokens("a", prompt, 0) == 192
+    planner.after_alloc("a", 192)
+    plan = planner.build([("a", prompt, list(range(10, 17)), 192)], [], {"a": 8})
+    assert plan.loads and plan.saves == []  # every whole chunk came from KDN: nothing to store
+    assert planner.load_failed({99}) == []  # not ours
+    assert planner.load_failed({13}) == ["a"]  # block 3 of the load (tokens 96..127) was lost
+    assert planner.requests["a"].hit == 64
+    plan = planner.build([], [("a", None, False, 64)], {"a": 136})  # vLLM recomputes from token 64
+    assert plan.saves == [SaveSpec("a", prompt[:192], list(range(10, 16)))]

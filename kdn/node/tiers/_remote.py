@@ -270,6 +270,7 @@ class RemoteTier(Tier):
             self._log.warning("%s: dropping bad object under %r: %s", self._backend, key, exc)
             self._budget.forget([key])
             self._remove(key)
+            self._dropped(key)
             return None
         self._budget.touch(key)
         return data

@@ -8,7 +8,8 @@ Contract for every tier:
 - ``get_many`` returns bytes-like objects the caller may read until it drops them; tiers must never hand out a
   buffer that a later put or eviction can overwrite while the caller holds it.
 - A tier never returns an object that it cannot vouch for: durable tiers verify the object's header (and
-  checksums where cheap) and treat failures as misses, dropping the bad object with a logged warning.
+  checksums where cheap) and treat failures as misses, dropping the bad object with a logged warning and a call
+  of ``on_drop(key)``.
 - Backend outages (disk I/O errors, Redis/S3 down) become misses (``get``), ``False`` (``put``/``contains``) and a
   logged error; they never raise into the caller.
 - ``put_many`` may evict least-recently-used objects to make room; each evicted object is passed to the
@@ -23,9 +24,10 @@ from collections.abc import Callable, Iterator, Sequence
 
 from kdn.wire.buffers import Buffer
 
-__all__ = ["Tier", "Buffer", "EvictCallback"]
+__all__ = ["Tier", "Buffer", "EvictCallback", "DropCallback"]
 
 EvictCallback = Callable[[str, Buffer], None]
+DropCallback = Callable[[str], None]
 
 
 class Tier(ABC):
@@ -38,6 +40,9 @@ class Tier(ABC):
 
     def __init__(self) -> None:
         self.on_evict: EvictCallback | None = None
+        #: Called with the key of an object the tier dropped on its own (it failed verification), so that the
+        #: node tells the controller (docs/security.md, "Healing").
+        self.on_drop: DropCallback | None = None
 
     @abstractmethod
     def put_many(self, items: Sequence[tuple[str, Buffer]]) -> list[bool]:
@@ -88,3 +93,7 @@ class Tier(ABC):
     def _evicted(self, key: str, data: Buffer) -> None:
         if self.on_evict is not None:
             self.on_evict(key, data)
+
+    def _dropped(self, key: str) -> None:
+        if self.on_drop is not None:
+            self.on_drop(key)

@@ -8,8 +8,12 @@ Writes follow reliability rule 3: unique temp file ``.tmp-*`` in the target dire
 -> fsync directory -> acknowledge. Only renamed files are ever indexed; temp files left by a crash are deleted at
 start. ``fsync: never`` survives a killed process (the page cache outlives it) but not power loss.
 
-Every get verifies the whole object (header, key, length and xxh3 section checksums); a failure is a miss and the
-file is dropped with a warning. A directory is owned by one tier at a time (an exclusive ``flock`` on ``.lock``).
+Every get verifies the whole object (header, key, fingerprint, codec, length and section checksums; with the node's
+keyring its MAC and keyed digests); a failure is a miss, the file is dropped with a warning and ``on_drop`` tells the
+node. The start-up check is the same (payloads only with ``verify_on_start``). Files are opened with ``O_NOFOLLOW``
+and ``O_NONBLOCK`` and their size is checked (``fstat``) before a byte is read: a symlink, FIFO, device or a file
+larger than the tier or ``max_object_bytes`` (e.g. a sparse 2 GiB file) is skipped with a warning at start and a
+miss on a live read. A directory is owned by one tier at a time (an exclusive ``flock`` on ``.lock``).
 """
 
 from __future__ import annotations
@@ -20,14 +24,20 @@ import hashlib
 import itertools
 import logging
 import os
+import stat
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from kdn.errors import ConfigError, CorruptObject
-from kdn.format.chunk import MAX_HEADER_BYTES, parse_header, verify_object
+from kdn.format.chunk import ChunkHeader, header_length, parse_header, verify_object
+from kdn.node.tiers._remote import expected_fields
 from kdn.node.tiers.base import Buffer, Tier
+
+if TYPE_CHECKING:
+    from kdn.format.mac import Keyring
 
 __all__ = ["DiskTier", "DiskTierConfig"]
 
@@ -36,6 +46,8 @@ log = logging.getLogger(__name__)
 _SUFFIX = ".kdn"
 _TMP_PREFIX = ".tmp-"
 _FANOUT = [f"{i:02x}" for i in range(256)]
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_HEAD_BYTES = 28  # the fixed part of a chunk header (magic .. checksum): enough to learn the header length
 
 
 @dataclass
@@ -66,11 +78,14 @@ class DiskTier(Tier):
     durable = True
     config_class = DiskTierConfig
 
-    def __init__(self, path: str, capacity: int, fsync: str = "always", verify_on_start: bool = True) -> None:
+    def __init__(self, path: str, capacity: int, fsync: str = "always", verify_on_start: bool = True, *,
+                 keyring: Keyring | None = None, max_object_bytes: int = 0) -> None:
         super().__init__()
         DiskTierConfig(capacity, path, fsync).validate()
         self.path = os.path.abspath(path)
         self._capacity = int(capacity)
+        self.keyring = keyring
+        self.max_object_bytes = min(int(max_object_bytes or capacity), int(capacity))
         self._fsync_on = fsync == "always"
         self._index: OrderedDict[str, tuple[int, int]] = OrderedDict()  # key -> (size, generation)
         self._busy: set[str] = set()  # keys whose file is being written or removed (never in the index)
@@ -87,9 +102,10 @@ class DiskTier(Tier):
         self._rebuild(verify_on_start)
 
     @classmethod
-    def from_config(cls, config: DiskTierConfig, data_dir: str) -> DiskTier:
+    def from_config(cls, config: DiskTierConfig, data_dir: str, *, keyring: Keyring | None = None,
+                    max_object_bytes: int = 0) -> DiskTier:
         return cls(config.path or os.path.join(data_dir, "disk"), config.capacity, config.fsync,
-                   config.verify_on_start)
+                   config.verify_on_start, keyring=keyring, max_object_bytes=max_object_bytes)
 
     @property
     def capacity_bytes(self) -> int:
@@ -125,13 +141,76 @@ class DiskTier(Tier):
             finally:
                 os.close(fd)
 
-    def _read_verified(self, key: str, path: str, size: int | None = None) -> bytes:
-        with open(path, "rb") as f:
-            data = f.read()
-        if size is not None and len(data) != size:
-            raise CorruptObject(f"file is {len(data)} bytes, index says {size}")
-        verify_object(data, key=key, check_payload=True)
+    def _open_checked(self, path: str) -> tuple[int, int]:
+        """``(fd, size)`` of a regular file no larger than an object may be (nothing read yet); raises
+        :class:`CorruptObject` for a symlink, FIFO, device or oversized file."""
+        try:
+            fd = os.open(path, _OPEN_FLAGS)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise CorruptObject("a symlink, not a regular file") from None
+            raise
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise CorruptObject("not a regular file")
+            if st.st_size > self.max_object_bytes:
+                raise CorruptObject(f"file of {st.st_size} bytes is larger than any object of this tier "
+                                    f"({self.max_object_bytes})")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, st.st_size
+
+    @staticmethod
+    def _read_exact(fd: int, n: int) -> bytearray:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        pos = 0
+        while pos < n:
+            got = os.readv(fd, [view[pos:]])
+            if got <= 0:
+                raise CorruptObject(f"file ended after {pos} of {n} bytes")
+            pos += got
+        return buf
+
+    def _read_verified(self, key: str, path: str, size: int | None = None) -> bytearray:
+        fd, st_size = self._open_checked(path)
+        try:
+            if size is not None and st_size != size:
+                raise CorruptObject(f"file is {st_size} bytes, index says {size}")
+            data = self._read_exact(fd, st_size)
+        finally:
+            os.close(fd)
+        verify_object(data, key=key, check_payload=True, keyring=self.keyring, **expected_fields(key))
         return data
+
+    def _check_at_start(self, path: str, name: str, check_payload: bool) -> tuple[ChunkHeader, int]:
+        """The header and size of the object file at ``path``, checked as a get would (payload with
+        ``check_payload``); the header is read and checked before the payload."""
+        fd, st_size = self._open_checked(path)
+        try:
+            head = self._read_exact(fd, min(st_size, _HEAD_BYTES))
+            header_len = header_length(head)
+            if header_len > st_size:
+                raise CorruptObject(f"file of {st_size} bytes is shorter than its header ({header_len})")
+            header = parse_header(head + self._read_exact(fd, header_len - len(head)), self.keyring)
+            if st_size != header.total_len:
+                raise CorruptObject(f"file is {st_size} bytes, header says {header.total_len}")
+            if _file_name(header.key) != name:
+                raise CorruptObject("header key does not match the file name (foreign object)")
+            expected = expected_fields(header.key)
+            if not expected:
+                raise CorruptObject("header key is not a chunk key")
+            if check_payload:
+                os.lseek(fd, 0, os.SEEK_SET)
+                data = self._read_exact(fd, st_size)
+                header = verify_object(data, key=header.key, keyring=self.keyring, **expected)
+            elif header.fingerprint != expected["fingerprint"] or header.codec != expected["codec"]:
+                raise CorruptObject("object's fingerprint or codec is not its key's (foreign object)")
+        finally:
+            os.close(fd)
+        return header, st_size
 
     def _write_file(self, key: str, data: memoryview) -> None:
         directory, name = self._file(key)
@@ -169,15 +248,15 @@ class DiskTier(Tier):
                     _unlink(entry.path)
                 elif entry.name.endswith(_SUFFIX):
                     try:
-                        with open(entry.path, "rb") as f:
-                            data = f.read() if check_payload else f.read(MAX_HEADER_BYTES)
-                            st = os.fstat(f.fileno())
-                        header = verify_object(data) if check_payload else parse_header(data)
-                        if st.st_size != header.total_len:
-                            raise CorruptObject(f"file is {st.st_size} bytes, header says {header.total_len}")
-                        if _file_name(header.key) != entry.name:
-                            raise CorruptObject("header key does not match the file name (foreign object)")
-                        found.append((st.st_mtime, header.key, st.st_size))
+                        regular = entry.is_file(follow_symlinks=False)
+                    except OSError:
+                        regular = False
+                    if not regular:
+                        log.warning("disk tier: skipping %s at start: not a regular file", entry.path)
+                        continue
+                    try:
+                        header, size = self._check_at_start(entry.path, entry.name, check_payload)
+                        found.append((entry.stat(follow_symlinks=False).st_mtime, header.key, size))
                     except (CorruptObject, OSError) as exc:
                         log.warning("disk tier: dropping %s at start: %s", entry.path, exc)
                         _unlink(entry.path)
@@ -282,6 +361,7 @@ class DiskTier(Tier):
             self._used -= size
             self._busy.add(key)
         self._remove([(key, size)], evict=False)
+        self._dropped(key)
         return None
 
     def contains_many(self, keys: Sequence[str]) -> list[bool]:

