@@ -261,3 +261,15 @@ def test_short_fetch_overtakes_a_long_one_under_srpt_not_fifo(tmp_path, policy):
         assert (finished["short"] < finished["long"] - margin) == (policy == "srpt"), (finished, started)
     finally:
         cluster.close()
+
+
+def test_store_before_any_node_registered_fails_with_a_reason(tmp_path):
+    cluster = Cluster(tmp_path)
+    cluster.start_controller()
+    try:
+        with _client(cluster) as client:
+            result = client.store(TOKENS, _kv(len(TOKENS)), copy=False).result(30)
+            assert result.stored == 0 and result.failed == len(TOKENS) // CHUNK
+            assert "no node" in result.error, result
+    finally:
+        cluster.close()

@@ -849,6 +849,8 @@ class KDNClient:
             if target.node_id:
                 node = NodeAddress(target.node_id, target.address, target.bulk_address)
                 by_node.setdefault((node.node_id, target.tier), (node, []))[1].append(i)
+            else:
+                error = "the controller placed the chunk on no node (none registered yet, or none can hold it)"
         for (_, tier), (node, idx) in by_node.items():
             try:
                 results = self._node(node).put_many_detailed([(names[i], objects[i]) for i in idx], tier=tier)
