@@ -247,12 +247,19 @@ def test_tier_stack_promote_on_hit_can_be_turned_off():
     class Slow(MemoryTier):
         kind = "slow"
 
+    from kdn.format.chunk import build_object
+    from kdn.format.keys import prefix_keys
+
+    (_, key), = prefix_keys(list(range(8)), "default", bytes(16), "raw", 8)
+    k = str(key)
+    obj = build_object(codec="raw", key=k, fingerprint=bytes(16), num_tokens=8, start=0, num_layers=1,
+                       sections=[(0, 1, b"x" * 100)])  # the node checks headers of what memory tiers serve
     stack = TierStack([MemoryTier(1 << 20), Slow(1 << 20)])
-    stack.tiers[1].put_many([("k", b"x" * 100)])
+    stack.tiers[1].put_many([(k, obj)])
     stack.promote_on_hit = False
-    assert stack.get_many(["k"])[0][1] == "slow" and stack.locate_many(["k"]) == ["slow"]
+    assert stack.get_many([k])[0][1] == "slow" and stack.locate_many([k]) == ["slow"]
     stack.promote_on_hit = True
-    assert stack.get_many(["k"])[0][1] == "slow" and stack.locate_many(["k"]) == ["memory"]
+    assert stack.get_many([k])[0][1] == "slow" and stack.locate_many([k]) == ["memory"]
 
 
 # -- end to end ---------------------------------------------------------------------------------------------------
