@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kdn.errors import CapacityError
+from kdn.wire.buffers import fresh_bytes
 
 __all__ = ["InflightBudget", "Reservation", "receive_growing", "FIRST_ALLOCATION"]
 
@@ -86,21 +87,20 @@ class Reservation:
 
 
 def receive_growing(size: int, fill: Callable[[memoryview], None], reservation: Reservation,
-                    first: int = FIRST_ALLOCATION) -> bytearray:
+                    first: int = FIRST_ALLOCATION) -> memoryview:
     """Receive an object of declared ``size``: ``fill(view)`` must fill the whole view with the next bytes.
 
-    The buffer starts at ``min(size, first)`` and doubles as it fills; each growth is charged to ``reservation``
-    before it is allocated (:class:`CapacityError` when it does not fit: the caller drains or closes)."""
-    cap = min(size, first)
-    reservation.charge(cap)
-    buf = bytearray(cap)
-    filled = 0
-    while True:
-        fill(memoryview(buf)[filled:cap])
-        filled = cap
-        if filled >= size:
-            return buf
-        grow = min(size - cap, cap)
-        reservation.charge(grow)
-        buf.extend(bytes(grow))
-        cap += grow
+    One buffer of ``size`` bytes is reserved in address space only (:func:`~kdn.wire.buffers.fresh_bytes`: its
+    pages are committed as bytes are written, never zero-filled), and filled in steps of ``min(size, first)``
+    bytes, then doubling; each step is charged to ``reservation`` before its bytes are read
+    (:class:`CapacityError` when it does not fit: the caller drains or closes). So memory follows the bytes that
+    arrived, not the declared size."""
+    buf = fresh_bytes(size)
+    filled, step = 0, max(1, min(size, first))
+    while filled < size:
+        step = min(size - filled, step)
+        reservation.charge(step)
+        fill(buf[filled:filled + step])
+        filled += step
+        step *= 2
+    return buf

@@ -4,10 +4,27 @@ from __future__ import annotations
 
 from typing import Any, Union
 
-__all__ = ["Buffer", "byte_view", "host_tensor", "copy_bytes"]
+import numpy as np
+
+__all__ = ["Buffer", "byte_view", "host_tensor", "copy_bytes", "fresh_bytes", "is_fresh"]
 
 #: What tiers, transports and chunk code accept and return: never copied just to change type.
 Buffer = Union[bytes, bytearray, memoryview]
+
+
+def fresh_bytes(size: int) -> memoryview:
+    """``size`` writable bytes, not zero-filled: large ones are mapped lazily, so pages are committed only as they
+    are written (a receive buffer costs what arrived, and no memset). Whoever holds the view owns the bytes."""
+    return memoryview(np.empty(size, dtype=np.uint8).view(_Fresh))
+
+
+class _Fresh(np.ndarray):
+    """Marks the arrays :func:`fresh_bytes` made, so a tier can take them over instead of copying."""
+
+
+def is_fresh(data: Any) -> bool:
+    """Whether ``data`` is a whole buffer from :func:`fresh_bytes` (owned by its holder: a tier may keep it)."""
+    return isinstance(data, memoryview) and isinstance(data.obj, _Fresh) and data.nbytes == data.obj.nbytes
 
 
 def byte_view(data: Any) -> memoryview:

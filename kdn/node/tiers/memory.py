@@ -8,6 +8,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from kdn.node.tiers.base import Buffer, Tier
+from kdn.wire.buffers import is_fresh
 
 __all__ = ["MemoryTier", "MemoryTierConfig"]
 
@@ -28,7 +29,7 @@ class MemoryTier(Tier):
     def __init__(self, capacity: int) -> None:
         super().__init__()
         self._capacity = int(capacity)
-        self._objects: OrderedDict[str, bytes | bytearray] = OrderedDict()
+        self._objects: OrderedDict[str, Buffer] = OrderedDict()
         self._used = 0
         self._lock = threading.Lock()
 
@@ -61,8 +62,9 @@ class MemoryTier(Tier):
                     old_key, old = self._objects.popitem(last=False)
                     self._used -= len(old)
                     evicted.append((old_key, old))
-                # A bytearray is taken over as is (the caller hands ownership over; objects are immutable).
-                self._objects[key] = data if isinstance(data, (bytes, bytearray)) else bytes(data)
+                # A bytearray or a fresh receive buffer is taken over as is (the caller hands ownership over;
+                # objects are immutable).
+                self._objects[key] = data if isinstance(data, (bytes, bytearray)) or is_fresh(data) else bytes(data)
                 self._used += size
                 results.append(True)
         for key, data in evicted:
