@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from kdn.errors import AuthError, CapacityError, DeadlineExceeded, Unavailable
+from kdn.errors import AuthError, CapacityError, DeadlineExceeded, InvalidRequest, Unavailable
 from kdn.node.tiers.base import Buffer
 from kdn.wire import bulk
 from kdn.wire.bulk import BulkClient, BulkServer
@@ -130,6 +130,27 @@ def test_alloc_hook_receives_into_caller_buffers(server: BulkServer) -> None:
     assert bytes(got) == data and pool[:100_000] == data
 
 
+def test_ranges_land_in_caller_buffers_clamped_at_the_object_end(server: BulkServer) -> None:
+    data = os.urandom(300_000)
+    with _client(server) as c:
+        c.put_many([("k", data)])
+        bufs = [memoryview(bytearray(n)) for n in (100, 200_000, 50_000, 10, 10)]
+        sizes = c.get_ranges([("k", 0, 100), ("k", 70_000, 200_000), ("k", 280_000, 50_000), ("k", 300_000, 10),
+                              ("absent", 0, 10)], bufs)
+        assert sizes == [100, 200_000, 20_000, -1, -1]  # clamped at the end; past the end and absent: misses
+        assert bytes(bufs[0]) == data[:100] and bytes(bufs[1]) == data[70_000:270_000]
+        assert bytes(bufs[2][:20_000]) == data[280_000:]
+        with pytest.raises(InvalidRequest, match="writable bytes"):
+            c.get_ranges([("k", 0, 100)], [memoryview(bytearray(99))])
+        assert c.get_many(["k"]) == [bytearray(data)]  # the connection stayed in sync
+    sock = _raw(server)  # a range over the object limit is a protocol error, and the server lives on
+    sock.sendall(bulk._block(bulk._REQ.pack(bulk.OP_RANGES, 1) + bulk._RANGE_ITEM.pack(1, 0, MAX_OBJECT + 1) + b"k"))
+    status, _, _ = bulk._RESP.unpack(_recv_exact(sock, bulk._RESP.size))
+    assert status == bulk.RESP_PROTOCOL
+    sock.close()
+    _server_alive(server)
+
+
 def test_auth_failure(server: BulkServer) -> None:
     with _client(server, token="bad") as c, pytest.raises(AuthError, match="invalid token"):
         c.get_many(["k"])
@@ -203,6 +224,8 @@ def test_hostile_hello(server: BulkServer, payload: bytes) -> None:
     bulk._REQ.pack(bulk.OP_PUT, 2) + bulk._PUT_ITEM.pack(1, 1000) + b"k" + b"x" * 10,  # truncated mid-object
     bulk._REQ.pack(bulk.OP_GET, 3) + bulk._KEY.pack(5) + b"ab",  # truncated key
     bulk._REQ.pack(bulk.OP_GET, 1) + bulk._KEY.pack(2) + b"\xff\xfe",  # non-ASCII key
+    bulk._REQ.pack(bulk.OP_RANGES, 1) + bulk._RANGE_ITEM.pack(1, 2**63, 2**63) + b"k",  # absurd range
+    bulk._REQ.pack(bulk.OP_RANGES, 2) + bulk._RANGE_ITEM.pack(1, 0, 10) + b"k",  # truncated range table
 ])
 def test_hostile_requests(server: BulkServer, request_bytes: bytes) -> None:
     sock = _raw(server)

@@ -41,6 +41,8 @@ class PrefillStats:
     load_wait_s: float = 0.0
     """Part of ``prefill_s`` the model spent blocked on loading."""
     bytes: int = 0
+    layer_major: bool = False
+    """The hit's layers arrived over the network while the suffix was computed (see ``retrieve_layers``)."""
     fallback: str = ""
     """Why a hit was dropped and recomputed (e.g. a layer failed to decode), or empty."""
     trace: dict = field(default_factory=dict)
@@ -130,12 +132,16 @@ def prefill(model, input_ids, source=None, *, lookup_len: int | None = None, log
             _check_layout(source.layout, model)
             direct = device_decode and device.type == "cuda"
             t0 = time.perf_counter()
+            # Layer-major where the source can (a remote node's layers arrive while earlier ones are computed): a
+            # layer that cannot be delivered intact raises in the loader, and the prompt is recomputed below.
+            more = {"layer_major": True} if getattr(source, "streams_layers", False) else {}
             stream = source.retrieve_layers(ids[0, :lookup_len].tolist(), device=device if direct else "cpu",
-                                            max_tokens=lookup_len)
+                                            max_tokens=lookup_len, **more)
             stream = fast_source(stream, device)  # raw objects in a same-host node's shared memory
             stats.retrieve_s = time.perf_counter() - t0
             if stream.num_tokens:
                 stats.hit_tokens, stats.bytes = stream.num_tokens, stream.bytes
+                stats.layer_major = getattr(stream, "arrival", None) is not None
                 loader = LayerLoader(stream, source.layout, device=device, lookahead=lookahead,
                                      direct=True if direct else None).start()
         try:

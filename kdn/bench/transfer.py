@@ -17,9 +17,10 @@ Ops are interleaved across paths (put, then get), one object per call; GB/s is t
 
 ``--prefix-mib N`` adds the delivery rows: a whole cached prefix of N MiB (256-token chunks of a Llama-3-8B
 shaped KV, 32 MiB each) retrieved by :class:`kdn.client.KDNClient` from a ``kdn serve`` child over TCP only,
-verified and decoded into ``--device`` memory, with 1 and ``--streams`` bulk connections, against the same run's
-raw-socket ceiling: 1 and ``--streams`` plain sockets each ``recv_into`` its slice of one reused (on CUDA:
-pinned) host buffer.
+verified and decoded into ``--device`` memory, with 1 and ``--streams`` bulk connections: ``kdn-prefix`` whole
+objects (``retrieve``), ``kdn-layers-prefix`` layer-major (``retrieve_layers(layer_major=True)``, each layer group
+decoded as it arrives); against the same run's raw-socket ceiling: 1 and ``--streams`` plain sockets each
+``recv_into`` its slice of one reused (on CUDA: pinned) host buffer.
 """
 
 from __future__ import annotations
@@ -438,8 +439,26 @@ def _raw_striped(port: int, streams: int, total: int, pinned: bool, repeat: int,
     return times
 
 
+def _whole(client: Any, tokens: list[int], device: str) -> int:
+    """``retrieve``: every object fetched and verified, then decoded into one tensor on ``device``."""
+    return client.retrieve(tokens, device=device).num_tokens
+
+
+def _layer_major(client: Any, tokens: list[int], device: str) -> int:
+    """``retrieve_layers(layer_major=True)``: each layer group decoded into ``device`` memory as it arrives."""
+    stream = client.retrieve_layers(tokens, device=device, layer_major=True)
+    try:
+        out = stream.empty()
+        for start, end in stream.groups():
+            stream.decode_group(start, end, out=out[start:end])
+        return stream.num_tokens
+    finally:
+        stream.close()
+
+
 def _prefix_rows(args: argparse.Namespace) -> list[dict]:
-    """KDNClient.retrieve of a whole prefix over TCP (1 and ``--streams`` streams) vs raw sockets."""
+    """A whole prefix through KDNClient over TCP (1 and ``--streams`` streams; whole objects and layer-major) vs
+    raw sockets."""
     import torch
 
     from kdn.bench.ttft import _Server
@@ -470,21 +489,21 @@ def _prefix_rows(args: argparse.Namespace) -> list[dict]:
                                                              args.warmup), total))
                 with server.client(layout, "raw", chunk, shared_memory=False, bulk_streams=streams,
                                    fetch_workers=streams, receive_pool_bytes=total + 64 * MiB) as client:
-                    times = []
-                    for i in range(args.warmup + args.repeat):
-                        if cuda:
-                            torch.cuda.synchronize()
-                        t0 = time.perf_counter()
-                        got = client.retrieve(tokens, device=device)
-                        if cuda:
-                            torch.cuda.synchronize()
-                        elapsed = time.perf_counter() - t0
-                        if got.num_tokens != len(tokens):
-                            raise RuntimeError(f"retrieved {got.num_tokens} of {len(tokens)} tokens")
-                        del got
-                        if i >= args.warmup:
-                            times.append(elapsed)
-                results.append(("kdn", streams, times, total))
+                    for path, fetch in (("kdn", _whole), ("kdn-layers", _layer_major)):
+                        times = []
+                        for i in range(args.warmup + args.repeat):
+                            if cuda:
+                                torch.cuda.synchronize()
+                            t0 = time.perf_counter()
+                            got = fetch(client, tokens, device)
+                            if cuda:
+                                torch.cuda.synchronize()
+                            elapsed = time.perf_counter() - t0
+                            if got != len(tokens):
+                                raise RuntimeError(f"{path}: retrieved {got} of {len(tokens)} tokens")
+                            if i >= args.warmup:
+                                times.append(elapsed)
+                        results.append((path, streams, times, total))
         finally:
             server.close()
             raw.close()

@@ -30,7 +30,7 @@ from kdn.client.layer_stream import LayerStream, release_leases
 from kdn.client.transport import NodeClient
 from kdn.config import ClientConfig
 from kdn.errors import AuthError, CorruptObject, InvalidRequest, KDNError
-from kdn.format.chunk import ChunkHeader, verify_object
+from kdn.format.chunk import ChunkHeader, verify_header, verify_object
 from kdn.format.chunk_codec import check_kv, decode_chunk, encode_chunk, get_codec
 from kdn.format.keys import ChunkKey, ChunkSpan, prefix_keys
 from kdn.format.layout import KVLayout
@@ -319,43 +319,78 @@ class KDNClient:
         finally:
             stream.close()
 
-    def retrieve_layers(self, tokens, *, device="cpu", max_tokens: int | None = None) -> LayerStream:
+    #: :meth:`retrieve_layers` can deliver layer-major (``layer_major=True``).
+    streams_layers = True
+
+    def retrieve_layers(self, tokens, *, device="cpu", max_tokens: int | None = None,
+                        layer_major: bool = False) -> LayerStream:
         """Fetch and verify the longest cached prefix, then decode it layer group by layer group.
 
-        Every object is fetched and fully checksum-verified (in the fetching threads, as it arrives) before the
-        first layer is handed out, so a consumer never receives layers of a prefix that later turns out to be
-        damaged. Iterating the returned :class:`LayerStream` yields ``(layer_start, layer_end, kv)`` with ``kv`` of
-        shape ``[layer_end - layer_start, 2, num_tokens, kv_heads, head_dim]``; decoding of the next group runs in
-        a background thread while the caller uses the current one. Close the stream (or iterate it to the end)
-        to give its receive buffers back.
+        By default every object is fetched and fully checksum-verified (in the fetching threads, as it arrives)
+        before the first layer is handed out, so a consumer never receives layers of a prefix that later turns out
+        to be damaged. Iterating the returned :class:`LayerStream` yields ``(layer_start, layer_end, kv)`` with
+        ``kv`` of shape ``[layer_end - layer_start, 2, num_tokens, kv_heads, head_dim]``; decoding of the next group
+        runs in a background thread while the caller uses the current one. Close the stream (or iterate it to the
+        end) to give its receive buffers back.
+
+        ``layer_major=True`` (for consumers that recompute when a layer cannot be delivered, like the Hugging Face
+        connector's prefill): over the bulk channel, only the headers are read before returning; each layer group
+        then arrives, verified, while the caller uses the earlier ones (:mod:`kdn.client.layer_fetch`), and
+        ``decode_group`` waits for its group, raising :class:`~kdn.errors.KDNError` if it cannot be delivered
+        intact from any holder. Same-host shared memory and gRPC-only nodes keep the whole-object path.
         """
         t0 = time.perf_counter()
         found = self.lookup(tokens)
         chunks = found.chunks
         if max_tokens is not None:
             chunks = [c for c in chunks if c.span.end <= max_tokens]
+        if layer_major and chunks and not any(self._node(n).prefers_whole_objects(str(c.key))
+                                              for c in chunks[:1] for n in c.nodes[:1]):
+            return self._retrieve_layer_major(chunks, device, t0)
         leases: list[Lease] = []
         datas = self._fetch(chunks, leases) if chunks else []
         good: list[tuple[ChunkHit, object, ChunkHeader]] = []
         for chunk, data in zip(chunks, datas):
-            if data is None:
-                break
-            try:  # the payload was verified as it arrived (_verify_from); these are the header's claims
-                header = verify_object(data, key=str(chunk.key), fingerprint=self.fingerprint,
-                                       codec=self.codec.name, check_payload=False, keyring=self.keyring)
-                if header.num_layers != self.layout.num_layers or header.num_tokens != chunk.span.num_tokens:
-                    raise CorruptObject("object shape does not match its key")
-                if bytes(header.codec_meta) != self.codec.meta():  # e.g. another CacheGen model profile
-                    raise CorruptObject("object was encoded with other codec parameters")
-            except CorruptObject as exc:
-                log.warning("chunk %s rejected: %s", chunk.key, exc)
-                self.metrics.fallbacks.labels("corrupt").inc()
+            header = self._header_claims(chunk, data) if data is not None else None
+            if header is None:
                 break
             good.append((chunk, data, header))
         num_tokens = good[-1][0].span.end if good else 0
         self.metrics.fetch_seconds.observe(time.perf_counter() - t0)
         self.metrics.hit_tokens.inc(num_tokens)
         return LayerStream(self, good, num_tokens, device, leases)
+
+    def _retrieve_layer_major(self, chunks: Sequence[ChunkHit], device, t0: float) -> LayerStream:
+        from kdn.client.layer_fetch import LayerArrival, open_prefix
+
+        objects, leases, complete = open_prefix(self, chunks)
+        num_tokens = objects[-1][0].span.end if objects else 0
+        self.metrics.fetch_seconds.observe(time.perf_counter() - t0)  # headers only: the layers follow
+        self.metrics.hit_tokens.inc(num_tokens)
+        stream = LayerStream(self, objects, num_tokens, device, leases)
+        if objects:
+            stream.attach(LayerArrival(self, objects, stream.groups(), leases, complete).start())
+        return stream
+
+    def _header_claims(self, chunk: ChunkHit, data, whole: bool = True) -> ChunkHeader | None:
+        """The header of ``data`` (a whole object whose payload was verified as it arrived, or with ``whole=False``
+        just its header) if it is the object ``chunk`` asks for; None (logged, counted) otherwise."""
+        try:
+            header = (verify_object(data, key=str(chunk.key), fingerprint=self.fingerprint, codec=self.codec.name,
+                                    check_payload=False, keyring=self.keyring) if whole else
+                      verify_header(data, key=str(chunk.key), fingerprint=self.fingerprint, codec=self.codec.name,
+                                    keyring=self.keyring))
+            if header.num_layers != self.layout.num_layers or header.num_tokens != chunk.span.num_tokens:
+                raise CorruptObject("object shape does not match its key")
+            if bytes(header.codec_meta) != self.codec.meta():  # e.g. another CacheGen model profile
+                raise CorruptObject("object was encoded with other codec parameters")
+        except CorruptObject as exc:
+            if whole:
+                log.warning("chunk %s rejected: %s", chunk.key, exc)
+                self.metrics.fallbacks.labels("corrupt").inc()
+                return None
+            raise
+        return header
 
     def _fetch(self, chunks: Sequence[ChunkHit], leases: list[Lease] | None = None) -> list:
         """Fetch and verify objects from their holders; ``None`` where no holder could give an intact copy.

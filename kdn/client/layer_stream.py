@@ -38,7 +38,19 @@ class LayerStream:
         pinned = bool(leases) and pool is not None and pool.pinned
         self.writes_device = (pinned and client.codec.name == "raw" and bool(objects)
                               and len(leases) >= len(objects))
+        self._leases = leases
+        self._pinned = pinned
+        self.arrival = None
         self._finalizer = weakref.finalize(self, release_leases, pool, list(leases), pinned)
+
+    def attach(self, arrival) -> None:
+        """Deliver layer-major: ``arrival`` (a :class:`~kdn.client.layer_fetch.LayerArrival`) is still receiving
+        the objects' sections; :meth:`decode_group` waits for its group, and closing waits for no receive to touch
+        the buffers any more before handing them back (including copies adopted later)."""
+        self.arrival = arrival
+        self._finalizer.detach()
+        self._finalizer = weakref.finalize(self, _close_arrival, arrival, self.client._recv_pool, self._leases,
+                                           self._pinned)
 
     def close(self) -> None:
         """Give the objects' receive buffers back to the client's pool (idempotent)."""
@@ -69,6 +81,8 @@ class LayerStream:
 
         client = self.client
         layout = client.layout
+        if self.arrival is not None:
+            self.arrival.wait(layer_start, layer_end)
         if out is None:
             out = torch.empty(layout.shape(self.num_tokens, layer_end - layer_start),
                               dtype=torch_dtype(layout.dtype), device=self.device)
@@ -156,6 +170,10 @@ class LayerStream:
         finally:
             pending.cancel() or pending.exception()  # never free buffers a running decode still reads
             self.close()
+
+
+def _close_arrival(arrival, pool: ReceivePool | None, leases: list[Lease], pinned: bool) -> None:
+    arrival.close(lambda: release_leases(pool, list(leases), pinned))
 
 
 def release_leases(pool: ReceivePool | None, leases: list[Lease], pinned: bool) -> None:

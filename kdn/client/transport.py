@@ -162,6 +162,28 @@ class NodeClient:
             raise_from_rpc(exc, f"get from {self.address}")
         return out
 
+    def get_ranges(self, ranges: Sequence[tuple[str, int, int]], into: Sequence[memoryview]) -> list[int]:
+        """Byte ranges of objects over the bulk channel, received into ``into`` (see
+        :meth:`kdn.wire.bulk.BulkClient.get_ranges`). Raises Unavailable when the node has no working bulk
+        channel (the caller reads whole objects instead), DeadlineExceeded, AuthError."""
+        bulk = self._bulk_client()
+        if bulk is None:
+            raise Unavailable(f"node {self.address} has no bulk channel for range reads")
+        try:
+            return bulk.get_ranges(ranges, into)
+        except Unavailable as exc:
+            self._bulk_failed(exc)
+            raise
+
+    def prefers_whole_objects(self, key: str) -> bool:
+        """Whether whole-object reads beat layer-major range reads here: the node has no working bulk channel, or
+        its shared arena serves ``key`` in place (tried now unless that path is known down)."""
+        if not self.bulk_address or time.monotonic() < self._bulk_down_until:
+            return True
+        if time.monotonic() < self._shm_down_until:
+            return False
+        return self._get_shared([key])[0] is not None
+
     def get_frames(self, keys: Sequence[str], max_frame_bytes: int = DEFAULT_FRAME_BYTES) -> Iterator:
         """The raw gRPC frame stream (header frame, then one frame per section) for layer-wise consumers."""
         return self._stub.Get(data_pb2.GetRequest(keys=list(keys), max_frame_bytes=max_frame_bytes),

@@ -3,7 +3,8 @@
 gRPC stays the control and fallback path; payload bytes move here, straight from the tier's buffer into the
 socket (``sendmsg`` of memoryviews: frame headers and payloads in one call, never concatenated) and from the
 socket into a preallocated buffer (``recv_into``). The wire format is in ``docs/protocol.md`` ("Bulk channel"):
-a hello per connection (auth once per connection), then GET and PUT requests; little-endian, every length field
+a hello per connection (auth once per connection), then GET, PUT and RANGES requests (RANGES: byte ranges of
+objects, e.g. one layer group's sections of every chunk, for layer-major delivery); little-endian, every length field
 bounded, and every frame and payload padded to 64 bytes so that payloads stay 64-byte aligned in the stream
 (the kernel's copies into and out of socket buffers run ~1.6x slower on misaligned data on the AMD hosts).
 
@@ -54,8 +55,9 @@ _KEY = struct.Struct("<H")  # GET table entry: key_len; then key (ASCII)
 _PUT_ITEM = struct.Struct("<HQ")  # PUT table entry: key_len, size; then key
 _GET_ITEM = struct.Struct("<BQ")  # GET reply table entry: status (0 hit, 1 miss), size
 _PUT_RESULT = struct.Struct("<BH")  # PUT reply table entry: stored, message_len; then message
+_RANGE_ITEM = struct.Struct("<HQQ")  # RANGES table entry: key_len, offset, length; then key
 
-OP_GET, OP_PUT = 1, 2
+OP_GET, OP_PUT, OP_RANGES = 1, 2, 3
 HELLO_OK, HELLO_AUTH, HELLO_VERSION, HELLO_BUSY, HELLO_BAD, HELLO_ERROR = range(6)
 RESP_OK, RESP_ERROR, RESP_PROTOCOL = range(3)
 ITEM_HIT, ITEM_MISS = 0, 1
@@ -352,6 +354,8 @@ class BulkServer:
                     raise _ProtocolError(f"batch of {count} items over the limit of {MAX_BATCH}")
                 if op == OP_GET:
                     self._get(conn, principal, count)
+                elif op == OP_RANGES:
+                    self._ranges(conn, principal, count)
                 elif op == OP_PUT:
                     self._put(conn, principal, count)
                 else:
@@ -424,14 +428,34 @@ class BulkServer:
             keys.append(self._read_key(conn, key_len))
             table += _KEY.size + key_len
         conn.read(_pad(table))
+        self._send_objects(conn, principal, keys, None)
+
+    def _ranges(self, conn: _Conn, principal: Any, count: int) -> None:
+        """Byte ranges of objects: each the part of ``[offset, offset + length)`` the object holds (shorter at its
+        end; a miss when it starts past the end or the object is absent)."""
+        ranges, table = [], _REQ.size
+        for _ in range(count):
+            key_len, offset, length = _RANGE_ITEM.unpack(conn.read(_RANGE_ITEM.size))
+            ranges.append((self._read_key(conn, key_len), offset, length))
+            table += _RANGE_ITEM.size + key_len
+            if length > self.max_object_bytes:
+                raise _ProtocolError(f"range of {length} bytes over the object limit of {self.max_object_bytes}")
+        conn.read(_pad(table))
+        keys = list(dict.fromkeys(key for key, _, _ in ranges))
+        self._send_objects(conn, principal, keys, ranges)
+
+    def _send_objects(self, conn: _Conn, principal: Any, keys: list[str],
+                      ranges: list[tuple[str, int, int]] | None) -> None:
+        """Reply with the objects of ``keys`` (``ranges`` is None) or with those byte ranges of them."""
+        count = len(keys) if ranges is None else len(ranges)
         release: Callable[[], None] | None = None
         try:
             if keys and hasattr(self.handler, "get_leased"):
                 bufs, release = self.handler.get_leased(principal, keys)
             else:
                 bufs = self.handler.get_many(principal, keys) if keys else []
-            if len(bufs) != count:
-                raise RuntimeError(f"handler returned {len(bufs)} objects for {count} keys")
+            if len(bufs) != len(keys):
+                raise RuntimeError(f"handler returned {len(bufs)} objects for {len(keys)} keys")
         except Exception as exc:
             if release is not None:
                 release()
@@ -442,6 +466,10 @@ class BulkServer:
             return
         try:
             views = [None if b is None else byte_view(b) for b in bufs]
+            if ranges is not None:
+                found = dict(zip(keys, views))
+                views = [None if (v := found[key]) is None or offset >= v.nbytes else v[offset:offset + length]
+                         for key, offset, length in ranges]
             head = _block(_RESP.pack(RESP_OK, 0, count), *(_GET_ITEM.pack(ITEM_MISS, 0) if v is None
                                                            else _GET_ITEM.pack(ITEM_HIT, len(v)) for v in views))
             conn.send([head, *_payload_parts(views)])
@@ -556,6 +584,25 @@ class BulkClient:
         encoded = [self._encode_key(key) for key in keys]
         req = _block(_REQ.pack(OP_GET, len(keys)), *(_KEY.pack(len(k)) + k for k in encoded))
         return self._call(lambda conn: self._get_on(conn, req, len(keys), alloc))
+
+    def get_ranges(self, ranges: Sequence[tuple[str, int, int]], into: Sequence[memoryview]) -> list[int]:
+        """Byte ranges ``(key, offset, length)`` of objects, each received straight into ``into[i]`` (writable,
+        at least ``length`` bytes); per range the bytes received (fewer at the object's end), or -1 for a miss."""
+        if len(into) != len(ranges):
+            raise InvalidRequest(f"{len(into)} buffers for {len(ranges)} ranges")
+        if not ranges:
+            return []
+        for view, (_, _, length) in zip(into, ranges):
+            if view.readonly or view.nbytes < length:
+                raise InvalidRequest(f"a range of {length} bytes needs as many writable bytes, got {view.nbytes}")
+        table = []
+        for key, offset, length in ranges:
+            raw = self._encode_key(key)
+            if offset < 0 or length < 0:
+                raise InvalidRequest(f"bad range ({offset}, {length}) of {key}")
+            table.append(_RANGE_ITEM.pack(len(raw), offset, length) + raw)
+        req = _block(_REQ.pack(OP_RANGES, len(ranges)), *table)
+        return self._call(lambda conn: self._ranges_on(conn, req, into, [length for _, _, length in ranges]))
 
     def put_many(self, items: Sequence[tuple[str, Buffer]]) -> list[tuple[bool, str]]:
         """Store objects; per item (stored, error message). Objects over the node's limit are refused unsent."""
@@ -709,6 +756,25 @@ class BulkClient:
                 raise InvalidRequest(f"alloc({size}) returned {view.nbytes} {'read-only ' * view.readonly}bytes")
             conn.read_into(view)
             out.append(buf)
+        conn.in_sync = True
+        return out
+
+    def _ranges_on(self, conn: _Conn, req: bytes, into: Sequence[memoryview], lengths: list[int]) -> list[int]:
+        n = len(into)
+        conn.send([req])
+        self._response(conn, n)
+        table = list(_GET_ITEM.iter_unpack(conn.read(n * _GET_ITEM.size)))
+        conn.read(_pad(_RESP.size + n * _GET_ITEM.size))
+        if any(status not in (ITEM_HIT, ITEM_MISS) or size > length for (status, size), length in zip(table, lengths)):
+            conn.close()
+            raise Unavailable("bulk server sent a malformed range table")
+        out = []
+        for (status, size), view in zip(table, into):
+            if status == ITEM_MISS:
+                out.append(-1)
+                continue
+            conn.read_into(view[:size])
+            out.append(size)
         conn.in_sync = True
         return out
 

@@ -100,6 +100,17 @@ def test_greedy_identity_for_no_some_and_all_chunks(smol, prompts, reference, cl
         assert some.store.result(60).failed == 0
 
 
+def test_layer_major_over_tcp_keeps_greedy_identity(smol, prompts, reference, cluster):
+    layout = layout_for(smol[0])
+    with KDNClient(layout, controller=cluster.address, chunk_size=CHUNK, tenant="t-tcp", shared_memory=False,
+                   layer_group=4) as client:
+        assert gen(smol, prompts["A"], client).store.result(60).stored == 5
+        some = gen(smol, prompts["B"], client)  # 2 chunks hit; their layers arrive while B's suffix runs
+        assert some.tokens == reference["B"]
+        assert some.stats.layer_major and some.stats.fallback == ""
+        assert (some.stats.hit_tokens, some.stats.computed_tokens) == (2 * CHUNK, LEN_B - 2 * CHUNK)
+
+
 def test_node_killed_mid_retrieve_recomputes_the_rest(smol, prompts, reference, tmp_path):
     c = Cluster(tmp_path)
     try:
