@@ -12,6 +12,9 @@ For each context length T (batch 1) the prompt is T tokens whose first T - suffi
 - ``cachegen`` (d) the default CacheGen level through the memory node (skipped when no CacheGen codec exists),
   decoded on the GPU when the codec decodes there faster than on the CPU (else on the CPU; a note says which).
 - ``cachegen-bulk`` (d') the same over the bulk TCP channel only (the network path between machines).
+- ``node-bulk-whole``, ``cachegen-bulk-whole``: the TCP paths with whole-object delivery (every object fetched
+  and verified before the first layer is used), the baseline of layer-major delivery, which the TCP paths use
+  (each layer group arrives, verified, while the suffix computes the earlier layers).
 
 The TCP paths receive into the client's receive pool (pinned on a GPU host), sized here to hold the largest
 context.
@@ -241,24 +244,26 @@ def run(args) -> dict:
     cap = f"{int(kv_bytes * 1.3) + (256 << 20)}"
     pool_bytes = layout.bytes_per_token * max(contexts) + (256 << 20)
     try:
-        if wanted & {"node", "node-bulk", "cachegen", "cachegen-bulk"}:
+        if wanted & {"node", "node-bulk", "node-bulk-whole", "cachegen", "cachegen-bulk", "cachegen-bulk-whole"}:
             _start(servers, "node", work, f"[{{kind: memory, capacity: {cap}}}]", notes)
         if "disk" in wanted:
             _start(servers, "disk", work, f"[{{kind: disk, capacity: {cap}}}]", notes)
         for path in ("node", "disk"):
             if path in wanted and path in servers:
                 sources[path] = servers[path].client(layout, "raw", args.chunk_size)
-        if "node-bulk" in wanted and "node" in servers:
-            sources["node-bulk"] = servers["node"].client(layout, "raw", args.chunk_size, shared_memory=False,
-                                                          receive_pool_bytes=pool_bytes)
+        for path in ("node-bulk", "node-bulk-whole"):
+            if path in wanted and "node" in servers:
+                sources[path] = servers["node"].client(layout, "raw", args.chunk_size, shared_memory=False,
+                                                       receive_pool_bytes=pool_bytes)
+                sources[path].streams_layers = not path.endswith("-whole")
         if wanted & {"cachegen", "cachegen-bulk"} and "node" not in servers:
             notes.append("cachegen paths skipped: they run through the memory node, which did not start")
         lazy = {}  # the cachegen clients need a model profile, built from the first context's KV
-        for path in ("cachegen", "cachegen-bulk"):
+        for path in _CACHEGEN_PATHS:
             if path in wanted and "node" in servers:
                 codec = _cachegen_name(args.cachegen, notes)
                 if codec:
-                    tcp = {"shared_memory": False, "receive_pool_bytes": pool_bytes} if path.endswith("-bulk") else {}
+                    tcp = {"shared_memory": False, "receive_pool_bytes": pool_bytes} if "-bulk" in path else {}
                     lazy[path] = (codec, layout, work, tcp)
         rows = []
         for ctx in contexts:
@@ -326,15 +331,16 @@ def _context_rows(ctx: int, args, model, sources: dict, servers: dict, cuda: boo
         return {"token": logits.argmax(-1).item()}
 
     paths = [("full", full, None), ("ideal", ideal, None)]
-    for path in ("cachegen", "cachegen-bulk"):
+    for path in _CACHEGEN_PATHS:
         if path in lazy:
             _progress(f"building the {path} client")
             codec, layout, work, overrides = lazy.pop(path)
             client = _cachegen_client(servers["node"], codec, layout, work, kv_host, args.chunk_size, notes,
                                       **overrides)
             if client is not None:
+                client.streams_layers = not path.endswith("-whole")
                 sources[path] = client
-    for path in ("host", "node", "node-bulk", "disk", "cachegen", "cachegen-bulk"):
+    for path in ("host", "node", "node-bulk", "node-bulk-whole", "disk", *_CACHEGEN_PATHS):
         source = sources.get(path)
         if source is None:
             continue
@@ -373,6 +379,7 @@ def _context_rows(ctx: int, args, model, sources: dict, servers: dict, cuda: boo
 
 
 _CACHEGEN_LAYER_GROUP = 8
+_CACHEGEN_PATHS = ("cachegen", "cachegen-bulk", "cachegen-bulk-whole")
 
 
 def _cachegen_client(server, codec: str, layout, work: Path, kv, chunk_size: int, notes: list[str], **overrides):
