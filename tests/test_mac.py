@@ -9,6 +9,7 @@ a real redis-server.
 
 from __future__ import annotations
 
+import json
 import struct
 import uuid
 
@@ -21,12 +22,20 @@ from hypothesis import strategies as st
 
 from kdn.config import load_config
 from kdn.errors import ConfigError, CorruptObject
-from kdn.format.chunk import FLAG_SIGNED, ChunkHeader, build_object, header_length, parse_header, verify_object
+from kdn.format.chunk import (
+    FLAG_SIGNED,
+    FLAG_TENANT_KEYED,
+    ChunkHeader,
+    build_object,
+    header_length,
+    parse_header,
+    verify_object,
+)
 from kdn.format.chunk_codec import decode_chunk, encode_chunk, get_codec, iter_layer_groups
 from kdn.format.keys import prefix_keys
 from kdn.format.layout import KVLayout
 from kdn.format.mac import ForgedObject, Keyring, load_keyring
-from tests.servers import redis_server  # noqa: F401 - fixture
+from tests.servers import moto_server, redis_server  # noqa: F401 - fixtures
 
 LAYOUT = KVLayout("m", 4, 2, 8, "bfloat16")
 TOKENS = list(range(40))
@@ -69,7 +78,8 @@ def forge(obj: bytes, *, key: str | None = None, table: list[tuple[int, int, int
             + b"".join(struct.pack("<HHIQQ", ls, le, 0, n, c) + d for ls, le, n, c, d in table)
             + _str(h.key_id) + mac)
     header_len = 28 + len(body)
-    fixed = struct.pack("<4sHHIQQ", b"KDNC", 2, FLAG_SIGNED, header_len, sum(len(p) for p in payloads), 0)
+    flags = struct.unpack_from("<H", obj, 6)[0]  # SIGNED | TENANT_KEYED, as the original
+    fixed = struct.pack("<4sHHIQQ", b"KDNC", 2, flags, header_len, sum(len(p) for p in payloads), 0)
     checksum = xxhash.xxh3_64_intdigest(fixed + body)
     return fixed[:20] + struct.pack("<Q", checksum) + body + b"".join(payloads)
 
@@ -303,21 +313,162 @@ def test_bad_key_files_are_config_errors_that_hide_secrets(tmp_path, text, match
         Keyring({"k1": SECRET_1}, active="k2")
 
 
+# -- per-tenant keys ---------------------------------------------------------------------------------------------
+def _tenant_hex(tenant: str, master: Keyring = RING, key_id: str = "k1") -> str:
+    """What ``kdnctl derive-key --tenant T`` gives tenant T's engines (read back from the file text)."""
+    return Keyring.parse_lines(master.tenant_file(tenant))[f"{key_id}@{tenant}"]
+
+
+def impostor() -> Keyring:
+    """Mallory's own tenant key filed under the victim's name: the best a client of tenant mallory can sign with."""
+    return Keyring(tenant_keys={("victim", "k1"): _tenant_hex("mallory")})
+
+
+def test_tenant_keys_are_derived_from_the_master_secret_and_confined():
+    text = RING.tenant_file("mallory")
+    assert SECRET_1 not in text
+    mine = _tenant_hex("mallory")
+    # The documented derivation, recomputed independently: BLAKE3 derive_key over tenant, key id and secret.
+    material = b"\x07\x00mallory" + b"\x02\x00k1" + SECRET_1.encode()
+    assert mine == blake3.blake3(material, derive_key_context="KDN 2026-12 per-tenant MAC key").hexdigest()
+    assert mine != _tenant_hex("victim") and mine != _tenant_hex("mallory", Keyring({"k1": SECRET_2}))
+    mallory, victim = RING.for_tenant("mallory"), RING.for_tenant("victim")
+    assert not mallory.holds_master and mallory.tenants == ("mallory",) and RING.holds_master
+    assert mine not in repr(mallory)
+    # Engines of a tenant sign exactly what the nodes' master keyring expects of that tenant.
+    assert signed(key=VICTIM, keyring=victim) == signed(key=VICTIM, keyring=RING)
+    own = signed(key=MALLORY, keyring=mallory)
+    assert verify_object(own, key=MALLORY, keyring=RING).authenticated
+    with pytest.raises(ForgedObject, match="no key of tenant 'mallory'"):
+        verify_object(own, key=MALLORY, keyring=victim)
+    with pytest.raises(ConfigError, match="cannot sign objects of tenant 'victim'"):
+        signed(key=VICTIM, keyring=mallory)
+    with pytest.raises(ConfigError, match="master secrets"):
+        mallory.for_tenant("victim")
+    # Everything mallory can make for the victim's key: her key posing as the victim's, her object moved.
+    for forged in (signed(key=VICTIM, keyring=impostor(), seed=9), forge(own, key=VICTIM)):
+        decode_chunk(forged, key=VICTIM, layout=LAYOUT, codec=get_codec("raw", LAYOUT))  # checksums pass
+        assert_forged(forged, keyring=RING)  # nodes
+        assert_forged(forged, keyring=victim)  # the victim's engines
+
+
+def test_cluster_keyed_objects_of_earlier_builds_are_misses_for_keyring_holders():
+    """Format v2 objects SIGNED without TENANT_KEYED were signed with the cluster-wide key (any key holder could
+    sign them for any tenant): keyring holders refuse them, checksum-only readers still read them."""
+    legacy = bytearray(signed())
+    struct.pack_into("<H", legacy, 6, FLAG_SIGNED)
+    legacy = rechecksum(legacy)
+    assert parse_header(legacy).signed and verify_object(legacy, key=MALLORY).key_id == "k1"
+    with pytest.raises(ForgedObject, match="cluster-wide key"):
+        verify_object(legacy, key=MALLORY, keyring=RING)
+    plain = bytearray(encode_chunk(kv(), key=MALLORY, layout=LAYOUT, codec="raw"))
+    struct.pack_into("<H", plain, 6, FLAG_TENANT_KEYED)
+    for keyring in (None, RING):
+        with pytest.raises(CorruptObject, match="TENANT_KEYED without SIGNED"):
+            verify_object(rechecksum(plain), key=MALLORY, keyring=keyring)
+
+
+def test_rotation_with_tenant_key_files(tmp_path):
+    old = signed(key=VICTIM, keyring=RING.for_tenant("victim"))  # k1 era
+    path = tmp_path / "victim.mac"
+
+    def engine_ring(master: Keyring) -> Keyring:  # kdnctl derive-key, then the engine loads its file
+        path.write_text(master.tenant_file("victim"))
+        return load_keyring(None, environ={"KDN_MAC_KEYS_FILE": str(path)})
+
+    # 1. k2 added everywhere, k1 still signing (pinned with mac_active_key).
+    step1 = Keyring({"k1": SECRET_1, "k2": SECRET_2}, active="k1")
+    ring1 = engine_ring(step1)
+    assert ring1.active == "k1" and set(ring1.key_ids) == {"k1", "k2"} and ring1.tenants == ("victim",)
+    assert signed(key=VICTIM, keyring=ring1) == old
+    # 2. k2 active everywhere: new objects are k2's; both verify on nodes and engines.
+    step2 = Keyring({"k1": SECRET_1, "k2": SECRET_2})
+    ring2 = engine_ring(step2)
+    new = signed(key=VICTIM, keyring=ring2)
+    assert parse_header(new).key_id == "k2" and new == signed(key=VICTIM, keyring=step2)
+    for ring in (step1, step2, ring1, ring2):
+        assert verify_object(old, key=VICTIM, keyring=ring).key_id == "k1"
+        assert verify_object(new, key=VICTIM, keyring=ring).key_id == "k2"
+    with pytest.raises(ForgedObject, match="unknown MAC key id"):
+        verify_object(new, key=VICTIM, keyring=RING)  # a node not yet given k2
+    # 3. k1 retired: its objects are misses; still no cross-tenant signing under the new key id.
+    step3 = Keyring({"k2": SECRET_2})
+    for ring in (step3, engine_ring(step3)):
+        with pytest.raises(ForgedObject, match="unknown MAC key id"):
+            verify_object(old, key=VICTIM, keyring=ring)
+        assert verify_object(new, key=VICTIM, keyring=ring).key_id == "k2"
+    assert_forged(signed(key=VICTIM, keyring=Keyring(tenant_keys={("victim", "k2"): _tenant_hex("mallory", step3,
+                                                                                                    "k2")})),
+                  keyring=step3)
+
+
+def test_tenant_key_files_and_env_load(tmp_path):
+    path = tmp_path / "victim.mac"
+    path.write_text(RING.tenant_file("victim"))
+    ring = load_keyring(None, environ={"KDN_MAC_KEYS_FILE": str(path)})
+    assert ring.tenants == ("victim",) and not ring.holds_master and ring.active == "k1"
+    assert verify_object(signed(key=VICTIM), key=VICTIM, keyring=ring).authenticated
+    env = load_keyring(None, environ={"KDN_MAC_KEY": f"k1@victim:{_tenant_hex('victim')}"})
+    assert env.tenants == ("victim",) and signed(key=VICTIM, keyring=env) == signed(key=VICTIM)
+    for text, match in ((f"k1@victim: {'z' * 64}\n", "line 1: a tenant key must be 64 hex digits"),
+                        (f"# c\nk1@bad tenant!: {'a' * 64}\n", "invalid tenant name"),
+                        (f"k1@victim: {'a' * 63}\n", "64 hex digits")):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=match) as info:
+            load_keyring(None, environ={"KDN_MAC_KEYS_FILE": str(path)})
+        assert "a" * 63 not in str(info.value)
+    with pytest.raises(ConfigError, match="64 hex digits"):
+        load_keyring(None, environ={"KDN_MAC_KEY": "k1@victim:short"})
+
+
+def test_kdnctl_derive_key_and_gen_secrets_write_tenant_files(tmp_path):
+    from kdn.cli.ctl import main as kdnctl
+
+    master = tmp_path / "mac.keys"
+    master.write_text(f"k1: {SECRET_1}\nk2: {SECRET_2}\n")
+    out = tmp_path / "victim.mac"
+    assert kdnctl(["derive-key", "--tenant", "victim", "--keys", str(master), "--out", str(out)]) == 0
+    assert oct(out.stat().st_mode & 0o777) == "0o600" and SECRET_2 not in out.read_text()
+    assert out.read_text() == Keyring({"k1": SECRET_1, "k2": SECRET_2}).tenant_file("victim")
+    assert kdnctl(["derive-key", "--tenant", "victim", "--keys", str(master), "--out", str(out)]) == 2  # exists
+    assert kdnctl(["derive-key", "--tenant", "x", "--keys", str(out), "--out", str(tmp_path / "x")]) == 2  # no master
+    assert not (tmp_path / "x").exists()
+    secrets_dir = tmp_path / "secrets"
+    assert kdnctl(["gen-secrets", str(secrets_dir), "--tenants", "acme,globex", "--no-tls"]) == 0
+    node_ring = Keyring.from_file(secrets_dir / "mac.keys")
+    acme = Keyring.from_file(secrets_dir / "tenant-acme.mac")
+    assert node_ring.holds_master and acme.tenants == ("acme",)
+    key = str(prefix_keys(TOKENS, "acme", LAYOUT.fingerprint(), "raw", 10)[0][1])
+    assert verify_object(signed(key=key, keyring=acme), key=key, keyring=node_ring).authenticated
+    globex = Keyring.from_file(secrets_dir / "tenant-globex.mac")
+    with pytest.raises(ConfigError, match="cannot sign objects of tenant 'acme'"):
+        signed(key=key, keyring=globex)
+    with pytest.raises(ForgedObject, match="no key of tenant 'acme'"):
+        verify_object(signed(key=key, keyring=acme), key=key, keyring=globex)
+
+
 # -- real node and real durable tiers -----------------------------------------------------------------------------
 @pytest.fixture
-def mac_cluster(tmp_path, redis_server):  # noqa: F811
+def mac_cluster(tmp_path, redis_server, moto_server):  # noqa: F811
     from tests.cluster import Cluster
 
     keys = tmp_path / "mac.keys"
     keys.write_text(f"k1: {SECRET_1}\n")
-    c = Cluster(tmp_path, env={"KDN_MAC_KEYS_FILE": str(keys)})
+    # placement.policy=hash: nodes promote hits from lower tiers themselves (cost-driven placement turns that off)
+    c = Cluster(tmp_path, env={"KDN_MAC_KEYS_FILE": str(keys)}, common=["--set", "placement.policy=hash"])
     c.start_controller()
-    prefix = f"kdnmac:{uuid.uuid4().hex}:"
+    run = uuid.uuid4().hex
+    c.redis_url, c.redis_prefix, c.tiered_prefix = redis_server.url, f"kdnmac:{run}:r:", f"kdnmac:{run}:t:"
+    c.s3_url, c.bucket = moto_server.url, f"kdnmac-{run[:16]}"
     c.start_node("disk-node", "[{kind: disk, capacity: 64MiB}]")
-    c.start_node("redis-node", f"[{{kind: redis, url: '{redis_server.url}', key_prefix: '{prefix}', capacity: 64MiB}}]")
-    c.wait_nodes(2)
-    c.redis_prefix = prefix
-    c.redis_url = redis_server.url
+    c.start_node("redis-node", f"[{{kind: redis, url: '{c.redis_url}', key_prefix: '{c.redis_prefix}', "
+                 "capacity: 64MiB}]")
+    c.start_node("s3-node", f"[{{kind: s3, endpoint_url: '{c.s3_url}', bucket: '{c.bucket}', create_bucket: true, "
+                 "access_key_id: testing, secret_access_key: testing, addressing_style: path, key_prefix: 'kdn/', "
+                 "max_attempts: 1, capacity: 64MiB}]")
+    c.start_node("tiered-node", f"[{{kind: memory, capacity: 64MiB}}, {{kind: redis, url: '{c.redis_url}', "
+                 f"key_prefix: '{c.tiered_prefix}', capacity: 64MiB}}]")
+    c.wait_nodes(4)
     yield c
     c.close()
 
@@ -333,61 +484,208 @@ def test_node_with_keyring_refuses_forged_and_unsigned_puts(mac_cluster):
     moved = forge(signed(key=MALLORY), key=VICTIM)
     unsigned = encode_chunk(kv(), key=VICTIM, layout=LAYOUT, codec="raw")
     guessed = signed(key=VICTIM, keyring=Keyring({"k1": "guess-" + "c" * 58}))
+    other_tenant = signed(key=VICTIM, keyring=impostor())  # a client of tenant mallory signing for the victim
     for proc in mac_cluster.nodes:
         with _node_client(proc) as nc:
-            results = nc.put_many_detailed([(VICTIM, moved), (VICTIM, unsigned), (VICTIM, guessed)])
-            assert [ok for ok, _ in results] == [False, False, False], results
+            results = nc.put_many_detailed([(VICTIM, moved), (VICTIM, unsigned), (VICTIM, guessed),
+                                            (VICTIM, other_tenant)])
+            assert [ok for ok, _ in results] == [False] * 4, results
             assert "MAC" in results[0][1] and "unsigned" in results[1][1] and "MAC" in results[2][1]
+            assert "MAC" in results[3][1]
             assert nc.get_many([VICTIM]) == [None]
-            assert nc.stats().corrupt_dropped == 3  # counted
+            assert nc.stats().corrupt_dropped == 4  # counted
             assert nc.put_many([(VICTIM, good)]) == [True]
             assert bytes(nc.get_many([VICTIM])[0]) == good
 
 
-def _overwrite_on_disk(proc, root, key: str, data: bytes) -> None:
-    import hashlib
+class _Stores:
+    """Writes and probes the durable stores behind the nodes' backs, as an attacker with write access would."""
 
-    name = hashlib.blake2b(key.encode(), digest_size=20, person=b"kdn-disk-v1").hexdigest()
-    (path,) = list((root / "disk-node" / "disk").rglob(name + "*"))
-    path.write_bytes(data)
+    def __init__(self, cluster, root) -> None:
+        import boto3
+        import redis
+
+        self.cluster, self.root = cluster, root
+        self.redis = redis.Redis.from_url(cluster.redis_url)
+        self.s3 = boto3.client("s3", endpoint_url=cluster.s3_url, region_name="us-east-1",
+                               aws_access_key_id="testing", aws_secret_access_key="testing")
+
+    def _disk_path(self, key: str):
+        import hashlib
+
+        name = hashlib.blake2b(key.encode(), digest_size=20, person=b"kdn-disk-v1").hexdigest()
+        found = list((self.root / "disk-node" / "disk").rglob(name + "*"))
+        return found[0] if found else None
+
+    def write(self, store: str, key: str, data: bytes) -> None:
+        if store == "disk":
+            self._disk_path(key).write_bytes(data)
+        elif store == "redis":
+            self.redis.set(self.cluster.redis_prefix + key, data)
+        elif store == "tiered":
+            self.redis.set(self.cluster.tiered_prefix + key, data)
+        else:
+            self.s3.put_object(Bucket=self.cluster.bucket, Key="kdn/" + key, Body=data)
+
+    def holds(self, store: str, key: str) -> bool:
+        if store == "disk":
+            return self._disk_path(key) is not None
+        if store in ("redis", "tiered"):
+            prefix = self.cluster.redis_prefix if store == "redis" else self.cluster.tiered_prefix
+            return bool(self.redis.exists(prefix + key))
+        return self.s3.list_objects_v2(Bucket=self.cluster.bucket, Prefix="kdn/" + key).get("KeyCount", 0) > 0
+
+    def close(self) -> None:
+        self.redis.close()
 
 
-def test_forgeries_written_into_disk_and_redis_are_misses_on_get(mac_cluster, tmp_path):
-    import redis
+def _listed_at(address: str, key: str) -> set[str]:
+    from kdn.client.control import ControlClient
 
+    control = ControlClient(address, tenant="victim")
+    try:
+        reply = control.call("Lookup", keys=[key], prefix=False, probe=True)
+    finally:
+        control.close()
+    return {loc.node_id for loc in reply.results[0].locations} if reply.results else set()
+
+
+def _wait_for(predicate, what: str, timeout: float = 10.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.1)
+
+
+def _forgeries() -> dict[str, bytes]:
     good = signed(key=VICTIM)
     evil = encode_chunk(kv(seed=9), key=VICTIM, layout=LAYOUT, codec="raw")
     h = parse_header(good)
     payloads = [bytes(evil[s.offset:s.offset + s.length]) for s in parse_header(evil).sections]
-    consistent = forge(good, table=[(s.layer_start, s.layer_end, len(p), xxhash.xxh3_64_intdigest(p), s.digest)
-                                    for s, p in zip(h.sections, payloads)], payloads=payloads)
-    moved = forge(signed(key=MALLORY, seed=9), key=VICTIM)
-    disk, red = mac_cluster.nodes
-    served = {"disk": 0, "redis": 0}
-    for forged in (consistent, moved):
-        for proc in (disk, red):
-            with _node_client(proc) as nc:
-                assert nc.put_many([(VICTIM, good)]) == [True]
-        # The attacker writes the durable tiers directly, behind the nodes' backs.
-        _overwrite_on_disk(disk, tmp_path, VICTIM, forged)
-        client = redis.Redis.from_url(mac_cluster.redis_url)
-        client.set(mac_cluster.redis_prefix + VICTIM, forged)
-        client.close()
-        for proc in (disk, red):
-            with _node_client(proc) as nc:
-                (got,) = nc.get_many([VICTIM])
-            if got is None:  # the tier noticed on its own: a miss already
-                continue
-            got = bytes(got)
-            served["disk" if proc is disk else "redis"] += 1
-            assert got == forged
-            verify_object(got, key=VICTIM, fingerprint=LAYOUT.fingerprint(), codec="raw")  # checksums pass
-            assert_forged(got)  # a client holding the keyring: a miss, never the attacker's KV
-            with _node_client(proc) as nc:
-                nc.delete_many([VICTIM])
-    # The disk tier verifies with the node's keyring (docs/security.md, "Healing"): a miss at the node already. The
-    # Redis tier checks checksums only: its forgeries reached the reader, who refused them.
-    assert served == {"disk": 0, "redis": 2}
+    return {"consistent": forge(good, table=[(s.layer_start, s.layer_end, len(p), xxhash.xxh3_64_intdigest(p),
+                                              s.digest) for s, p in zip(h.sections, payloads)], payloads=payloads),
+            "moved": forge(signed(key=MALLORY, seed=9), key=VICTIM),
+            "other-tenant": signed(key=VICTIM, keyring=impostor(), seed=9)}
+
+
+def test_forgeries_written_into_disk_redis_and_s3_are_misses_that_heal(mac_cluster, tmp_path):
+    """The durable stores are not trusted with integrity: a node checks the MAC and keyed digests of what it reads
+    from disk, Redis and S3, so a forgery written straight into a store is never served; the bad copy is deleted,
+    counted, unlisted by the controller, and a re-store of the key is stored and served again."""
+    good = signed(key=VICTIM)
+    stores = _Stores(mac_cluster, tmp_path)
+    procs = {"disk": mac_cluster.nodes[0], "redis": mac_cluster.nodes[1], "s3": mac_cluster.nodes[2]}
+    try:
+        for name, forged in _forgeries().items():
+            verify_object(forged, key=VICTIM, fingerprint=LAYOUT.fingerprint(), codec="raw")  # checksums pass
+            for store, proc in procs.items():
+                node_id = f"{store}-node"
+                with _node_client(proc) as nc:
+                    assert nc.put_many([(VICTIM, good)]) == [True]
+                    _wait_for(lambda n=node_id: n in _listed_at(mac_cluster.address, VICTIM), "good copy not listed")
+                    before = nc.stats().corrupt_dropped
+                    stores.write(store, VICTIM, forged)
+                    assert nc.get_many([VICTIM]) == [None], (name, store)  # a miss, never the forgery
+                    assert not stores.holds(store, VICTIM), (name, store)  # dropped where it lay
+                    assert nc.stats().corrupt_dropped == before + 1
+                    _wait_for(lambda n=node_id: n not in _listed_at(mac_cluster.address, VICTIM),
+                              f"{name} forgery in {store} still listed")
+                    assert nc.put_many([(VICTIM, good)]) == [True]  # not skipped as "already present"
+                    assert bytes(nc.get_many([VICTIM])[0]) == good
+                    assert nc.delete_many([VICTIM]) == [True]
+    finally:
+        stores.close()
+
+
+def test_forgery_below_a_memory_tier_is_neither_served_nor_promoted(mac_cluster, tmp_path):
+    key = str(prefix_keys(TOKENS, "victim", LAYOUT.fingerprint(), "raw", 10)[1][1])  # never stored by anyone
+    stores = _Stores(mac_cluster, tmp_path)
+    tiered = mac_cluster.nodes[3]
+    try:
+        with _node_client(tiered) as nc:
+            for forged in (signed(key=key, keyring=impostor(), seed=9), forge(signed(key=MALLORY), key=key)):
+                stores.write("tiered", key, forged)
+                assert nc.get_many([key]) == [None]
+                assert nc.contains_many([key]) == [""]  # not promoted into the memory tier
+                assert not stores.holds("tiered", key)
+            good = signed(key=key)
+            stores.write("tiered", key, good)  # a genuine object the node never saw is served and promoted
+            assert bytes(nc.get_many([key])[0]) == good
+            assert nc.contains_many([key]) == ["memory"]
+    finally:
+        stores.close()
+
+
+# -- a client of one tenant against a node without keys (checksums only): the client is the check --------------
+@pytest.fixture
+def plain_cluster(tmp_path, redis_server):  # noqa: F811
+    from tests.cluster import Cluster
+
+    c = Cluster(tmp_path)
+    c.start_controller()
+    c.redis_url, c.redis_prefix = redis_server.url, f"kdnplain:{uuid.uuid4().hex}:"
+    c.start_node("plain-node", f"[{{kind: redis, url: '{c.redis_url}', key_prefix: '{c.redis_prefix}', "
+                 "capacity: 64MiB}]")
+    c.wait_nodes(1)
+    yield c
+    c.close()
+
+
+def test_client_of_one_tenant_cannot_forge_what_another_tenant_accepts(plain_cluster, tmp_path, capsys):
+    import redis
+
+    from kdn import KDNClient
+    from kdn.cli.ctl import main as kdnctl
+    from kdn.config import SecurityConfig
+
+    files = {}
+    for tenant in ("victim", "mallory"):
+        files[tenant] = tmp_path / f"{tenant}.mac"
+        files[tenant].write_text(RING.tenant_file(tenant))
+    master = tmp_path / "mac.keys"
+    master.write_text(f"k1: {SECRET_1}\n")
+    prompt, want = TOKENS, kv(40)
+
+    def client(tenant: str) -> KDNClient:
+        return KDNClient(LAYOUT, controller=plain_cluster.address, chunk_size=10, tenant=tenant, shared_memory=False,
+                         store_partial=False, security=SecurityConfig(mac_keys_file=str(files[tenant])))
+
+    keys = [str(k) for _, k in prefix_keys(prompt, "victim", LAYOUT.fingerprint(), "raw", 10)]
+    with client("victim") as victim:
+        assert victim.keyring.tenants == ("victim",)
+        assert victim.store(prompt, want).result(30).stored == 4
+        got = victim.retrieve(prompt)
+        assert got.num_tokens == 40 and torch.equal(got.kv, want)
+        with client("mallory") as mallory:  # her client holds only her key: it signs her objects, no other's
+            with pytest.raises(ConfigError):
+                encode_chunk(kv(10, seed=9), key=keys[2], layout=LAYOUT, codec="raw", keyring=mallory.keyring)
+        # With write access to the shared Redis, she replaces the victim's third chunk with KV signed by her key.
+        forged = signed(key=keys[2], keyring=impostor(), seed=9)
+        r = redis.Redis.from_url(plain_cluster.redis_url)
+        r.set(plain_cluster.redis_prefix + keys[2], forged)
+        r.close()
+        got = victim.retrieve(prompt)  # the node (no keys) serves it; the victim's client refuses it
+        assert got.num_tokens == 20 and torch.equal(got.kv, want[:, :, :20])
+        # kdnctl verify: checksums only without keys (and says so); with keys it finds the forgery.
+        capsys.readouterr()
+        address = ["--controller", plain_cluster.address, "--tenant", "victim"]
+        assert kdnctl([*address, "verify", keys[1], keys[2]]) == 0
+        out = capsys.readouterr().out
+        assert "checked checksums only" in out and "2 of 2 copies verified" in out
+        for keys_file in (master, files["victim"]):
+            assert kdnctl([*address, "verify", keys[1], keys[2], "--keys", str(keys_file)]) == 1
+            out = capsys.readouterr().out
+            assert "checked MACs" in out and "forged" in out and "1 of 2 copies verified" in out
+        assert kdnctl([*address, "--json", "verify", keys[2], "--keys", str(files["mallory"])]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert not report["mac_checked"] and report["results"][0]["checked"] == "checksums only"
+        assert "no key of tenant 'victim'" in report["results"][0]["note"]
+        assert kdnctl([*address, "--json", "inspect", keys[2], "--keys", str(master)]) == 1
+        info = json.loads(capsys.readouterr().out)
+        assert info["verified"] is False and info["checked"] == "MAC" and "MAC" in info["error"]
 
 
 def test_header_type_is_unchanged_for_callers():

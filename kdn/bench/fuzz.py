@@ -3,7 +3,7 @@
 Targets, each fed mutations of valid inputs (bit flips, byte runs, zeroed and 0xFF regions, truncation, extension,
 splices, planted length fields) and, for chunk objects, the adversarial forgeries of issue 20 (headers re-keyed to
 another tenant, fingerprint or codec with the checksum recomputed, sections permuted and re-checksummed, consistent
-new payloads, objects signed with a foreign secret, unsigned objects):
+new payloads, objects signed with a foreign secret or with another tenant's derived key, unsigned objects):
 
 - ``chunk`` / ``chunk-keyring``: ``verify_object`` and ``decode_chunk`` of mutated objects without / with a keyring;
 - ``header``: ``parse_header`` of mutated and random header bytes;
@@ -185,13 +185,14 @@ class _ChunkWorld:
     signed: bytes
     other_plain: bytes
     other_signed: bytes
+    impostor: Any = None  # the attacker tenant's own derived key filed under the victim's name
 
 
 def _chunk_world(codec_name: str = "raw", layer_group: int = 1) -> _ChunkWorld:
     from kdn.format.chunk_codec import encode_chunk, get_codec
     from kdn.format.keys import prefix_keys
     from kdn.format.layout import KVLayout
-    from kdn.format.mac import Keyring
+    from kdn.format.mac import Keyring, derive_tenant_key
 
     layout = KVLayout(model_id="fuzz", num_layers=4, num_kv_heads=2, head_dim=8, dtype="float16")
     codec = get_codec(codec_name, layout)
@@ -205,8 +206,9 @@ def _chunk_world(codec_name: str = "raw", layer_group: int = 1) -> _ChunkWorld:
 
     def enc(k, t, r):
         return encode_chunk(t, key=str(k), layout=layout, codec=codec, layer_group=layer_group, keyring=r)
+    impostor = Keyring(tenant_keys={("victim", "k1"): derive_tenant_key("s" * 40, "mallory", "k1")})
     return _ChunkWorld(layout, codec, ring, foreign, str(key), str(other), kv, enc(key, kv, None),
-                       enc(key, kv, ring), enc(other, other_kv, None), enc(other, other_kv, ring))
+                       enc(key, kv, ring), enc(other, other_kv, None), enc(other, other_kv, ring), impostor)
 
 
 def _recheck(data: bytearray) -> bytes:
@@ -230,7 +232,8 @@ def _forgeries(world: _ChunkWorld, signed: bool, rng: random.Random) -> Callable
     def rekey() -> bytes:  # another tenant's object with the victim's key written in, checksum recomputed
         h = parse_header(source)
         sections = [(s.layer_start, s.layer_end, source[s.offset:s.offset + s.length]) for s in h.sections]
-        keyring = world.foreign if signed and rng.random() < 0.5 else None
+        draw = rng.random()
+        keyring = (world.foreign if draw < 0.35 else world.impostor if draw < 0.7 else None) if signed else None
         return build_object(codec=h.codec, key=world.key, fingerprint=h.fingerprint, num_tokens=h.num_tokens,
                             start=h.start, num_layers=h.num_layers, sections=sections, codec_meta=h.codec_meta,
                             keyring=keyring)

@@ -1,8 +1,8 @@
 """``kdnctl``: the admin CLI. Human-readable tables by default, ``--json`` for scripts.
 
-Commands: status, nodes, ls [PREFIX], inspect KEY, evict KEY... | --prefix P, pin KEY..., unpin KEY..., stats,
-cost (the cost-model calculator), codec profile (build a model profile), warm (store a corpus as
-content-keyed chunks for CacheBlend).
+Commands: status, nodes, ls [PREFIX], inspect KEY, verify KEY... | --prefix P, evict KEY... | --prefix P,
+pin KEY..., unpin KEY..., stats, cost (the cost-model calculator), codec profile (build a model profile), warm
+(store a corpus as content-keyed chunks for CacheBlend), gen-secrets, derive-key (docs/security.md).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from kdn.cli.extras import missing_extra
 from kdn.cli.secrets import add_secrets_parser
 from kdn.cli.warm import add_warm_parser
 from kdn.client.control import ControlClient
-from kdn.errors import KDNError
+from kdn.errors import CorruptObject, KDNError
 
 __all__ = ["main"]
 
@@ -37,6 +37,7 @@ class Ctl:
         from kdn.config import load_config
 
         config = load_config(args.config)
+        self.config = config
         self.address = args.controller or config.client.controller
         self.token = args.token if args.token is not None else config.client.token
         self.tenant = args.tenant or config.client.tenant
@@ -126,9 +127,53 @@ def _print_placement(p: dict) -> None:
     print(f"value = reuse/h x saved/reuse - keep/h; best: {p['choice'] or 'none (below break-even)'}; * = current")
 
 
-def cmd_inspect(ctl: Ctl, args) -> int:
-    from kdn.format.chunk import CorruptObject, verify_object
+def _keyring(ctl: Ctl, args):
+    """The MAC keyring of ``--keys``, else of the config (``security.mac_keys_file``, ``$KDN_MAC_KEYS_FILE``)."""
+    from kdn.format.mac import Keyring, load_keyring
 
+    if getattr(args, "keys_file", None):
+        return Keyring.from_file(args.keys_file)
+    return load_keyring(ctl.config.security)
+
+
+def _check(data, key: str, keyring) -> dict:
+    """Verify one fetched copy: ``status`` ok / forged / corrupt, ``checked`` "MAC" or "checksums only", and
+    the header fields or the error."""
+    from kdn.format.chunk import verify_object
+    from kdn.format.keys import ChunkKey
+    from kdn.format.mac import ForgedObject, key_tenant
+
+    try:
+        parsed = ChunkKey.parse(key)
+        expected = {"fingerprint": parsed.fingerprint, "codec": parsed.codec}
+    except KDNError:
+        expected = {}
+    tenant = key_tenant(key)
+    ring = keyring if keyring is not None and keyring.covers(tenant) else None
+    out: dict = {"checked": "MAC" if ring is not None else "checksums only"}
+    if keyring is not None and ring is None:
+        out["note"] = f"the keyring holds no key of tenant {tenant!r}"
+    try:
+        header = verify_object(data, key=key, keyring=ring, **expected)
+    except ForgedObject as exc:
+        return {**out, "status": "forged", "error": str(exc)}
+    except CorruptObject as exc:
+        return {**out, "status": "corrupt", "error": str(exc)}
+    return {**out, "status": "ok", "codec": header.codec, "tokens": header.num_tokens, "start": header.start,
+            "layers": header.num_layers, "sections": len(header.sections), "bytes": len(data),
+            "header_bytes": header.header_len, "fingerprint": header.fingerprint.hex(),
+            "key_id": header.key_id or "(unsigned)"}
+
+
+def _keyring_line(keyring) -> str:
+    if keyring is None:
+        return ("WARNING: no MAC keyring (security.mac_keys_file, $KDN_MAC_KEYS_FILE or --keys): checked "
+                "checksums only, which do not detect forged or moved objects")
+    whose = "master keyring (every tenant)" if keyring.holds_master else f"keys of tenant(s) {list(keyring.tenants)}"
+    return f"checked MACs and keyed digests with key ids {list(keyring.key_ids)} ({whose})"
+
+
+def cmd_inspect(ctl: Ctl, args) -> int:
     reply = ctl.call("Lookup", keys=[args.key], prefix=False, probe=True)
     locations = list(reply.results[0].locations) if reply.results else []
     info: dict = {"key": args.key, "locations": [MessageToDict(loc) for loc in locations]}
@@ -140,13 +185,8 @@ def cmd_inspect(ctl: Ctl, args) -> int:
     if data is None:
         info["error"] = "node did not return the object"
     else:
-        try:
-            header = verify_object(data, key=args.key)
-            info.update(codec=header.codec, tokens=header.num_tokens, start=header.start,
-                        layers=header.num_layers, sections=len(header.sections), bytes=len(data),
-                        header_bytes=header.header_len, fingerprint=header.fingerprint.hex(), verified=True)
-        except CorruptObject as exc:
-            info.update(verified=False, error=str(exc))
+        checked = _check(data, args.key, _keyring(ctl, args))
+        info.update(verified=checked.pop("status") == "ok", **checked)
     placement = _explain(ctl, args.key)
     rows = [{"field": k, "value": v if not isinstance(v, list) else
              "; ".join(f"{loc['nodeId']}/{loc.get('tier', '')}" for loc in v)} for k, v in info.items()]
@@ -156,6 +196,54 @@ def cmd_inspect(ctl: Ctl, args) -> int:
     if placement is not None and not args.json:
         _print_placement(placement)
     return 0 if info.get("verified") else 1
+
+
+def cmd_verify(ctl: Ctl, args) -> int:
+    """Fetch every listed copy of the keys from every node holding it and verify it (MACs with a keyring)."""
+    keyring = _keyring(ctl, args)
+    keys = list(args.keys)
+    if args.prefix:
+        keys += [k.key for k in ctl.call("ListKeys", prefix=args.prefix, limit=args.limit).keys]
+    if not keys:
+        raise KDNError("give keys or --prefix")
+    results: list[dict] = []
+    for key in dict.fromkeys(keys):
+        reply = ctl.call("Lookup", keys=[key], prefix=False, probe=True)
+        locations = list(reply.results[0].locations) if reply.results else []
+        if not locations:
+            results.append({"key": key, "node": "-", "status": "missing", "error": "not listed by the controller"})
+            continue
+        by_node: dict[str, list] = {}
+        for loc in locations:
+            by_node.setdefault(loc.address, []).append(loc)
+        for address, locs in by_node.items():
+            row: dict = {"key": key, "node": locs[0].node_id, "tiers": ",".join(loc.tier for loc in locs)}
+            try:
+                with ctl.node_client(address) as node:
+                    data = node.get_many([key])[0]
+            except KDNError as exc:
+                results.append({**row, "status": "unreachable", "error": str(exc)})
+                continue
+            if data is None:
+                results.append({**row, "status": "missing", "error": "listed, but the node did not return it"})
+                continue
+            results.append({**row, **_check(data, key, keyring)})
+    bad = sum(r["status"] != "ok" for r in results)
+    unchecked = sum(r.get("checked") == "checksums only" for r in results)
+    summary = _keyring_line(keyring)
+    if keyring is not None and unchecked:
+        summary += f"; {unchecked} cop(ies) of other tenants checked by checksums only"
+    data = {"mac_checked": keyring is not None and not unchecked, "keyring": repr(keyring) if keyring else None,
+            "copies": len(results), "bad": bad, "results": results}
+    if args.json:
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        print(summary)
+        rows = [{"key": r["key"], "node": r["node"], "status": r["status"], "checked": r.get("checked", "-"),
+                 "detail": r.get("error") or r.get("note") or r.get("key_id", "")} for r in results]
+        print(format_table(rows, ["key", "node", "status", "checked", "detail"]))
+        print(f"{len(results) - bad} of {len(results)} copies verified")
+    return 1 if bad else 0
 
 
 def cmd_evict(ctl: Ctl, args) -> int:
@@ -213,7 +301,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ls)
     p = sub.add_parser("inspect", help="locations, verified header and placement numbers of one key")
     p.add_argument("key")
+    p.add_argument("--keys", dest="keys_file", help="MAC keys file (default: the config's security.mac_keys_file)")
     p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("verify", help="fetch every copy of keys from every holder and verify it (MACs with keys)")
+    p.add_argument("keys", nargs="*")
+    p.add_argument("--prefix", help="verify every key with this prefix (within your tenant)")
+    p.add_argument("--limit", type=int, default=1000, help="most keys taken from --prefix")
+    p.add_argument("--keys", dest="keys_file", help="MAC keys file: a master keyring checks every tenant's objects, "
+                   "a tenant's file its own (default: the config's security.mac_keys_file)")
+    p.set_defaults(func=cmd_verify)
     p = sub.add_parser("evict", help="delete keys everywhere")
     p.add_argument("keys", nargs="*")
     p.add_argument("--prefix", help="evict every key with this prefix (within your tenant)")

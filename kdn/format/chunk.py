@@ -5,7 +5,8 @@ Layout (all integers little-endian)::
     offset  size  field
     0       4     magic b"KDNC"
     4       2     format version (2)
-    6       2     flags: bit 0 SIGNED (the object carries section digests, a key id and a MAC); others 0
+    6       2     flags: bit 0 SIGNED (the object carries section digests, a key id and a MAC), bit 1
+                  TENANT_KEYED (set with SIGNED: keyed by the key's tenant's key); others 0
     8       4     header_len: bytes from offset 0 to the first payload byte
     12      8     payload_len: total bytes of all sections
     20      8     header checksum: xxh3_64 of the header bytes with this field zeroed
@@ -29,10 +30,12 @@ are immutable: the same key always names the same bytes' meaning.
 
 A reader verifies: magic, version, flags, lengths inside the object, the header checksum, that the key,
 fingerprint and codec are those requested, and every section's checksum before its bytes are decoded. A reader
-holding a :class:`~kdn.format.mac.Keyring` also requires SIGNED, a known key id and a matching header MAC
-(which binds every header field, the section digests included), and checks each section against its keyed
-digest instead of its xxh3 (:class:`~kdn.format.mac.ForgedObject` otherwise). Readers without a keyring check
-the checksums of signed objects as of unsigned ones. Version 1 objects are refused (a miss).
+holding a :class:`~kdn.format.mac.Keyring` also requires SIGNED and TENANT_KEYED, a known key id, a key of the
+tenant the object's key names, and a matching header MAC under that tenant's key (which binds every header field,
+the section digests included), and checks each section against its keyed digest instead of its xxh3
+(:class:`~kdn.format.mac.ForgedObject` otherwise). Readers without a keyring check the checksums of signed objects
+as of unsigned ones. Version 1 objects are refused (a miss), and so, by keyring holders, are objects SIGNED without
+TENANT_KEYED (signed under the cluster-wide key of earlier builds; docs/security.md, "Per-tenant keys").
 """
 
 from __future__ import annotations
@@ -45,17 +48,20 @@ from typing import TYPE_CHECKING
 import xxhash
 
 from kdn.errors import CorruptObject
-from kdn.format.mac import KEY_ID_RE, MAC_BYTES, ForgedObject
+from kdn.format.mac import KEY_ID_RE, MAC_BYTES, ForgedObject, key_tenant
 
 if TYPE_CHECKING:
     from kdn.format.mac import Keyring
 
-__all__ = ["MAGIC", "FORMAT_VERSION", "FLAG_SIGNED", "Section", "ChunkHeader", "build_object", "parse_header",
-           "verify_object", "verify_section", "header_length", "MAX_HEADER_BYTES", "MIN_HEADER_BYTES"]
+__all__ = ["MAGIC", "FORMAT_VERSION", "FLAG_SIGNED", "FLAG_TENANT_KEYED", "Section", "ChunkHeader", "build_object",
+           "parse_header", "verify_header", "verify_object", "verify_section", "header_length", "MAX_HEADER_BYTES",
+           "MIN_HEADER_BYTES"]
 
 MAGIC = b"KDNC"
 FORMAT_VERSION = 2
 FLAG_SIGNED = 1
+FLAG_TENANT_KEYED = 2
+_KNOWN_FLAGS = FLAG_SIGNED | FLAG_TENANT_KEYED
 MAX_HEADER_BYTES = 1 << 20
 _FIXED = struct.Struct("<4sHHIQQ")  # magic, version, flags, header_len, payload_len, header checksum
 _CHECKSUM_AT = 20
@@ -78,6 +84,8 @@ class Section:
     """Keyed BLAKE3 digest of the section's bytes (signed objects; empty otherwise)."""
     key_id: str = ""
     """The MAC key id that keyed ``digest`` (the object's)."""
+    tenant: str = ""
+    """The tenant whose key keyed ``digest`` (the object's key's)."""
 
 
 @dataclass(frozen=True)
@@ -124,14 +132,16 @@ def build_object(*, codec: str, key: str, fingerprint: bytes, num_tokens: int, s
                  keyring: Keyring | None = None) -> bytes:
     """Serialize a chunk object from ``(layer_start, layer_end, encoded bytes)`` sections.
 
-    With a ``keyring`` the object is signed with its active key id (section digests and header MAC).
+    With a ``keyring`` the object is signed with its active key id under the key of the tenant ``key`` names
+    (section digests and header MAC; ConfigError when the keyring holds no key of that tenant).
     """
     if len(fingerprint) != 16:
         raise ValueError("fingerprint must be 16 bytes")
-    key_id = keyring.active if keyring is not None else ""
+    tenant = key_tenant(key)
+    key_id = keyring.signer(tenant) if keyring is not None else ""
     table = b"".join(
         _SECTION.pack(ls, le, 0, len(data), xxhash.xxh3_64_intdigest(data))
-        + (keyring.section_digest(key_id, data) if keyring is not None else b"")
+        + (keyring.section_digest(tenant, key_id, data) if keyring is not None else b"")
         for ls, le, data in sections)
     body = (_pack_str(codec) + _pack_str(key)
             + _TAIL.pack(fingerprint, num_tokens, start, num_layers, len(sections))
@@ -140,10 +150,10 @@ def build_object(*, codec: str, key: str, fingerprint: bytes, num_tokens: int, s
         body += _pack_str(key_id)
     header_len = _FIXED.size + len(body) + (MAC_BYTES if keyring is not None else 0)
     payload_len = sum(len(d) for _, _, d in sections)
-    flags = FLAG_SIGNED if keyring is not None else 0
+    flags = FLAG_SIGNED | FLAG_TENANT_KEYED if keyring is not None else 0
     fixed = _FIXED.pack(MAGIC, FORMAT_VERSION, flags, header_len, payload_len, 0)
     if keyring is not None:
-        body += keyring.header_mac(key_id, fixed + body)
+        body += keyring.header_mac(tenant, key_id, fixed + body)
     checksum = xxhash.xxh3_64_intdigest(fixed + body)
     fixed = _FIXED.pack(MAGIC, FORMAT_VERSION, flags, header_len, payload_len, checksum)
     return b"".join([fixed, body, *(d for _, _, d in sections)])
@@ -158,8 +168,10 @@ def header_length(prefix: bytes | memoryview) -> int:
         raise CorruptObject("bad magic: not a KDN chunk object")
     if version != FORMAT_VERSION:
         raise CorruptObject(f"unsupported chunk format version {version}")
-    if flags & ~FLAG_SIGNED:
+    if flags & ~_KNOWN_FLAGS:
         raise CorruptObject(f"unknown chunk flags {flags:#x}")
+    if flags & FLAG_TENANT_KEYED and not flags & FLAG_SIGNED:
+        raise CorruptObject("malformed chunk flags: TENANT_KEYED without SIGNED")
     if not MIN_HEADER_BYTES <= header_len <= MAX_HEADER_BYTES:
         raise CorruptObject(f"implausible header length {header_len}")
     return header_len
@@ -169,7 +181,7 @@ def parse_header(data: bytes | memoryview, keyring: Keyring | None = None) -> Ch
     """Parse and checksum-verify the header at the start of ``data`` (payload bytes may be absent).
 
     With a ``keyring``: also authenticate it (:class:`~kdn.format.mac.ForgedObject` unless signed by a known key
-    id with a matching MAC).
+    id with a matching MAC under the key of the tenant its key names).
     """
     view = memoryview(data)
     header_len = header_length(view)
@@ -179,6 +191,9 @@ def parse_header(data: bytes | memoryview, keyring: Keyring | None = None) -> Ch
     signed = bool(flags & FLAG_SIGNED)
     if keyring is not None and not signed:
         raise ForgedObject("unsigned object (a keyring holder accepts signed objects only)")
+    if keyring is not None and not flags & FLAG_TENANT_KEYED:
+        raise ForgedObject("object signed under the cluster-wide key of an earlier KDN, not its tenant's key "
+                           "(a miss; it is re-stored signed per tenant)")
     hdr = bytearray(view[:header_len])
     hdr[_CHECKSUM_AT:_CHECKSUM_AT + 8] = b"\0" * 8
     if xxhash.xxh3_64_intdigest(hdr) != checksum:
@@ -209,8 +224,9 @@ def parse_header(data: bytes | memoryview, keyring: Keyring | None = None) -> Ch
                 raise CorruptObject("malformed MAC key id")
         if pos != header_len:
             raise CorruptObject("header length does not match its fields")
+        tenant = key_tenant(key)
         if keyring is not None:
-            keyring.check_header(key_id, hdr[:header_len - MAC_BYTES], bytes(hdr[header_len - MAC_BYTES:]))
+            keyring.check_header(tenant, key_id, hdr[:header_len - MAC_BYTES], bytes(hdr[header_len - MAC_BYTES:]))
         sections = []
         offset = header_len
         pos = table_at
@@ -220,7 +236,7 @@ def parse_header(data: bytes | memoryview, keyring: Keyring | None = None) -> Ch
             pos += entry
             if not 0 <= ls < le <= num_layers:
                 raise CorruptObject(f"section layers [{ls}, {le}) outside [0, {num_layers})")
-            sections.append(Section(ls, le, offset, length, csum, digest, key_id))
+            sections.append(Section(ls, le, offset, length, csum, digest, key_id, tenant))
             offset += length
     except (struct.error, UnicodeDecodeError, IndexError) as exc:
         raise CorruptObject(f"malformed chunk header: {exc}") from exc
@@ -240,7 +256,7 @@ def verify_section(data: bytes | memoryview, section: Section, keyring: Keyring 
         if not section.digest:
             raise ForgedObject("unsigned section (a keyring holder accepts signed objects only)")
         try:
-            keyring.check_section(section.key_id, view, section.digest)
+            keyring.check_section(section.tenant, section.key_id, view, section.digest)
         except ForgedObject as exc:
             raise ForgedObject(f"{exc} in section of layers [{section.layer_start}, {section.layer_end})") from None
     elif xxhash.xxh3_64_intdigest(view) != section.checksum:
@@ -248,17 +264,12 @@ def verify_section(data: bytes | memoryview, section: Section, keyring: Keyring 
     return view
 
 
-def verify_object(data: bytes | memoryview, *, key: str | None = None, fingerprint: bytes | None = None,
-                  codec: str | None = None, check_payload: bool = True, keyring: Keyring | None = None) -> ChunkHeader:
-    """Parse ``data`` and check it is the complete, intact object that was asked for (with a ``keyring``: and
-    authentic, see :func:`parse_header` and :func:`verify_section`).
-
-    Raises :class:`CorruptObject` (:class:`~kdn.format.mac.ForgedObject` for failed authentication) on any
-    mismatch; callers treat that as a miss.
-    """
+def verify_header(data: bytes | memoryview, *, key: str | None = None, fingerprint: bytes | None = None,
+                  codec: str | None = None, keyring: Keyring | None = None) -> ChunkHeader:
+    """Parse the header at the start of ``data`` (payload bytes may be absent) and check that it describes the
+    object that was asked for: key, layout fingerprint, codec, sections covering the layers in order (with a
+    ``keyring``: and authentic). Raises :class:`CorruptObject` (:class:`~kdn.format.mac.ForgedObject`)."""
     header = parse_header(data, keyring)
-    if len(data) != header.total_len:
-        raise CorruptObject(f"object is {len(data)} bytes, header says {header.total_len}")
     if key is not None and header.key != key:
         raise CorruptObject("object carries another key (misdirected or foreign object)")
     if fingerprint is not None and header.fingerprint != fingerprint:
@@ -269,6 +280,20 @@ def verify_object(data: bytes | memoryview, *, key: str | None = None, fingerpri
                             or any(a.layer_end != b.layer_start for a, b in zip(header.sections, header.sections[1:]))
                             or header.sections[-1].layer_end != header.num_layers):
         raise CorruptObject("sections do not cover the layers exactly once in order")
+    return header
+
+
+def verify_object(data: bytes | memoryview, *, key: str | None = None, fingerprint: bytes | None = None,
+                  codec: str | None = None, check_payload: bool = True, keyring: Keyring | None = None) -> ChunkHeader:
+    """Parse ``data`` and check it is the complete, intact object that was asked for (with a ``keyring``: and
+    authentic, see :func:`parse_header` and :func:`verify_section`).
+
+    Raises :class:`CorruptObject` (:class:`~kdn.format.mac.ForgedObject` for failed authentication) on any
+    mismatch; callers treat that as a miss.
+    """
+    header = verify_header(data, key=key, fingerprint=fingerprint, codec=codec, keyring=keyring)
+    if len(data) != header.total_len:
+        raise CorruptObject(f"object is {len(data)} bytes, header says {header.total_len}")
     if check_payload:
         for section in header.sections:
             verify_section(data, section, keyring)

@@ -10,11 +10,13 @@ Every change of which tier holds which key is reported through ``on_change(added
 tell the controller (``added``: ``(key, tier, size)``; ``removed``: ``(key, tier)``).
 
 Bad copies heal (docs/security.md, "Healing"): a tier that drops a bad object on its own (disk, Redis, S3 verify
-every read) reports it through ``on_drop`` and the removal reaches the controller; objects of tiers that do not
+every read, with the node's keyring, which the stack hands every durable tier: a forged object written straight
+into a store is a miss before it is served or promoted) reports it through ``on_drop`` and the removal reaches
+the controller; objects of tiers that do not
 verify themselves (memory, pinned, GPU) have their header checked on every get (checksum, key, fingerprint and
 codec; with the keyring its MAC), and a bad one is dropped and the next tier tried, so a corrupt memory copy never
 shadows a good disk copy. :meth:`TierStack.scrub` fully verifies every copy of reported keys (a client that got a
-bad copy says so) and drops the bad ones.
+bad copy says so) and drops the bad ones. Every dropped copy is counted (``dropped``, and ``on_bad``).
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ class TierStack:
     """Ordered tiers behaving as one store."""
 
     def __init__(self, tiers: Sequence[Tier], write_policy: str = "write-through",
-                 on_change: ChangeCallback | None = None, keyring: Keyring | None = None) -> None:
+                 on_change: ChangeCallback | None = None, keyring: Keyring | None = None,
+                 on_bad: Callable[[], None] | None = None) -> None:
         if not tiers:
             raise ConfigError("a node needs at least one tier")
         if write_policy not in WRITE_POLICIES:
@@ -56,11 +59,15 @@ class TierStack:
         self.on_change = on_change
         self.promote_on_hit = True
         self.keyring = keyring
+        self.on_bad = on_bad
+        """Called once per bad copy dropped (the node counts them)."""
         self.dropped = 0
         """Bad copies dropped (found by a tier, a get's header check or a scrub)."""
         for i, tier in enumerate(self.tiers):
             tier.on_evict = self._make_evict_handler(i)
             tier.on_drop = self._make_drop_handler(tier)
+            if tier.durable and keyring is not None:
+                tier.keyring = keyring  # the store behind it is not trusted: it authenticates what it reads
 
     def _emit(self, added: list[tuple[str, str, int]], removed: list[tuple[str, str]]) -> None:
         if self.on_change is not None and (added or removed):
@@ -80,14 +87,18 @@ class TierStack:
 
     def _make_drop_handler(self, tier: Tier) -> Callable[[str], None]:
         def handler(key: str) -> None:
-            self.dropped += 1
+            self._count_bad()
             self._emit([], [(key, tier.kind)])
         return handler
 
-    @staticmethod
-    def _self_verifying(tier: Tier) -> bool:
-        """Whether ``tier`` verifies what it reads itself (the durable tiers do, on every get)."""
-        return tier.durable
+    def _count_bad(self) -> None:
+        self.dropped += 1
+        if self.on_bad is not None:
+            self.on_bad()
+
+    def _self_verifying(self, tier: Tier) -> bool:
+        """Whether ``tier`` verifies what it reads itself (the durable tiers do, on every get, with our keyring)."""
+        return tier.durable and tier.keyring is self.keyring
 
     def _check(self, key: str, data: Buffer, *, full: bool) -> str:
         """'' when ``data`` is a good copy of ``key`` (header only unless ``full``), else why not."""
@@ -100,7 +111,7 @@ class TierStack:
     def _drop_bad(self, tier: Tier, key: str, why: str) -> bool:
         log.warning("tier %s: dropping bad copy of %s: %s", tier.kind, key, why)
         if tier.delete(key):
-            self.dropped += 1
+            self._count_bad()
             self._emit([], [(key, tier.kind)])
             return True
         return False
@@ -219,6 +230,11 @@ class TierStack:
             if not target.contains(key):
                 for other in self.tiers:
                     data = other.get(key)
+                    if data is not None and not self._self_verifying(other):
+                        why = self._check(key, data, full=False)
+                        if why:
+                            self._drop_bad(other, key, why)
+                            data = None
                     if data is not None:
                         break
                 if data is None or not target.put(key, data):

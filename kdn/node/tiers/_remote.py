@@ -3,7 +3,8 @@
 ``LruBudget`` accounts object bytes. The store may drop objects behind the tier's back (TTL expiry, Redis
 ``maxmemory`` eviction, another client's delete), so the accounting is best effort: it learns of such losses on the
 next miss, delete or inventory scan. It does guarantee that the bytes it accounts never exceed the capacity.
-``verify`` checks an object read back against everything its key says. ``OutageLog`` reports backend failures
+``verify`` checks an object read back against everything its key says (and, with the node's keyring, that it is
+authentic: the stores are shared infrastructure, not trusted with integrity). ``OutageLog`` reports backend failures
 once per outage instead of once per call; ``RetryOnce`` runs the first inventory scan lazily. ``RemoteTier`` ties
 them together for the Redis and S3 tiers.
 """
@@ -16,12 +17,15 @@ import time
 from abc import abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kdn.errors import CorruptObject, InvalidRequest
 from kdn.format.chunk import verify_object
 from kdn.format.keys import ChunkKey
 from kdn.node.tiers.base import Buffer, Tier
+
+if TYPE_CHECKING:
+    from kdn.format.mac import Keyring
 
 __all__ = ["RemoteTier", "LruBudget", "OutageLog", "RetryOnce", "expected_fields", "is_chunk_key", "verify"]
 
@@ -40,10 +44,11 @@ def is_chunk_key(key: str) -> bool:
     return bool(expected_fields(key))
 
 
-def verify(data: Buffer, key: str) -> None:
+def verify(data: Buffer, key: str, keyring: Keyring | None = None) -> None:
     """Raise :class:`~kdn.errors.CorruptObject` unless ``data`` is the intact object stored under ``key``: header
-    and section checksums, and the key, layout fingerprint and codec the key names."""
-    verify_object(data, key=key, **expected_fields(key))
+    and section checksums, and the key, layout fingerprint and codec the key names; with a ``keyring`` also its
+    header MAC and keyed section digests under the key's tenant (:class:`~kdn.format.mac.ForgedObject`)."""
+    verify_object(data, key=key, keyring=keyring, **expected_fields(key))
 
 
 class LruBudget:
@@ -265,7 +270,7 @@ class RemoteTier(Tier):
     def _checked(self, key: str, data: Any) -> Any:
         """``data`` when it verifies as ``key``'s object; otherwise drop the stored object and return None."""
         try:
-            verify(data, key)
+            verify(data, key, self.keyring)
         except CorruptObject as exc:
             self._log.warning("%s: dropping bad object under %r: %s", self._backend, key, exc)
             self._budget.forget([key])
@@ -277,7 +282,7 @@ class RemoteTier(Tier):
 
     def _demote(self, key: str, data: Buffer) -> None:
         try:
-            verify(data, key)
+            verify(data, key, self.keyring)
         except CorruptObject as exc:
             self._log.warning("%s: evicted object under %r is bad, not demoted: %s", self._backend, key, exc)
             return

@@ -5,9 +5,11 @@ objects share the prefix ``key_prefix + tenant + "/"``. Writes are ``SET NX`` (f
 immutable) with an optional ``PX`` TTL; batches go out as one pipeline (``MGET`` for gets on a single server;
 redis-py's cluster pipeline splits a batch per node in cluster mode). No hash tags: keys spread over all slots.
 
-Every object read is verified (header checksum, key, fingerprint and codec from the key, section checksums); a
-foreign or corrupt value is a miss, logged and deleted. A Redis outage (connection refused, timeout, cluster down)
-makes gets miss and puts/contains/deletes answer False, with one logged error per outage; nothing raises.
+Every object read is verified (header checksum, key, fingerprint and codec from the key, section checksums; with
+the node's keyring the header MAC and keyed section digests, since Redis is shared infrastructure that is not
+trusted with integrity); a foreign, forged or corrupt value is a miss, logged, deleted and reported (``on_drop``).
+A Redis outage (connection refused, timeout, cluster down) makes gets miss and puts/contains/deletes answer
+False, with one logged error per outage; nothing raises.
 
 ``capacity`` is this tier instance's budget: puts evict its least recently used objects (through ``on_evict``)
 to stay within it. Redis may also drop objects on its own (TTL, ``maxmemory-policy``); the accounting is best
@@ -203,6 +205,10 @@ class RedisTier(RemoteTier):
             return [False] * len(keys)
         self._budget.forget(keys)
         return [bool(n) for n in deleted]
+
+    def available(self) -> bool:
+        """Redis answers PING (an outage is logged once, its end too)."""
+        return bool(self._call("ping", lambda client: client.ping(), False))
 
     # -- RemoteTier hooks ------------------------------------------------------------------------------------
     def _list(self) -> list[tuple[str, int]] | None:

@@ -3,8 +3,11 @@
 Every object is one S3 object at ``key_prefix + chunk key`` (``kdn/<tenant>/<fingerprint>/<codec>/p<digest>``).
 Batches run in parallel on a thread pool. Writes are conditional (``If-None-Match: *``: first writer wins; objects
 are immutable), and objects at or above ``multipart_threshold_bytes`` go up as a multipart upload whose parts are
-sent in parallel. Full gets are verified like every tier's; :meth:`S3Tier.get_sections` fetches just the header
-and the sections of a layer range with ranged GETs, pinned to one object version with ``If-Match``.
+sent in parallel. Full gets are verified like every durable tier's (checksums, key, fingerprint, codec; with the
+node's keyring the MAC and keyed digests: the bucket is not trusted with integrity); :meth:`S3Tier.get_sections`
+fetches just the header and the sections of a layer range with ranged GETs, pinned to one object version with
+``If-Match``, and verifies what it fetched the same way. A bad object is a miss, deleted and reported
+(``on_drop``).
 
 A missing object (404) is a miss. An outage (connection refused, timeouts, 5xx, auth errors) makes gets miss and
 puts/contains/deletes answer False, with one logged error per outage; nothing raises.
@@ -302,6 +305,12 @@ class S3Tier(RemoteTier):
             held[key] = False
         return out
 
+    def available(self) -> bool:
+        """The bucket answers HEAD (an outage is logged once, its end too; a missing bucket is unavailable)."""
+        self._first_use()
+        return bool(self._guard("head bucket", lambda: self._s3().head_bucket(Bucket=self.config.bucket)
+                                is not None, False))
+
     # -- RemoteTier hooks ------------------------------------------------------------------------------------
     def _list(self) -> list[tuple[str, int]] | None:
         """ListObjectsV2 under the prefix; the oldest objects count as least recently used."""
@@ -352,7 +361,8 @@ class S3Tier(RemoteTier):
 
     def get_sections(self, key: str, layer_start: int, layer_end: int) -> SectionRead | None:
         """Fetch only the header and the sections overlapping layers ``[layer_start, layer_end)``, each verified
-        against its checksum; None on a miss, a corrupt object (which is dropped) or an outage."""
+        against its checksum (with the keyring: the header MAC and each section's keyed digest); None on a miss, a
+        corrupt or forged object (which is dropped) or an outage."""
         if not 0 <= layer_start < layer_end:
             raise InvalidRequest(f"invalid layer range [{layer_start}, {layer_end})")
         self._first_use()
@@ -362,6 +372,7 @@ class S3Tier(RemoteTier):
             log.warning("s3 tier: dropping bad object under %r: %s", key, exc)
             self._budget.forget([key])
             self._remove(key)
+            self._dropped(key)
             return None
         if out is not None:
             self._budget.touch(key)
@@ -375,7 +386,7 @@ class S3Tier(RemoteTier):
             if len(head) < prefetch:
                 raise CorruptObject("chunk object truncated inside its header")
             head += self._range(key, len(head), hlen - len(head), etag)[0]
-        header = parse_header(head)
+        header = parse_header(head, self.keyring)
         expected = {"key": key, **expected_fields(key)}
         actual = {"key": header.key, "fingerprint": header.fingerprint, "codec": header.codec}
         if any(actual[name] != value for name, value in expected.items()):
@@ -388,8 +399,8 @@ class S3Tier(RemoteTier):
             span, base = head, 0
         else:
             span, base = self._range(key, begin, end - begin, etag)[0], begin
-        return SectionRead(header, [(s, verify_section(span, dataclasses.replace(s, offset=s.offset - base)))
-                                    for s in wanted])
+        return SectionRead(header, [(s, verify_section(span, dataclasses.replace(s, offset=s.offset - base),
+                                                       self.keyring)) for s in wanted])
 
     def close(self) -> None:
         with self._lock:
