@@ -39,9 +39,10 @@ class Proc:
         stop(self.popen)
 
 
-def start_kdn(args: list[str], log: Path, env: dict | None = None, timeout: float = 30.0) -> Proc:
-    """Run ``python -m kdn ARGS`` and wait for its ready line."""
-    full = [sys.executable, "-m", "kdn", *args]
+def start_kdn(args: list[str], log: Path, env: dict | None = None, timeout: float = 30.0,
+              prefix: list[str] | None = None) -> Proc:
+    """Run ``python -m kdn ARGS`` (after ``prefix``, e.g. an ``nsenter`` command) and wait for its ready line."""
+    full = [*(prefix or []), sys.executable, "-m", "kdn", *args]
     environ = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     environ.pop("KDN_CONFIG", None)
     err = open(log, "ab")  # noqa: SIM115 - handed to the child

@@ -15,6 +15,7 @@ import yaml
 
 from kdn.config import TierSpec
 from kdn.controller.servicer import HEALTH_SERVICE
+from kdn.node.health import HEALTH_SERVICE as NODE_HEALTH_SERVICE
 
 K8S = Path(__file__).resolve().parent.parent / "deploy" / "k8s"
 VERSION = "1.32.0"
@@ -121,6 +122,10 @@ def test_controller_replicas_and_node_sizing():
     claim = node["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"]
     assert disk <= _limit_bytes(claim)
     assert {"KDN_NODE__TOKEN_FILE", "KDN_TLS__CERT"} <= {e["name"] for e in n["env"]}
+    # the node's probes ask its plaintext health port: liveness "", readiness the data service (tiers + registered)
+    assert "node.health_port=7079" in n["args"]
+    assert n["readinessProbe"]["grpc"] == {"port": 7079, "service": NODE_HEALTH_SERVICE}
+    assert n["livenessProbe"]["grpc"] == {"port": 7079, "service": ""}
 
 
 def test_kustomize_renders_the_same_objects():

@@ -75,19 +75,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--node-memory", default="64MiB", help="memory tier of each node (small: chunks churn, "
                         "so RSS must stay flat once it is full)")
     parser.add_argument("--work-dir", help="server data/log directory (default: a temporary one)")
+    parser.add_argument("--rebuild-chunks", type=int, default=0,
+                        help="instead of the load: store this many chunks over the two nodes, kill -9 the "
+                             "controller, restart it and time the index rebuild from the nodes' inventories "
+                             "(issue 21: 30,000 chunks in <= 10 s, never a wrong location meanwhile)")
+    parser.add_argument("--rebuild-heartbeat", type=float, default=2.0,
+                        help="node heartbeat interval of the rebuild run (default 2.0 s, the shipped default)")
+    parser.add_argument("--rebuild-repeat", type=int, default=3,
+                        help="kills per code version, each at a random point of the heartbeat period")
+    parser.add_argument("--baseline-repo", metavar="DIR",
+                        help="also run the rebuild with the servers of another checkout (e.g. `git archive HEAD` "
+                             "unpacked in a temporary directory), first, as the baseline of the same run")
 
 
 # -- servers ---------------------------------------------------------------------------------------------------------
 class _Server:
     """``python -m kdn ARGS`` on free loopback ports; reads the JSON ready line."""
 
-    def __init__(self, args: list[str], log_path: Path) -> None:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    def __init__(self, args: list[str], log_path: Path, repo: Path = REPO) -> None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
         env.pop("KDN_CONFIG", None)
         self.log_path = log_path
         with open(log_path, "ab") as fh:
             self.proc = subprocess.Popen([sys.executable, "-m", "kdn", *args], stdout=subprocess.PIPE, stderr=fh,
-                                         stdin=subprocess.DEVNULL, env=env, cwd=REPO)
+                                         stdin=subprocess.DEVNULL, env=env, cwd=repo)
         line, deadline = b"", time.monotonic() + 60
         while b"\n" not in line:
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -127,17 +138,24 @@ class _Server:
                 self.proc.wait(5)
 
 
-def _start_cluster(work: Path, node_memory: str) -> dict[str, _Server]:
-    quiet = ["--metrics-port", "-1", "--log-level", "WARNING"]
-    servers = {"controller": _Server(["controller", "--port", "0", "--data-dir", str(work / "controller"), *quiet],
-                                     work / "controller.log")}
+_QUIET = ["--metrics-port", "-1", "--log-level", "WARNING"]
+
+
+def _start_controller(work: Path, port: int = 0, repo: Path = REPO) -> _Server:
+    return _Server(["controller", "--port", str(port), "--data-dir", str(work / "controller"), *_QUIET],
+                   work / "controller.log", repo)
+
+
+def _start_cluster(work: Path, node_memory: str, heartbeat_s: float = 0.5, repo: Path = REPO) -> dict[str, _Server]:
+    servers = {"controller": _start_controller(work, repo=repo)}
     address = servers["controller"].ready["controller"]
     try:
         for name in ("node-a", "node-b"):
             servers[name] = _Server(["node", "--port", "0", "--bulk-port", "0", "--controller", address,
-                                     "--node-id", name, "--data-dir", str(work / name), *quiet,
+                                     "--node-id", name, "--data-dir", str(work / name), *_QUIET,
                                      "--set", f"node.tiers=[{{kind: memory, capacity: {node_memory}}}]",
-                                     "--set", "node.heartbeat_interval_s=0.5"], work / f"{name}.log")
+                                     "--set", f"node.heartbeat_interval_s={heartbeat_s}"],
+                                    work / f"{name}.log", repo)
     except BaseException:
         for server in servers.values():
             server.close()
@@ -283,6 +301,8 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def run(args: argparse.Namespace) -> dict:
+    if args.rebuild_chunks > 0:
+        return run_rebuild(args)
     mix = tuple(float(x) for x in args.mix.split(","))
     if len(mix) != 3 or min(mix) < 0 or sum(mix) <= 0:
         raise SystemExit("--mix takes three non-negative shares: lookup,fetch,store")
@@ -379,3 +399,149 @@ def run(args: argparse.Namespace) -> dict:
         print("errors:", json.dumps(dict(sorted(errors.items(), key=lambda kv: -kv[1])[:10]), indent=1))
     return {"rows": rows, "rss": rss_rows, "rss_samples": {"t": [t - t0 for t in sample_times], **samples},
             "summary": summary, "errors": errors}
+
+
+# -- controller restart: the index rebuilt from the nodes' inventories ---------------------------------------------
+def _rebuild_layout():
+    from kdn.format.layout import KVLayout
+
+    return KVLayout("kdn-rebuild", num_layers=1, num_kv_heads=1, head_dim=8, dtype="float16")
+
+
+def _fill(address: str, chunks: int, chunk_size: int, per_prompt: int = 500) -> list[str]:
+    """Store ``chunks`` real chunk objects (prompts of ``per_prompt`` chunks); returns their keys."""
+    import torch
+
+    from kdn.client import KDNClient
+
+    layout = _rebuild_layout()
+    keys: list[str] = []
+    with KDNClient(layout, controller=address, tenant="rebuild", chunk_size=chunk_size, receive_pool_bytes=0,
+                   store_partial=False, shared_memory=False, timeout_s=60.0) as client:
+        deadline = time.monotonic() + 30
+        while len(client.refresh_nodes()) < 2:
+            if time.monotonic() > deadline:
+                raise RuntimeError("nodes did not register")
+            time.sleep(0.2)
+        prompt = 0
+        while len(keys) < chunks:
+            n = min(per_prompt, chunks - len(keys))
+            ids = [(prompt * 1_000_003 + i * 31) % 50_000 for i in range(n * chunk_size)]
+            kv = torch.full(layout.shape(n * chunk_size), float(prompt % 100), dtype=torch.float16)
+            result = client.store(ids, kv).result(300)
+            if result.failed:
+                raise RuntimeError(f"filling failed: {result.error}")
+            keys += [str(k) for _, k in client.keys(ids)]
+            prompt += 1
+    return keys
+
+
+def _holders(control, keys: list[str], batch: int = 20_000) -> dict[str, set[tuple[str, str]]]:
+    """key -> {(node_id, address)} as the controller answers now."""
+    out: dict[str, set[tuple[str, str]]] = {}
+    for start in range(0, len(keys), batch):
+        part = keys[start:start + batch]
+        reply = control.call("Lookup", keys=part, prefix=False, probe=True)
+        for key, result in zip(part, reply.results):
+            out[key] = {(loc.node_id, loc.address) for loc in result.locations}
+    return out
+
+
+def run_rebuild(args: argparse.Namespace) -> dict:
+    """Per code version (``--baseline-repo``, then this checkout): fill two nodes with ``--rebuild-chunks`` chunks,
+    then ``--rebuild-repeat`` times ``kill -9`` the controller at a random point of the heartbeat period, restart it
+    on its port and poll until its index is whole again. Every answer meanwhile is checked against the locations
+    known before the kill (a location the controller names must be one that held the key)."""
+    versions = ([("baseline", Path(args.baseline_repo).resolve())] if args.baseline_repo else []) + [("this", REPO)]
+    rows = []
+    for name, repo in versions:
+        rows += _rebuild_version(args, name, repo)
+    print(f"controller kill -9 + restart with {args.rebuild_chunks} chunks on two nodes, heartbeat "
+          f"{args.rebuild_heartbeat} s ({os.cpu_count()} cores)")
+    print(format_table(rows, ["code", "kill", "chunks", "restart_s", "first_entry_s", "rebuilt_s",
+                              "index_after_ready_s", "polls", "wrong_locations", "differ_after"]))
+    summary = {}
+    for name, _ in versions:
+        mine = [r["rebuilt_s"] for r in rows if r["code"] == name]
+        summary[name] = {"rebuilt_s_max": max(mine), "rebuilt_s_mean": sum(mine) / len(mine),
+                         "wrong_locations": sum(r["wrong_locations"] for r in rows if r["code"] == name)}
+    print(json.dumps(summary))
+    return {"rows": rows, "summary": summary}
+
+
+def _rebuild_version(args: argparse.Namespace, code: str, repo: Path) -> list[dict]:
+    import random
+
+    from kdn.client.control import ControlClient
+
+    tmp = None if args.work_dir else tempfile.mkdtemp(prefix="kdn-rebuild-")
+    work = Path(args.work_dir or tmp) / code
+    work.mkdir(parents=True, exist_ok=True)
+    memory = max(args.node_memory, "512MiB", key=_parse_size)
+    servers = _start_cluster(work, memory, heartbeat_s=args.rebuild_heartbeat, repo=repo)
+    rng = random.Random(args.seed)
+    rows = []
+    try:
+        address = servers["controller"].ready["controller"]
+        t0 = time.monotonic()
+        keys = _fill(address, args.rebuild_chunks, args.chunk_size)
+        fill_s = time.monotonic() - t0
+        control = ControlClient(address, timeout_s=5.0)
+        try:
+            before = _holders(control, keys)
+            for kill in range(args.rebuild_repeat):
+                time.sleep(rng.uniform(0, args.rebuild_heartbeat))  # a random phase of the nodes' heartbeats
+                row = _kill_and_rebuild(servers, work, repo, control, keys, before, rng)
+                rows.append({"code": code, "kill": kill + 1, "fill_s": fill_s, **row})
+        finally:
+            control.close()
+    finally:
+        for server in servers.values():
+            server.close()
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return rows
+
+
+def _kill_and_rebuild(servers: dict[str, _Server], work: Path, repo: Path, control, keys: list[str],
+                      before: dict[str, set[tuple[str, str]]], rng) -> dict:
+    from kdn.errors import KDNError
+
+    indexed = control.call("Stats").keys
+    port = int(servers["controller"].ready["controller"].rsplit(":", 1)[1])
+    servers["controller"].proc.kill()  # kill -9
+    servers["controller"].proc.wait(10)
+    killed = time.monotonic()
+    servers["controller"] = _start_controller(work, port, repo)
+    ready = time.monotonic()
+    polls = wrong = 0
+    first_answer = full = None
+    while time.monotonic() < ready + 120:
+        sample = rng.sample(keys, min(2_000, len(keys)))
+        try:
+            now_held = _holders(control, sample)
+            count = control.call("Stats").keys
+        except KDNError:
+            time.sleep(0.02)
+            continue
+        polls += 1
+        wrong += sum(len(held - before[key]) for key, held in now_held.items())
+        if count and first_answer is None:
+            first_answer = time.monotonic()
+        if count >= indexed:
+            full = time.monotonic()
+            break
+        time.sleep(0.02)
+    after = _holders(control, keys) if full is not None else {}
+    return {"chunks": len(keys), "indexed_before": indexed,
+            "unlocated_before": sum(1 for held in before.values() if not held), "restart_s": ready - killed,
+            "first_entry_s": (first_answer - killed) if first_answer else float("nan"),
+            "rebuilt_s": (full - killed) if full else float("nan"),
+            "index_after_ready_s": (full - ready) if full else float("nan"), "polls": polls,
+            "wrong_locations": wrong, "differ_after": sum(1 for k in keys if after.get(k) != before[k])}
+
+
+def _parse_size(value: str) -> int:
+    from kdn.config import parse_size
+
+    return parse_size(value)

@@ -70,7 +70,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(benches: bool = True) -> argparse.ArgumentParser:
+    """The ``kdn`` parser; without ``benches`` the benchmark modules are not imported (they pull in torch, which
+    costs a server seconds of start-up, e.g. a controller restarting after a crash)."""
     from kdn.bench import BENCHES
 
     parser = argparse.ArgumentParser(prog="kdn", description="KDN: a KV-cache delivery network.")
@@ -95,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=_cmd_servers)
     bench = sub.add_parser("bench", help="benchmarks: " + ", ".join(sorted(BENCHES)))
     bench_sub = bench.add_subparsers(dest="bench", required=True)
-    for name, module_name in sorted(BENCHES.items()):
+    for name, module_name in sorted(BENCHES.items()) if benches else ():
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:  # a benchmark whose extras are missing
@@ -109,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    given = sys.argv[1:] if argv is None else argv
+    parser = build_parser(benches=not given or given[0] in ("bench", "-h", "--help"))
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):
         parser.error("this benchmark is unavailable here")

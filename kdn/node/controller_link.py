@@ -4,6 +4,12 @@ Runs in one background thread. When the controller is unreachable the node keeps
 and are sent when it is back, or replaced by a full inventory report when too many piled up or when the controller
 does not know the node (it restarted).
 
+A lost controller is noticed at once, not at the next heartbeat: the link watches its channel's connectivity and
+wakes when an established connection breaks; while the controller is unreachable it retries with a short
+exponential backoff (``RETRY_MIN_S`` doubling up to ``RETRY_MAX_S``, never past the heartbeat interval), and the
+channel's own reconnect backoff is capped likewise. A restarted controller is thus re-registered with and sent the
+full inventory within about ``RETRY_MAX_S`` of answering (docs/operations.md, "Restarts").
+
 Replicas: ``node.controller`` may list several controllers (``"a:7070,b:7070"``). When the current one is
 unreachable or a standby (UNAVAILABLE), the link moves to the next at once, registers there and sends its full
 inventory (the new active replica starts with an empty index).
@@ -32,6 +38,13 @@ log = logging.getLogger(__name__)
 
 MAX_PENDING = 200_000
 BATCH = 5_000
+RETRY_MIN_S = 0.05
+"""First retry after a failed call to the controller."""
+RETRY_MAX_S = 0.5
+"""Longest wait between retries while the controller is unreachable (at most the heartbeat interval)."""
+_CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", int(RETRY_MIN_S * 1000)),
+                    ("grpc.min_reconnect_backoff_ms", int(RETRY_MIN_S * 1000)),
+                    ("grpc.max_reconnect_backoff_ms", int(RETRY_MAX_S * 1000))]
 
 
 class ControllerLink:
@@ -51,8 +64,22 @@ class ControllerLink:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kdn-controller-link", daemon=True)
-        self._channels = [make_channel(a, config.tls) for a in self.addresses]
+        self._channels = [make_channel(a, config.tls, _CHANNEL_OPTIONS) for a in self.addresses]
         self._stubs = [control_pb2_grpc.ControlStub(c) for c in self._channels]
+        self._watchers = [self._watcher(i) for i in range(len(self._channels))]
+
+    def registered_now(self) -> bool:
+        """Whether the controller in use knows this node (registered, and its last call succeeded)."""
+        return self.connected and self._registered
+
+    def _watcher(self, index: int):
+        """A connectivity callback for channel ``index``: wakes the link when the connection it uses breaks."""
+        def changed(state: grpc.ChannelConnectivity) -> None:
+            lost = state in (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.IDLE,
+                             grpc.ChannelConnectivity.SHUTDOWN)
+            if lost and index == self._current and self.connected and not self._stop.is_set():
+                self._wake.set()
+        return changed
 
     @property
     def address(self) -> str:
@@ -64,13 +91,16 @@ class ControllerLink:
         return self._stubs[self._current]
 
     def start(self) -> None:
+        for channel, watcher in zip(self._channels, self._watchers):
+            channel.subscribe(watcher, try_to_connect=False)
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=5)
-        for channel in self._channels:
+        for channel, watcher in zip(self._channels, self._watchers):
+            channel.unsubscribe(watcher)
             channel.close()
 
     def report(self, added: list[tuple[str, str, int]], removed: list[tuple[str, str]]) -> None:
@@ -101,12 +131,14 @@ class ControllerLink:
 
     def _run(self) -> None:
         failed = 0  # addresses tried in a row without success
+        retry = RETRY_MIN_S  # the wait after a failed round; doubles up to RETRY_MAX_S (or the interval)
         while not self._stop.is_set():
+            wait = self.interval
             try:
                 with self._send_lock:
                     self._step()
                 self._set_connected(True)
-                failed = 0
+                failed, retry = 0, RETRY_MIN_S
             except grpc.RpcError as exc:
                 if self.connected:
                     log.warning("controller %s unreachable: %s", self.address, exc.code().name)
@@ -117,11 +149,13 @@ class ControllerLink:
                         self._current = (self._current + 1) % len(self.addresses)
                     failed += 1
                     if failed < len(self.addresses):
-                        continue  # the next replica at once; after a full round, wait one interval
+                        continue  # the next replica at once; after a full round, back off
                     failed = 0
+                wait = min(retry, RETRY_MAX_S, self.interval)
+                retry *= 2
             except Exception:  # noqa: BLE001 - keep the link alive whatever happens
                 log.exception("controller link error")
-            self._wake.wait(self.interval)
+            self._wake.wait(wait)
             self._wake.clear()
 
     def _set_connected(self, value: bool) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from functools import wraps
 from pathlib import Path
@@ -84,15 +84,17 @@ def ssl_context(tls: TLSConfig | None, *, server: bool) -> ssl.SSLContext | None
     return context
 
 
-def make_channel(address: str, tls: TLSConfig | None = None) -> grpc.Channel:
-    """A channel with KDN's message limits and keepalive; TLS (and a client certificate) when ``tls`` is on."""
+def make_channel(address: str, tls: TLSConfig | None = None,
+                 extra_options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
+    """A channel with KDN's message limits and keepalive; TLS (and a client certificate) when ``tls`` is on;
+    ``extra_options`` are further gRPC channel arguments (e.g. reconnect backoff)."""
     if tls is None or not tls.enabled:
-        return grpc.insecure_channel(address, options=_OPTIONS)
+        return grpc.insecure_channel(address, options=[*_OPTIONS, *extra_options])
     credentials = grpc.ssl_channel_credentials(
         root_certificates=_pem(tls.ca, "ca") if tls.ca else None,
         private_key=_pem(tls.key, "key") if tls.key else None,
         certificate_chain=_pem(tls.cert, "cert") if tls.cert else None)
-    options = list(_OPTIONS)
+    options = [*_OPTIONS, *extra_options]
     if tls.server_name:
         options.append(("grpc.ssl_target_name_override", tls.server_name))
     return grpc.secure_channel(address, credentials, options=options)

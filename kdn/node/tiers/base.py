@@ -7,9 +7,10 @@ Contract for every tier:
   ``put_many`` reports per item, ``get_many`` returns ``None`` for each miss.
 - ``get_many`` returns bytes-like objects the caller may read until it drops them; tiers must never hand out a
   buffer that a later put or eviction can overwrite while the caller holds it.
-- A tier never returns an object that it cannot vouch for: durable tiers verify the object's header (and
-  checksums where cheap) and treat failures as misses, dropping the bad object with a logged warning and a call
-  of ``on_drop(key)``.
+- A tier never returns an object that it cannot vouch for: durable tiers verify every object they read (header,
+  section checksums, and with the node's ``keyring`` — which the tier stack hands them — the header MAC and keyed
+  section digests) and treat failures as misses, dropping the bad object with a logged warning and a call of
+  ``on_drop(key)``: the stores behind them (Redis, S3, a directory) are not trusted with integrity.
 - Backend outages (disk I/O errors, Redis/S3 down) become misses (``get``), ``False`` (``put``/``contains``) and a
   logged error; they never raise into the caller.
 - ``put_many`` may evict least-recently-used objects to make room; each evicted object is passed to the
@@ -21,8 +22,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from kdn.wire.buffers import Buffer
+
+if TYPE_CHECKING:
+    from kdn.format.mac import Keyring
 
 __all__ = ["Tier", "Buffer", "EvictCallback", "DropCallback"]
 
@@ -37,6 +42,8 @@ class Tier(ABC):
     kind: str = ""
     #: True when objects survive a restart of the process.
     durable: bool = False
+    #: The node's MAC keyring; durable tiers authenticate what they read with it (None: checksums only).
+    keyring: Keyring | None = None
 
     def __init__(self) -> None:
         self.on_evict: EvictCallback | None = None
@@ -76,6 +83,11 @@ class Tier(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources; the tier is unusable afterwards."""
+
+    def available(self) -> bool:
+        """Whether the backend can serve now (node readiness, :mod:`kdn.node.health`); may wait up to the
+        backend's timeout, never raises. Local memory tiers are always available."""
+        return True
 
     # Convenience single-item forms.
     def put(self, key: str, data: Buffer) -> bool:

@@ -6,7 +6,9 @@ index; a file whose header key does not hash to its name is foreign and dropped.
 
 Writes follow reliability rule 3: unique temp file ``.tmp-*`` in the target directory -> write -> fsync -> rename
 -> fsync directory -> acknowledge. Only renamed files are ever indexed; temp files left by a crash are deleted at
-start. ``fsync: never`` survives a killed process (the page cache outlives it) but not power loss.
+start. ``fsync: never`` survives a killed process (the page cache outlives it) but not power loss. A filesystem
+that fills up before ``capacity`` does (ENOSPC) fails the write (not acknowledged, temp file removed, logged once
+per episode) and makes :meth:`DiskTier.available` false (node readiness) until a write succeeds again.
 
 Every get verifies the whole object (header, key, fingerprint, codec, length and section checksums; with the node's
 keyring its MAC and keyed digests); a failure is a miss, the file is dropped with a warning and ``on_drop`` tells the
@@ -33,7 +35,7 @@ from typing import TYPE_CHECKING
 
 from kdn.errors import ConfigError, CorruptObject
 from kdn.format.chunk import ChunkHeader, header_length, parse_header, verify_object
-from kdn.node.tiers._remote import expected_fields
+from kdn.node.tiers._remote import OutageLog, expected_fields
 from kdn.node.tiers.base import Buffer, Tier
 
 if TYPE_CHECKING:
@@ -47,6 +49,8 @@ _SUFFIX = ".kdn"
 _TMP_PREFIX = ".tmp-"
 _FANOUT = [f"{i:02x}" for i in range(256)]
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+MIN_FREE_BYTES = 64 << 10
+"""Below this much free space on its filesystem the disk tier reports itself unavailable (node readiness)."""
 _HEAD_BYTES = 28  # the fixed part of a chunk header (magic .. checksum): enough to learn the header length
 
 
@@ -91,6 +95,8 @@ class DiskTier(Tier):
         self._busy: set[str] = set()  # keys whose file is being written or removed (never in the index)
         self._used = 0  # indexed bytes + bytes reserved by writes in flight
         self._gen = itertools.count(1)
+        self._short_of = 0  # size of the last write that found the filesystem full (0: none since a success)
+        self._full_log = OutageLog(log, f"disk tier {self.path} (filesystem full)")
         self._cond = threading.Condition()
         os.makedirs(self.path, mode=0o700, exist_ok=True)
         self._lock_fd = os.open(os.path.join(self.path, ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
@@ -115,6 +121,16 @@ class DiskTier(Tier):
     def used_bytes(self) -> int:
         """Indexed object bytes plus bytes reserved by writes in flight."""
         return self._used
+
+    def available(self) -> bool:
+        """The directory is writable and its filesystem has room: at least ``MIN_FREE_BYTES``, and at least the
+        size of the last write that failed for want of space (ENOSPC / EDQUOT), until a write succeeds again."""
+        try:
+            st = os.statvfs(self.path)
+        except OSError:
+            return False
+        return (os.access(self.path, os.W_OK | os.X_OK)
+                and st.f_bavail * st.f_frsize >= max(MIN_FREE_BYTES, self._short_of))
 
     def close(self) -> None:
         if self._lock_fd >= 0:
@@ -327,8 +343,15 @@ class DiskTier(Tier):
             self._write_file(key, view)
             ok = True
         except OSError as exc:
-            log.error("disk tier: write of %s failed: %s", key, exc)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                self._short_of = size + 4096  # the object and its directory entry
+                self._full_log.failed("write", exc)
+            else:
+                log.error("disk tier: write of %s failed: %s", key, exc)
         finally:
+            if ok and self._short_of:
+                self._short_of = 0
+                self._full_log.ok()
             with self._cond:
                 self._busy.discard(key)
                 if ok:
