@@ -122,7 +122,8 @@ class SecurityConfig:
     """
 
     mac_keys_file: str = ""
-    """File of ``key_id: secret`` lines (secrets of >= 32 characters, e.g. ``openssl rand -hex 32``)."""
+    """File of ``key_id: secret`` lines (master secrets of >= 32 characters, e.g. ``openssl rand -hex 32``: nodes and
+    operators) or of ``key_id@tenant: hex`` lines (one tenant's derived keys, ``kdnctl derive-key``: its engines)."""
     mac_active_key: str = ""
     """Key id that signs ("" = the last key of the file, or the ``$KDN_MAC_KEY`` one)."""
 
@@ -281,9 +282,21 @@ class NodeConfig:
     shared_memory: bool = True
     """Keep the ``memory`` tier in a shared-memory arena that clients on this host (same user) map and read in
     place (``docs/protocol.md``, "Shared memory"); off: a private memory tier."""
+    health_port: int = -1
+    """A plaintext port serving only the gRPC health service (kubelet gRPC probes cannot speak TLS); -1 = off (the
+    health service is always on the main gRPC port too). Readiness (``kdn.v1.Data``): every tier available and
+    registered with the controller (docs/operations.md, "Health and readiness")."""
     link_gbps: float = 0.0
     """Emulated link speed for benchmarks: the bulk channel's sends share a token bucket of this many Gbit/s
     (0 = off, the default). Lets one host measure 10 / 25 / 100 Gbit/s links."""
+    send_policy: str = "srpt"
+    """Order of the bulk channel's replies when more are ready than ``send_slots``: ``srpt`` (shortest remaining
+    first, aged by ``send_aging``; kdn/wire/schedule.py) or ``fifo``."""
+    send_slots: int = 16
+    """Replies the bulk channel sends at once (each 4 MiB per turn); 0 = no limit, no ordering. The default is
+    above one client's ``bulk_streams``, so one client alone keeps all its streams."""
+    send_aging: float = 0.1
+    """λ of ``srpt`` on the send path (seconds of priority per second waited)."""
     tiers: list[TierSpec] = field(default_factory=lambda: [
         TierSpec.parse({"kind": "memory", "capacity": "1GiB"}),
         TierSpec.parse({"kind": "disk", "capacity": "10GiB"}),

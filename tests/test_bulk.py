@@ -393,9 +393,11 @@ def test_transfer_bench_smoke(tmp_path, capsys) -> None:
     rows = [r for r in rows if r not in prefix]
     assert {r["path"] for r in rows} == {"raw", "raw-fresh", "bulk-bare", "bulk", "shm", "grpc"}
     assert len(rows) == 2 * 2 * 6  # sizes x ops x paths
-    # Whole-prefix rows: KDNClient over TCP with 1 and 2 streams, each against raw sockets with as many.
-    assert sorted((r["path"], r["streams"]) for r in prefix) == [("kdn-prefix", 1), ("kdn-prefix", 2),
-                                                                 ("raw-prefix", 1), ("raw-prefix", 2)]
+    # Whole-prefix rows: KDNClient over TCP (whole objects, layer-major) with 1 and 2 streams, each against raw
+    # sockets with as many.
+    assert sorted((r["path"], r["streams"]) for r in prefix) == [
+        ("kdn-layers-prefix", 1), ("kdn-layers-prefix", 2), ("kdn-prefix", 1), ("kdn-prefix", 2),
+        ("raw-prefix", 1), ("raw-prefix", 2)]
     assert all(r["mib"] == 64 and r["gbps"] > 0 for r in prefix)
     assert all(r["gbps"] > 0 and r["ratio"] > 0 and r["p50_ms"] > 0 for r in rows)
     assert all(r["ratio"] == 1.0 for r in rows if r["path"] == "raw")

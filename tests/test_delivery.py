@@ -263,6 +263,47 @@ def test_short_fetch_overtakes_a_long_one_under_srpt_not_fifo(tmp_path, policy):
         cluster.close()
 
 
+@pytest.mark.parametrize("policy", ["srpt", "fifo"])
+def test_node_sends_a_short_reply_before_queued_long_ones_under_srpt(tmp_path, policy):
+    """The node side of the scheduler: one send slot, a long fetch keeping 8 replies queued, then another client's
+    one-chunk fetch. SRPT sends it at the next 4 MiB quantum; FIFO sends it after the replies queued before it."""
+    cluster = Cluster(tmp_path)
+    cluster.start_controller()
+    cluster.start_node("slow", tiers="[{kind: memory, capacity: 512MiB}]",
+                       extra=["--link-gbps", "0.8", "--set", "node.send_slots=1",
+                              "--set", f"node.send_policy={policy}"])
+    cluster.wait_nodes(1)
+    try:
+        long_tokens, short_tokens = list(range(24 * CHUNK)), list(range(10**6, 10**6 + CHUNK))
+        settings = dict(chunk_size=CHUNK, shared_memory=False, store_partial=False, timeout_s=60.0)
+        with KDNClient(BIG, controller=cluster.address, bulk_streams=8, **settings) as big, \
+                KDNClient(BIG, controller=cluster.address, bulk_streams=1, **settings) as small:
+            for client, tokens in ((big, long_tokens), (small, short_tokens)):
+                kv = torch.zeros(BIG.shape(len(tokens)), dtype=torch.float16)
+                assert client.store(tokens, kv, copy=False).result(120).stored == len(tokens) // CHUNK
+            finished: dict[str, float] = {}
+
+            def fetch(name, client, tokens):
+                got = client.retrieve(tokens)
+                assert got.num_tokens == len(tokens)
+                finished[name] = time.monotonic()
+
+            import threading
+
+            long = threading.Thread(target=fetch, args=("long", big, long_tokens))
+            started = time.monotonic()
+            long.start()
+            time.sleep(0.3)  # the long fetch (about 1 s at 0.8 Gbit/s) has its 8 requests queued at the node
+            asked = time.monotonic()
+            fetch("short", small, short_tokens)
+            long.join()
+        # SRPT: the short reply waits at most one quantum (~0.05 s here); FIFO: behind ~8 queued replies (~0.5 s).
+        waited, whole = finished["short"] - asked, finished["long"] - started
+        assert (waited < 0.25 * whole) == (policy == "srpt"), (waited, whole)
+    finally:
+        cluster.close()
+
+
 def test_store_before_any_node_registered_fails_with_a_reason(tmp_path):
     cluster = Cluster(tmp_path)
     cluster.start_controller()

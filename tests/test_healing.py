@@ -117,7 +117,7 @@ def _corrupt_memory_tier(node: StorageNode) -> int:
     count = 0
     for key, _ in list(memory.keys()):
         data = memory.get(key)
-        assert isinstance(data, bytearray)  # the tier holds the received buffer itself
+        assert not memoryview(data).readonly  # the tier holds the received buffer itself (writable here)
         _flip_payload_byte(data, parse_header(data).header_len)
         count += 1
     return count

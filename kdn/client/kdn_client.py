@@ -497,7 +497,7 @@ class KDNClient:
                     held = True
                 t0 = time.monotonic()
                 try:
-                    got = self._receive_from(node, part, alloc)
+                    got = self._receive_from(node, part, alloc, request.remaining)
                 finally:
                     if held and preempt:
                         self._scheduler.release(ticket)
@@ -529,10 +529,11 @@ class KDNClient:
             return lease.view
         return alloc
 
-    def _receive_from(self, node: NodeAddress, chunks: list[ChunkHit], alloc=None) -> list:
-        """Objects from one node as they arrived (not verified yet); ``None`` for misses and failures."""
+    def _receive_from(self, node: NodeAddress, chunks: list[ChunkHit], alloc=None, job_bytes: int = 0) -> list:
+        """Objects from one node as they arrived (not verified yet); ``None`` for misses and failures.
+        ``job_bytes``: what the whole fetch still moves (the node sends fetches with less left first)."""
         try:
-            return self._node(node).get_many([str(c.key) for c in chunks], alloc=alloc)
+            return self._node(node).get_many([str(c.key) for c in chunks], alloc=alloc, job_bytes=job_bytes)
         except KDNError as exc:
             log.warning("fetch from node %s failed: %s", node.node_id, exc)
             self.metrics.fallbacks.labels("node").inc()

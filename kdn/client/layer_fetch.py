@@ -137,7 +137,10 @@ class LayerArrival:
         self._running = 0
         self._cancelled = False
         self._on_idle: Callable[[], None] | None = None
-        self.deadline = time.monotonic() + client.config.timeout_s
+        self.started = time.monotonic()
+        self.deadline = self.started + client.config.timeout_s
+        self.ready_at: list[float] = [0.0] * len(groups)
+        """When each group's last section was verified (``time.monotonic()``; 0 until then)."""
         for i in complete:
             self._adopt_locked(i)
 
@@ -246,7 +249,7 @@ class LayerArrival:
                     held = True
                 t0 = time.monotonic()
                 try:
-                    sizes = client._node(node).get_ranges(ranges, into)
+                    sizes = client._node(node).get_ranges(ranges, into, job_bytes=request.remaining)
                 except Exception as exc:  # noqa: BLE001 - a failed node never stalls the others: next holder
                     log.warning("range reads from node %s failed: %s", node.node_id, exc)
                     client.metrics.fallbacks.labels("node").inc()
@@ -344,4 +347,6 @@ class LayerArrival:
         if not self._ready[g][i]:
             self._ready[g][i] = True
             self._missing[g] -= 1
+            if not self._missing[g]:
+                self.ready_at[g] = time.monotonic()
             self._cond.notify_all()

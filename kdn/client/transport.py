@@ -120,25 +120,27 @@ class NodeClient:
             return [None] * len(keys)
 
     # -- operations ---------------------------------------------------------------------------------------------
-    def get_many(self, keys: Sequence[str], *,
-                 alloc: Callable[[int], Buffer] | None = None) -> list[Buffer | None]:
+    def get_many(self, keys: Sequence[str], *, alloc: Callable[[int], Buffer] | None = None,
+                 job_bytes: int = 0) -> list[Buffer | None]:
         """Whole objects for ``keys`` (``None`` for misses). ``alloc(size)`` may supply the buffers that objects
-        arriving over the bulk channel are received into (e.g. a :class:`~kdn.wire.recv_pool.ReceivePool`'s).
-        Raises Unavailable/DeadlineExceeded/AuthError."""
+        arriving over the bulk channel are received into (e.g. a :class:`~kdn.wire.recv_pool.ReceivePool`'s);
+        ``job_bytes``: what the caller's whole fetch still moves (the node's send order). Raises
+        Unavailable/DeadlineExceeded/AuthError."""
         out = self._get_shared(keys)
         missing = [i for i, data in enumerate(out) if data is None]
         if len(missing) < len(keys):
             if missing:
-                for i, data in zip(missing, self._get_remote([keys[i] for i in missing], alloc)):
+                for i, data in zip(missing, self._get_remote([keys[i] for i in missing], alloc, job_bytes)):
                     out[i] = data
             return out
-        return self._get_remote(keys, alloc)
+        return self._get_remote(keys, alloc, job_bytes)
 
-    def _get_remote(self, keys: Sequence[str], alloc: Callable[[int], Buffer] | None = None) -> list[Buffer | None]:
+    def _get_remote(self, keys: Sequence[str], alloc: Callable[[int], Buffer] | None = None,
+                    job_bytes: int = 0) -> list[Buffer | None]:
         bulk = self._bulk_client()
         if bulk is not None:
             try:
-                return bulk.get_many(list(keys), alloc=alloc)
+                return bulk.get_many(list(keys), alloc=alloc, job_bytes=job_bytes)
             except AuthError:
                 raise
             except Unavailable as exc:
@@ -162,7 +164,8 @@ class NodeClient:
             raise_from_rpc(exc, f"get from {self.address}")
         return out
 
-    def get_ranges(self, ranges: Sequence[tuple[str, int, int]], into: Sequence[memoryview]) -> list[int]:
+    def get_ranges(self, ranges: Sequence[tuple[str, int, int]], into: Sequence[memoryview], *,
+                   job_bytes: int = 0) -> list[int]:
         """Byte ranges of objects over the bulk channel, received into ``into`` (see
         :meth:`kdn.wire.bulk.BulkClient.get_ranges`). Raises Unavailable when the node has no working bulk
         channel (the caller reads whole objects instead), DeadlineExceeded, AuthError."""
@@ -170,7 +173,7 @@ class NodeClient:
         if bulk is None:
             raise Unavailable(f"node {self.address} has no bulk channel for range reads")
         try:
-            return bulk.get_ranges(ranges, into)
+            return bulk.get_ranges(ranges, into, job_bytes=job_bytes)
         except Unavailable as exc:
             self._bulk_failed(exc)
             raise

@@ -1,5 +1,6 @@
 """The storage node: owns a node's tiers, serves the data plane (gRPC and the bulk channel), reports to the
-controller, and keeps serving when the controller is away."""
+controller, and keeps serving when the controller is away. The standard gRPC health service runs on the main port
+(and alone on ``node.health_port``): liveness ``""``, readiness ``kdn.v1.Data`` (:mod:`kdn.node.health`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+from grpc_health.v1 import health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from kdn.config import KDNConfig
@@ -20,6 +22,7 @@ from kdn.format.keys import ChunkKey
 from kdn.format.mac import load_keyring
 from kdn.metrics import NodeMetrics
 from kdn.node.controller_link import ControllerLink
+from kdn.node.health import NodeHealth
 from kdn.node.quota import TierQuotas, put_within_quota
 from kdn.node.tier_stack import TierStack
 from kdn.node.tiers import build_tier
@@ -50,21 +53,25 @@ class StorageNode:
         self.quotas = TierQuotas(config.auth.quotas)
         self.keyring = load_keyring(config.security)  # with keys: unsigned or forged puts are refused
         self.metrics = NodeMetrics(registry or CollectorRegistry())
+        self.counters = {"gets": 0, "get_hits": 0, "puts": 0, "bytes_out": 0, "bytes_in": 0, "corrupt": 0}
+        self._lock = threading.Lock()
         self.started_at = time.monotonic()
         # Put bytes received and not yet stored, per tenant and in total (bulk channel and gRPC Put share it).
         self.inflight = InflightBudget(config.node.tenant_inflight_bytes, config.node.max_inflight_bytes)
         os.makedirs(config.data_dir, exist_ok=True)
         tiers = [self._build_tier(spec) for spec in config.node.tiers]
         self.link = ControllerLink(self, config) if config.node.controller else None
-        self.store = TierStack(tiers, config.node.write_policy, on_change=self._changed, keyring=self.keyring)
+        self.store = TierStack(tiers, config.node.write_policy, on_change=self._changed, keyring=self.keyring,
+                               on_bad=self._bad_copy_dropped)
         self.quotas.changed(self.store.inventory() if self.quotas.active else [], [])
+        self.health = NodeHealth(self.store.tiers, self.link.registered_now if self.link is not None else None)
+        self.health_port = -1
+        self._health_server = None
         self.grpc_port = 0
         self.bulk_port = -1
         self._server = None
         self._bulk = None
         self._shm = None
-        self.counters = {"gets": 0, "get_hits": 0, "puts": 0, "bytes_out": 0, "bytes_in": 0, "corrupt": 0}
-        self._lock = threading.Lock()
 
     def _build_tier(self, spec):
         """The tier of ``spec``; the ``memory`` tier lives in a shared arena when ``node.shared_memory`` is on."""
@@ -111,13 +118,21 @@ class StorageNode:
         if not cfg.node_id:
             self.node_id = f"{socket.gethostname()}:{self.grpc_port}"
         data_pb2_grpc.add_DataServicer_to_server(DataServicer(self), self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self._server)
         self._server.start()
+        if cfg.health_port >= 0:  # health only, no TLS: it answers SERVING / NOT_SERVING and nothing else
+            self._health_server, self.health_port = create_server(cfg.host, cfg.health_port, workers=2)
+            health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self._health_server)
+            self._health_server.start()
         if cfg.bulk_port >= 0:
             from kdn.wire.bulk import BulkServer
+            from kdn.wire.schedule import TransferScheduler
 
+            sends = TransferScheduler(cfg.send_policy, cfg.send_aging, slots=cfg.send_slots) if cfg.send_slots > 0 \
+                else None
             self._bulk = BulkServer(cfg.host, cfg.bulk_port, self, max_object_bytes=cfg.max_object_bytes,
                                     ssl_context=ssl_context(self.config.tls, server=True), link_gbps=cfg.link_gbps,
-                                    inflight=self.inflight)
+                                    inflight=self.inflight, send_scheduler=sends)
             try:
                 self.bulk_port = self._bulk.start()
             except OSError as exc:
@@ -127,6 +142,7 @@ class StorageNode:
         log.info("node %s serving gRPC on %s, bulk on %s", self.node_id, self.address, self.bulk_address or "-")
         if self.link is not None:
             self.link.start()
+        self.health.start()
         return self
 
     def _start_shm(self) -> None:
@@ -143,12 +159,15 @@ class StorageNode:
             log.warning("shared memory channel %s not served: %s", socket_name(self.address), exc)
 
     def stop(self, grace_s: float = 2.0) -> None:
+        self.health.stop()
         if self.link is not None:
             self.link.stop()
         if self._shm is not None:
             self._shm.stop()
         if self._bulk is not None:
             self._bulk.stop(grace_s)
+        if self._health_server is not None:
+            self._health_server.stop(0)
         if self._server is not None:
             self._server.stop(grace_s).wait()
         self.store.close()
@@ -164,6 +183,11 @@ class StorageNode:
     def authenticate(self, token: str, tenant: str) -> Principal:
         """The caller of a data-plane call or connection; storage-node tokens are refused (they carry no data)."""
         return self.auth.authenticate(token, tenant).require_tenant_or_admin()
+
+    def _bad_copy_dropped(self) -> None:
+        """A tier, a get's header check or a scrub dropped a bad (corrupt or forged) copy: count it."""
+        self._count(corrupt=1)
+        self.metrics.corrupt.inc()
 
     def _count(self, **deltas: int) -> None:
         with self._lock:
@@ -274,9 +298,7 @@ class StorageNode:
         out = [False] * len(keys)
         for i, ok in zip(allowed, dropped):
             out[i] = ok
-        if any(dropped):
-            self._count(corrupt=sum(dropped))
-            self.metrics.corrupt.inc(sum(dropped))
+        if any(dropped):  # counted by the tier stack (on_bad)
             if self.link is not None:
                 self.link.sync()
         log.info("bad copies reported for %d keys: %d dropped", len(keys), sum(dropped))

@@ -21,13 +21,14 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 from kdn.errors import AuthError, CapacityError, DeadlineExceeded, InvalidRequest, KDNError, NotFound, Unavailable
 from kdn.wire.budget import InflightBudget, Reservation, receive_growing
 from kdn.wire.buffers import Buffer, byte_view
 from kdn.wire.link import PACE_SLICE_BYTES, TokenBucket
+from kdn.wire.schedule import TransferScheduler
 
 __all__ = ["BulkServer", "BulkClient", "BulkHandler", "MAGIC", "PROTOCOL_VERSION", "MAX_KEY_BYTES", "MAX_BATCH"]
 
@@ -45,6 +46,7 @@ SOCK_BUF_BYTES = 0  # 0: kernel autotuning; measured faster on loopback than fix
 _SMALL = 64 << 10  # payloads below this are read through the connection's buffer
 _READ_BUF = 256 << 10
 _IOV_BATCH = 512  # buffers per sendmsg call (IOV_MAX is 1024 on Linux)
+SEND_QUANTUM = 4 << 20  # bytes a scheduled reply sends per slot grant
 _ZEROS = bytes(ALIGN)
 
 _HELLO = struct.Struct("<4sHHH")  # magic, version, token_len, tenant_len; then token, tenant (UTF-8)
@@ -56,6 +58,8 @@ _PUT_ITEM = struct.Struct("<HQ")  # PUT table entry: key_len, size; then key
 _GET_ITEM = struct.Struct("<BQ")  # GET reply table entry: status (0 hit, 1 miss), size
 _PUT_RESULT = struct.Struct("<BH")  # PUT reply table entry: stored, message_len; then message
 _RANGE_ITEM = struct.Struct("<HQQ")  # RANGES table entry: key_len, offset, length; then key
+_JOB = struct.Struct("<Q")  # after the request frame when op has OP_JOB: bytes the client's whole fetch still moves
+OP_JOB = 0x80
 
 OP_GET, OP_PUT, OP_RANGES = 1, 2, 3
 HELLO_OK, HELLO_AUTH, HELLO_VERSION, HELLO_BUSY, HELLO_BAD, HELLO_ERROR = range(6)
@@ -225,6 +229,24 @@ class _Conn:
             pass
 
 
+def _quanta(parts: list[Any], quantum: int) -> Iterator[list[Any]]:
+    """``parts`` regrouped into lists of about ``quantum`` bytes (views are split, never copied)."""
+    batch: list[Any] = []
+    size = 0
+    for part in parts:
+        view = memoryview(part).cast("B") if not isinstance(part, bytes) else memoryview(part)
+        while len(view):
+            take = view[:quantum - size]
+            batch.append(take)
+            size += len(take)
+            view = view[len(take):]
+            if size >= quantum:
+                yield batch
+                batch, size = [], 0
+    if batch:
+        yield batch
+
+
 def _payload_parts(views: Sequence[memoryview | None]) -> list[Any]:
     parts: list[Any] = []
     for view in views:
@@ -241,8 +263,10 @@ class BulkServer:
                  max_connections: int = 256, io_timeout_s: float = 30.0, idle_timeout_s: float = 600.0,
                  max_batch_bytes: int = 256 << 20, sock_buf_bytes: int = SOCK_BUF_BYTES,
                  ssl_context: ssl.SSLContext | None = None, link_gbps: float = 0.0,
-                 inflight: InflightBudget | None = None) -> None:
+                 inflight: InflightBudget | None = None, send_scheduler: TransferScheduler | None = None) -> None:
         self.host, self.port, self.handler = host, port, handler
+        # Replies wait for one of its slots, shortest remaining first (None: every connection sends at once).
+        self.send_scheduler = send_scheduler
         # Put bytes received and not yet stored, per tenant and in total (None: bounded per connection only).
         self.inflight = inflight
         self.link = TokenBucket(link_gbps) if link_gbps > 0 else None
@@ -352,10 +376,14 @@ class BulkServer:
                     self._busy.add(sock)
                 if count > MAX_BATCH:
                     raise _ProtocolError(f"batch of {count} items over the limit of {MAX_BATCH}")
+                if op == OP_PUT | OP_JOB:
+                    raise _ProtocolError("a PUT carries no job hint")
+                job = _JOB.unpack(conn.read(_JOB.size))[0] if op & OP_JOB else 0
+                op &= ~OP_JOB
                 if op == OP_GET:
-                    self._get(conn, principal, count)
+                    self._get(conn, principal, count, job)
                 elif op == OP_RANGES:
-                    self._ranges(conn, principal, count)
+                    self._ranges(conn, principal, count, job)
                 elif op == OP_PUT:
                     self._put(conn, principal, count)
                 else:
@@ -421,19 +449,19 @@ class BulkServer:
         except UnicodeDecodeError:
             raise _ProtocolError("keys must be ASCII") from None
 
-    def _get(self, conn: _Conn, principal: Any, count: int) -> None:
-        keys, table = [], _REQ.size
+    def _get(self, conn: _Conn, principal: Any, count: int, job: int = 0) -> None:
+        keys, table = [], _REQ.size + (_JOB.size if job else 0)
         for _ in range(count):
             (key_len,) = _KEY.unpack(conn.read(_KEY.size))
             keys.append(self._read_key(conn, key_len))
             table += _KEY.size + key_len
         conn.read(_pad(table))
-        self._send_objects(conn, principal, keys, None)
+        self._send_objects(conn, principal, keys, None, job)
 
-    def _ranges(self, conn: _Conn, principal: Any, count: int) -> None:
+    def _ranges(self, conn: _Conn, principal: Any, count: int, job: int = 0) -> None:
         """Byte ranges of objects: each the part of ``[offset, offset + length)`` the object holds (shorter at its
         end; a miss when it starts past the end or the object is absent)."""
-        ranges, table = [], _REQ.size
+        ranges, table = [], _REQ.size + (_JOB.size if job else 0)
         for _ in range(count):
             key_len, offset, length = _RANGE_ITEM.unpack(conn.read(_RANGE_ITEM.size))
             ranges.append((self._read_key(conn, key_len), offset, length))
@@ -442,11 +470,12 @@ class BulkServer:
                 raise _ProtocolError(f"range of {length} bytes over the object limit of {self.max_object_bytes}")
         conn.read(_pad(table))
         keys = list(dict.fromkeys(key for key, _, _ in ranges))
-        self._send_objects(conn, principal, keys, ranges)
+        self._send_objects(conn, principal, keys, ranges, job)
 
     def _send_objects(self, conn: _Conn, principal: Any, keys: list[str],
-                      ranges: list[tuple[str, int, int]] | None) -> None:
-        """Reply with the objects of ``keys`` (``ranges`` is None) or with those byte ranges of them."""
+                      ranges: list[tuple[str, int, int]] | None, job: int = 0) -> None:
+        """Reply with the objects of ``keys`` (``ranges`` is None) or with those byte ranges of them; ``job``: the
+        bytes the client's whole fetch still moves (its priority on the send path; 0 = this reply's size)."""
         count = len(keys) if ranges is None else len(ranges)
         release: Callable[[], None] | None = None
         try:
@@ -472,10 +501,33 @@ class BulkServer:
                          for key, offset, length in ranges]
             head = _block(_RESP.pack(RESP_OK, 0, count), *(_GET_ITEM.pack(ITEM_MISS, 0) if v is None
                                                            else _GET_ITEM.pack(ITEM_HIT, len(v)) for v in views))
-            conn.send([head, *_payload_parts(views)])
+            self._send_reply(conn, [head, *_payload_parts(views)], job)
         finally:
             if release is not None:
                 release()
+
+    def _send_reply(self, conn: _Conn, parts: list[Any], job: int = 0) -> None:
+        """Send a reply; with a send scheduler, ``SEND_QUANTUM`` bytes at a time, each when the scheduler gives this
+        reply a slot: the reply of a fetch with fewer bytes left (``job``, the client's hint, at least the reply's
+        size) overtakes longer ones at the next quantum, the node side of SRPT."""
+        scheduler = self.send_scheduler
+        if scheduler is None:
+            conn.send(parts)
+            return
+        remaining = max(job, sum(len(p) for p in parts))
+        ticket = scheduler.submit(object(), remaining)
+        try:
+            for batch in _quanta(parts, SEND_QUANTUM):
+                if not scheduler.acquire(ticket, timeout=self.io_timeout_s):
+                    raise TimeoutError("no send slot within the I/O timeout")
+                try:
+                    conn.send(batch)
+                finally:
+                    scheduler.release(ticket)
+                remaining -= sum(len(p) for p in batch)
+                scheduler.update(ticket, remaining)
+        finally:
+            scheduler.done(ticket)
 
     def _put(self, conn: _Conn, principal: Any, count: int) -> None:
         """Objects are received as their bytes arrive (:func:`~kdn.wire.budget.receive_growing`: the declared size
@@ -542,6 +594,13 @@ class BulkServer:
             return [(False, str(exc) or type(exc).__name__)] * len(batch)
 
 
+def _request(op: int, count: int, job_bytes: int) -> list[bytes]:
+    """A request frame's fixed part: with a job hint, the OP_JOB bit and the u64 after it."""
+    if job_bytes > 0:
+        return [_REQ.pack(op | OP_JOB, count), _JOB.pack(min(job_bytes, 2**64 - 1))]
+    return [_REQ.pack(op, count)]
+
+
 def _error_code(exc: BaseException) -> int:
     return next((code for code, cls in _ERROR_CODES.items() if code and isinstance(exc, cls)), 0)
 
@@ -575,19 +634,22 @@ class BulkClient:
         self._idle: list[_Conn] = []
         self._closed = False
 
-    def get_many(self, keys: Sequence[str], *,
-                 alloc: Callable[[int], Buffer] | None = None) -> list[bytearray | None]:
+    def get_many(self, keys: Sequence[str], *, alloc: Callable[[int], Buffer] | None = None,
+                 job_bytes: int = 0) -> list[bytearray | None]:
         """Objects per key, ``None`` for a miss. ``alloc(size)`` may supply each destination buffer (exactly
-        ``size`` writable bytes, e.g. from a pinned pool); by default each object gets a new bytearray."""
+        ``size`` writable bytes, e.g. from a pinned pool); by default each object gets a new bytearray.
+        ``job_bytes``: what the caller's whole fetch still moves (the node sends fetches with less left first)."""
         if not keys:
             return []
         encoded = [self._encode_key(key) for key in keys]
-        req = _block(_REQ.pack(OP_GET, len(keys)), *(_KEY.pack(len(k)) + k for k in encoded))
+        req = _block(*_request(OP_GET, len(keys), job_bytes), *(_KEY.pack(len(k)) + k for k in encoded))
         return self._call(lambda conn: self._get_on(conn, req, len(keys), alloc))
 
-    def get_ranges(self, ranges: Sequence[tuple[str, int, int]], into: Sequence[memoryview]) -> list[int]:
+    def get_ranges(self, ranges: Sequence[tuple[str, int, int]], into: Sequence[memoryview], *,
+                   job_bytes: int = 0) -> list[int]:
         """Byte ranges ``(key, offset, length)`` of objects, each received straight into ``into[i]`` (writable,
-        at least ``length`` bytes); per range the bytes received (fewer at the object's end), or -1 for a miss."""
+        at least ``length`` bytes); per range the bytes received (fewer at the object's end), or -1 for a miss.
+        ``job_bytes`` as for :meth:`get_many`."""
         if len(into) != len(ranges):
             raise InvalidRequest(f"{len(into)} buffers for {len(ranges)} ranges")
         if not ranges:
@@ -601,7 +663,7 @@ class BulkClient:
             if offset < 0 or length < 0:
                 raise InvalidRequest(f"bad range ({offset}, {length}) of {key}")
             table.append(_RANGE_ITEM.pack(len(raw), offset, length) + raw)
-        req = _block(_REQ.pack(OP_RANGES, len(ranges)), *table)
+        req = _block(*_request(OP_RANGES, len(ranges), job_bytes), *table)
         return self._call(lambda conn: self._ranges_on(conn, req, into, [length for _, _, length in ranges]))
 
     def put_many(self, items: Sequence[tuple[str, Buffer]]) -> list[tuple[bool, str]]:
