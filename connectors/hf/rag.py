@@ -57,13 +57,16 @@ def rag_generate(model, tokenizer, query: str | Sequence[int], chunks: Sequence[
                  budget_ms: float, client=None, scores: Sequence[float] | None = None,
                  quality: QualityModel = DEFAULT_QUALITY, prefill_tok_s: float | None = None, tier: str = "node",
                  max_chunks: int | None = None, max_new_tokens: int = 32, held: Sequence[bool] | None = None,
+                 exclusive: bool = False,
                  **generate_kwargs) -> RagResult:
     """Answer ``query`` from the retrieved ``chunks`` (retrieval order, best first; ``scores``: each one's
     probability of holding the answer, default a decaying prior) within a TTFT budget of ``budget_ms``.
 
     ``prefill_tok_s`` is the engine's prefill rate (default: profiled once per model with
     :func:`kdn.blend.ratio.prefill_seconds`); ``tier`` where held chunks come from; ``held`` overrides the KDN
-    lookup (evaluations). Extra keyword arguments go to :func:`connectors.hf.blend.blend_generate`.
+    lookup (evaluations); ``exclusive``: ``scores`` are exclusive (exactly one chunk holds the answer, e.g. rank
+    probabilities), see :func:`kdn.blend.rag.plan`. Extra keyword arguments go to
+    :func:`connectors.hf.blend.blend_generate`.
     """
     if budget_ms <= 0:
         raise InvalidRequest("budget_ms must be positive")
@@ -82,7 +85,7 @@ def rag_generate(model, tokenizer, query: str | Sequence[int], chunks: Sequence[
     per_token = kv_bytes_per_token(model)
     cands = [Candidate(len(ids), float(s), bool(h), tier) for ids, s, h in zip(chunk_ids, scores, held)]
     chosen = plan(cands, len(q_ids), budget_ms / 1e3, CostModel(prefill_tok_s, per_token), quality,
-                  max_chunks=max_chunks)
+                  max_chunks=max_chunks, exclusive=exclusive)
     plan_s = time.perf_counter() - t0
     picked = [chunk_ids[i] for i in chosen.chunks]
     answer = blend_generate(model, tokenizer, picked, q_ids, client, method=chosen.method,

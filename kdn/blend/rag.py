@@ -12,9 +12,10 @@ estimates each configuration's TTFT with a cost model and its answer quality wit
   prompt; full prefill ignores the cache; ``fixed_s`` per request.
 * **Quality** = P(the answer is in the chosen chunks) × the combination's quality relative to full prefill
   (:class:`QualityModel`, fitted from ``kdn bench blend --quality`` rows) × each chunk's encoding quality factor,
-  plus ``(1 - P) ×`` the quality of an answer without its evidence. P comes from the retriever scores
-  (``1 - prod(1 - p_i)``, with ``p_i`` each chunk's probability of holding the answer); more chunks raise P but
-  cost time.
+  plus ``(1 - P) ×`` the quality of an answer without its evidence. P comes from the retriever scores, ``p_i``
+  each chunk's probability of holding the answer: ``1 - prod(1 - p_i)`` when chunks hold it independently, or
+  ``min(1, sum p_i)`` with ``exclusive=True`` (exactly one candidate holds it, e.g. the scores are the retriever's
+  rank probabilities); more chunks raise P but cost time.
 
 The planner enumerates every ``k`` (a prefix of the ranking), combination and encoding choice (best everywhere or
 smallest everywhere), keeps the plans within ``budget_s × safety`` and returns the best expected quality (ties:
@@ -144,10 +145,14 @@ class Plan:
     within_budget: bool
 
 
-def _recall(scores: Iterable[float]) -> float:
+def _recall(scores: Iterable[float], exclusive: bool = False) -> float:
+    """P(the answer is in chunks of these scores): independent holders, or exactly one holder (``exclusive``)."""
+    clipped = [min(1.0, max(0.0, s)) for s in scores]
+    if exclusive:
+        return min(1.0, sum(clipped))
     miss = 1.0
-    for s in scores:
-        miss *= 1.0 - min(1.0, max(0.0, s))
+    for s in clipped:
+        miss *= 1.0 - s
     return 1.0 - miss
 
 
@@ -179,22 +184,25 @@ def _estimate(cands: Sequence[Candidate], chosen: Sequence[int], query_tokens: i
 
 def plan(candidates: Sequence[Candidate], query_tokens: int, budget_s: float, cost: CostModel,
          quality: QualityModel = DEFAULT_QUALITY, *, max_chunks: int | None = None, min_chunks: int = 1,
-         safety: float = 0.9) -> Plan:
+         safety: float = 0.9, exclusive: bool = False) -> Plan:
     """The plan of highest expected quality whose estimated TTFT is within ``budget_s * safety`` (the fastest plan
-    when none is). ``candidates`` in retrieval order (best first); ``max_chunks`` caps ``k``."""
+    when none is). ``candidates`` in retrieval order (best first); ``max_chunks`` caps ``k``; ``exclusive``: the
+    scores are probabilities of exclusive events (exactly one candidate holds the answer), so recall is their sum."""
     if query_tokens <= 0:
         raise InvalidRequest("the query is empty")
     if not candidates:
         raise InvalidRequest("no candidate chunks")
     if cost.prefill_tok_s <= 0:
         raise InvalidRequest("prefill rate must be positive")
+    if exclusive and sum(min(1.0, max(0.0, c.score)) for c in candidates) > 1.0 + 1e-6:
+        raise InvalidRequest("exclusive scores must sum to at most 1 (exactly one candidate holds the answer)")
     top = len(candidates) if max_chunks is None else max(1, min(max_chunks, len(candidates)))
     lo = max(1, min(min_chunks, top))
     best: Plan | None = None
     fastest: Plan | None = None
     for k in range(lo, top + 1):
         chosen = sorted(range(k), key=lambda i: candidates[i].score)  # most relevant nearest the query
-        recall = _recall(candidates[i].score for i in chosen)
+        recall = _recall((candidates[i].score for i in chosen), exclusive)
         for option in quality.options:
             for pick_small in (False, True):
                 if option.method == "full" and pick_small:

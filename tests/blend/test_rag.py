@@ -40,6 +40,29 @@ def test_held_chunks_are_preferred_and_budget_bounds_the_estimate():
         assert (p.ttft_s <= budget * 0.9) == p.within_budget
 
 
+def test_exclusive_scores_sum_to_the_recall():
+    """Rank probabilities (exactly one chunk holds the answer) add up: all six hold it surely; the independent
+    model would say 0.76 and undervalue every extra chunk."""
+    p = plan(_cands([False] * 6), 20, budget_s=10.0, cost=COST, exclusive=True)
+    assert p.recall == pytest.approx(1.0) and len(p.chunks) == 6
+    two = plan(_cands([False] * 6), 20, budget_s=10.0, cost=COST, exclusive=True, max_chunks=2)
+    assert two.recall == pytest.approx(0.8) and two.quality == pytest.approx(0.8 + 0.2 * DEFAULT_QUALITY.no_evidence)
+    indep = plan(_cands([False] * 6), 20, budget_s=10.0, cost=COST, max_chunks=2)
+    assert indep.recall == pytest.approx(1 - 0.4 * 0.8) and indep.quality < two.quality
+    with pytest.raises(InvalidRequest, match="sum to at most 1"):
+        plan([Candidate(100, 0.7), Candidate(100, 0.6)], 20, budget_s=1.0, cost=COST, exclusive=True)
+
+
+def test_bench_answer_text_keeps_a_name_after_a_line_break():
+    from kdn.bench.blend_quality import text_f1
+    from kdn.bench.rag import answer_text
+
+    assert answer_text(" The answer is:\nJohn Kerry\n\nJohn Kerry is the President") == "The answer is: John Kerry"
+    assert answer_text("\n Lyndon B. Johnson.\n\nThe above quote") == "Lyndon B. Johnson."
+    assert text_f1(answer_text("\nLyndon B. Johnson.\n\nx"), "Lyndon B. Johnson") == 1.0
+    assert answer_text("\n\n") == ""
+
+
 def test_impossible_budget_returns_the_fastest_plan():
     p = plan(_cands([False] * 6), 20, budget_s=0.001, cost=COST)
     assert not p.within_budget and len(p.chunks) == 1
