@@ -391,8 +391,8 @@ def test_transfer_bench_smoke(tmp_path, capsys) -> None:
     rows = saved["rows"]
     prefix = [r for r in rows if r["path"].endswith("-prefix")]
     rows = [r for r in rows if r not in prefix]
-    assert {r["path"] for r in rows} == {"raw", "raw-fresh", "bulk-bare", "bulk", "shm", "grpc"}
-    assert len(rows) == 2 * 2 * 6  # sizes x ops x paths
+    assert {r["path"] for r in rows} == {"raw", "raw-fresh", "bulk-bare", "bulk-tls", "bulk", "shm", "grpc"}
+    assert len(rows) == 2 * 2 * 7  # sizes x ops x paths
     # Whole-prefix rows: KDNClient over TCP (whole objects, layer-major) with 1 and 2 streams, each against raw
     # sockets with as many.
     assert sorted((r["path"], r["streams"]) for r in prefix) == [

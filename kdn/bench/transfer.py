@@ -7,7 +7,8 @@ Every path runs against a server in its own process (spawned, so it shares no GI
 - ``raw-fresh``: the same, but the receiver allocates a new buffer per object, as any API that hands objects
   out must (first-touch page faults are part of its cost);
 - ``bulk-bare``: :class:`kdn.wire.bulk.BulkServer` with a dict handler that keeps the received buffers (the channel
-  alone, no node);
+  alone, no node); ``bulk-tls`` the same over TLS (certificates made as ``kdnctl gen-secrets`` does): TLS's cost is
+  its ratio to ``bulk-bare``;
 - ``bulk`` (TCP only), ``shm`` (the same node read in place through same-host shared memory) and ``grpc``: a
   real standalone storage node (memory tier) through :class:`kdn.client.transport.NodeClient`, storing real chunk
   objects that the node verifies; ``bulk`` gets land in a :class:`kdn.wire.recv_pool.ReceivePool`, as the
@@ -26,6 +27,7 @@ decoded as it arrives); against the same run's raw-socket ceiling: 1 and ``--str
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import multiprocessing as mp
 import os
 import platform
@@ -37,6 +39,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 __all__ = ["add_arguments", "run"]
@@ -44,7 +47,7 @@ __all__ = ["add_arguments", "run"]
 MiB = 1 << 20
 _RAW_REQ = struct.Struct("<BBQ")  # op (1 get, 2 put), fresh buffer (0/1), size
 _RAW_GET, _RAW_PUT = 1, 2
-_PATHS = ("raw", "raw-fresh", "bulk-bare", "bulk", "shm", "grpc")
+_PATHS = ("raw", "raw-fresh", "bulk-bare", "bulk-tls", "bulk", "shm", "grpc")
 _COLUMNS = ["size_mib", "path", "op", "gbps", "p50_ms", "ratio"]
 
 
@@ -127,10 +130,12 @@ class _DictHandler:
         return [(True, "")] * len(items)
 
 
-def _bulk_server(pipe: Any, max_object: int) -> None:
+def _bulk_server(pipe: Any, max_object: int, tls_dir: str = "") -> None:
     from kdn.wire.bulk import BulkServer
+    from kdn.wire.rpc import ssl_context
 
-    server = BulkServer("127.0.0.1", 0, _DictHandler(), max_object_bytes=max_object)
+    server = BulkServer("127.0.0.1", 0, _DictHandler(), max_object_bytes=max_object,
+                        ssl_context=ssl_context(_tls_config(tls_dir), server=True) if tls_dir else None)
     try:
         pipe.send(server.start())
         pipe.recv()
@@ -212,11 +217,21 @@ class _RawClient:
         self.sock.close()
 
 
-class _BulkPath:
-    def __init__(self, port: int) -> None:
-        from kdn.wire.bulk import BulkClient
+def _tls_config(tls_dir: str):
+    """The TLS files ``kdnctl gen-secrets`` writes into ``tls_dir`` (one certificate for both ends)."""
+    from kdn.config import TLSConfig
 
-        self.client = BulkClient(f"127.0.0.1:{port}", tenant="default", timeout_s=60.0)
+    root = Path(tls_dir)
+    return TLSConfig(cert=str(root / "kdn.crt"), key=str(root / "kdn.key"), ca=str(root / "ca.crt"))
+
+
+class _BulkPath:
+    def __init__(self, port: int, tls_dir: str = "") -> None:
+        from kdn.wire.bulk import BulkClient
+        from kdn.wire.rpc import ssl_context
+
+        context = ssl_context(_tls_config(tls_dir), server=False) if tls_dir else None
+        self.client = BulkClient(f"127.0.0.1:{port}", tenant="default", timeout_s=60.0, ssl_context=context)
 
     def put(self, key: str, obj: bytes) -> None:
         if self.client.put_many([(key, obj)]) != [(True, "")]:
@@ -341,6 +356,19 @@ def run(args: argparse.Namespace) -> dict:
             bare = _Child(_bulk_server, max(sizes) + MiB)
             children.append(bare)
             clients["bulk-bare"] = _BulkPath(bare.ports)
+        if "bulk-tls" in paths and importlib.util.find_spec("cryptography") is None:
+            print("note: bulk-tls skipped: `cryptography` is not installed (pip install 'kdn[test]')")
+            paths = [p for p in paths if p != "bulk-tls"]
+        if "bulk-tls" in paths:
+            from kdn.wire.certs import make_pki
+
+            tls_dir = tempfile.mkdtemp(prefix="kdn-bench-tls-")  # needs `cryptography` (the test extra)
+            names = {"ca": "ca.crt", "ca_key": "ca.key", "cert": "kdn.crt", "key": "kdn.key"}
+            for what, pem in make_pki(["127.0.0.1", "localhost"], 1).items():
+                (Path(tls_dir) / names[what]).write_bytes(pem)
+            tls = _Child(_bulk_server, max(sizes) + MiB, tls_dir)
+            children.append(tls)
+            clients["bulk-tls"] = _BulkPath(tls.ports, tls_dir)
         if node_paths:
             capacity = len(node_paths) * ops * sum(sizes) + 64 * MiB
             node = _Child(_node_server, capacity, max(sizes) + MiB)

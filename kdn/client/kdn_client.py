@@ -149,6 +149,9 @@ class KDNClient:
         self.metrics = ClientMetrics()
         self.metadata = call_metadata(config.token, config.tenant)
         self.keyring = load_keyring(config.security)
+        if self.keyring is not None and self.keyring.holds_master:
+            log.warning("this client holds the master MAC keyring and can sign every tenant's objects; give it only "
+                        "its tenant's key file (kdnctl derive-key --tenant %s)", config.tenant)
         self._control = ControlClient(config.controller, tls=config.tls, token=config.token, tenant=config.tenant,
                                       timeout_s=config.timeout_s)
         try:  # may ask the controller for the codec's model profile
