@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from connectors.hf import HostKVCache, kv_from_cache, layout_for, prefill
-from connectors.hf.prefill_only import LayerwiseKVCache, TensorMeter, score
+from connectors.hf.prefill_only import LayerwiseKVCache, TensorMeter, _score_batch, pass_bytes, plan_batches, score
 from kdn.client import KDNClient
 from kdn.errors import InvalidRequest
 from tests.cluster import Cluster
@@ -150,5 +150,61 @@ def test_bad_input_is_a_clear_error(smol):
         score(model, tok, "Is this spam?", labels=[10**9])
     with pytest.raises(InvalidRequest):
         LayerwiseKVCache(30, prefix_len=64)  # a prefix without a way to fetch it
+    with pytest.raises(InvalidRequest):
+        score(model, tok, ["a", "b"], batch_bytes=0)
     yes_no = score(model, tok, ["Is Paris the capital of France? Answer Yes or No.\nAnswer:"], labels=[" Yes", " No"])
     assert sum(yes_no[0].labels.values()) == pytest.approx(1.0)
+
+
+# -- batching ---------------------------------------------------------------------------------------------------
+def test_batches_give_the_distributions_of_one_at_a_time(smol, ids):
+    model, tok = smol
+    prompts = [ids[:300], ids[50:170], ids[400:700], ids[10:75], ids[200:201]]  # mixed lengths, one of 1 token
+    alone = score(model, tok, prompts, mlp_chunk=128)
+    together = score(model, tok, prompts, mlp_chunk=128, batch_bytes=1 << 30)
+    assert [r.stats.batch_size for r in alone] == [1] * 5 and [r.stats.batch_size for r in together] == [5] * 5
+    for a, b in zip(alone, together):  # right padding: every row's own last token, pads never attended to
+        torch.testing.assert_close(b.logprobs, a.logprobs, atol=ATOL, rtol=0)
+        assert b.token == a.token and b.stats.prompt_tokens == a.stats.prompt_tokens
+    # a small budget splits them, shortest first, and the results keep the prompts' order
+    budget = pass_bytes(model.config, 2, 0, 300, 128)
+    split = score(model, tok, prompts, mlp_chunk=128, batch_bytes=budget)
+    assert 1 < max(r.stats.batch_size for r in split) < 5
+    for a, b in zip(alone, split):
+        torch.testing.assert_close(b.logprobs, a.logprobs, atol=ATOL, rtol=0)
+    assert plan_batches(model, [300, 120, 300, 65, 1], [0] * 5, budget, 128)[0][:2] == [4, 3]
+
+
+def test_batches_with_kdn_hits_of_a_shared_prefix(smol, ids):
+    """The post-recommendation shape: one cached profile, several short suffixes, batched over the same prefix."""
+    model, tok = smol
+    host = HostKVCache(layout_for(model), chunk_size=CHUNK, pin=False)
+    profile = ids[:448]
+    score(model, tok, [profile], host, store=True)[0].store.result(30)
+    posts = [profile + ids[500 + 40 * k:500 + 40 * k + 20 + 15 * k] for k in range(3)]
+    other = ids[100:260]  # no hit: its own batch
+    got = score(model, tok, [*posts, other], host, batch_bytes=1 << 30, store=True)
+    for prompt, r in zip([*posts, other], got):
+        want, _ = reference(model, prompt)
+        torch.testing.assert_close(r.logprobs, want, atol=ATOL, rtol=0)
+        assert r.token == int(want.argmax()) and r.stats.fallback == ""
+    assert [(r.stats.hit_tokens, r.stats.batch_size) for r in got] == [(448, 3)] * 3 + [(0, 1)]
+    # each row's store holds its own tokens' KV (not its padding): the shortest post, extended by one token, now
+    # hits all of itself and still gives a normal prefill's distribution
+    for r in got:
+        r.store.result(30)
+    assert [host.lookup(p) for p in posts] == [len(p) for p in posts]
+    longer = posts[0] + [ids[650]]
+    again = score(model, tok, [longer], host)[0]
+    assert again.stats.hit_tokens == len(posts[0])
+    torch.testing.assert_close(again.logprobs, reference(model, longer)[0], atol=ATOL, rtol=0)
+
+
+def test_pass_bytes_bounds_the_measured_peak(smol, ids):
+    model, tok = smol
+    for batch, suffix, chunk in ((1, 512, None), (4, 256, 128), (8, 128, 128), (2, 600, 256)):
+        seqs = [torch.tensor([ids[7 * i:7 * i + suffix]]) for i in range(batch)]
+        with TensorMeter() as m:
+            _score_batch(model, seqs, None, None, False, chunk, 1)
+        est = pass_bytes(model.config, batch, 0, suffix, chunk)
+        assert m.peak <= est <= 2.5 * m.peak, (batch, suffix, chunk, m.peak, est)

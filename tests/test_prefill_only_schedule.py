@@ -28,6 +28,9 @@ def test_prediction_counts_only_uncached_tokens_plus_delivery():
     s = 1000
     assert hit == pytest.approx(0.01 + 1e-3 * s + 1e-7 * s * (3000 + (s + 1) / 2) + 0.002 + 0.3)
     assert MODEL.delivery_s(0) == 0.0 and hit < full
+    over = JCTModel(per_token_s=1e-4, rtt_s=0.002, bytes_per_s=1e9, overlap=True)
+    assert over.predict(4000, 3000, 3000 * 100_000) == pytest.approx(0.002 + 0.3)  # transfer > 0.1 s compute
+    assert over.predict(4000, 3000, 3000 * 100) == pytest.approx(0.002 + 0.1)  # compute > transfer
     with pytest.raises(InvalidRequest):
         MODEL.predict(100, 200)
     with pytest.raises(ConfigError):

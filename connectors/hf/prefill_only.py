@@ -20,6 +20,7 @@ every tensor the forward pass allocates. ``docs/prefill_only.md`` has the design
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
@@ -34,13 +35,14 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DynamicCache
 
-from connectors.hf.cache import PrefixLoadError, check_supported
-from connectors.hf.generate import _as_ids, _check_layout, _sync, run_forward
+from connectors.hf.cache import PrefixLoadError, cache_kwarg, check_supported
+from connectors.hf.generate import _as_ids, _check_layout, _sync
 from connectors.hf.loader import LayerLoader
 from kdn.client.same_host import fast_source
 from kdn.errors import InvalidRequest
 
-__all__ = ["score", "ScoreResult", "ScoreStats", "LayerwiseKVCache", "KVMeter", "TensorMeter", "mlp_chunking"]
+__all__ = ["score", "ScoreResult", "ScoreStats", "LayerwiseKVCache", "KVMeter", "TensorMeter", "mlp_chunking",
+           "pass_bytes", "plan_batches"]
 
 log = logging.getLogger(__name__)
 
@@ -128,14 +130,16 @@ class LayerwiseKVCache(DynamicCache):
     """A cache that holds the KV of one layer at a time, for a forward pass that is never decoded from.
 
     It reports ``prefix_len`` cached tokens for every layer (so positions and masks are those of a prefix-cached
-    prefill). ``update(k, v, i)`` writes layer ``i``'s prefix (``fetch(i)`` -> ``[2, prefix, heads, dim]``) and
-    the new ``k``/``v`` into one reusable buffer ``[2, batch, heads, prefix + new, dim]`` and returns views of it;
-    the next layer's update overwrites it. ``sink(i, buffer)``, when given, sees each layer's full KV first (to
-    stream it into KDN). Holding only one layer, it cannot be decoded from: :meth:`get_seq_length` stays at the
-    prefix length after the forward.
+    prefill). ``update(k, v, i)`` writes layer ``i``'s prefix and the new ``k``/``v`` into one reusable buffer
+    ``[2, batch, heads, prefix + new, dim]`` and returns views of it; the next layer's update overwrites it.
+    ``fetch(i)`` gives layer ``i``'s prefix as ``[2, tokens, heads, dim]`` (one sequence) or a list of those, one
+    per batch row (each at least ``prefix_len`` tokens; the first ``prefix_len`` are used). ``sink(i, buffer)``,
+    when given, sees each layer's full KV first (to stream it into KDN). Holding only one layer, it cannot be
+    decoded from: :meth:`get_seq_length` stays at the prefix length after the forward.
     """
 
-    def __init__(self, num_layers: int, prefix_len: int = 0, fetch: Callable[[int], torch.Tensor] | None = None,
+    def __init__(self, num_layers: int, prefix_len: int = 0,
+                 fetch: Callable[[int], torch.Tensor | Sequence[torch.Tensor]] | None = None,
                  *, sink: Callable[[int, torch.Tensor], None] | None = None, meter: KVMeter | None = None) -> None:
         super().__init__()
         if prefix_len and fetch is None:
@@ -175,12 +179,16 @@ class LayerwiseKVCache(DynamicCache):
                 self._meter.add(self._buf)
         buf = self._buf
         if p:
-            kv = self._fetch(layer_idx)  # [2, p, heads, dim]
-            if kv.shape != (2, p, h, d):
-                raise PrefixLoadError(f"layer {layer_idx} prefix KV has shape {tuple(kv.shape)}, want "
-                                      f"{(2, p, h, d)}")
-            buf[:, :, :, :p].copy_(kv.permute(0, 2, 1, 3).unsqueeze(1))
-            del kv
+            got = self._fetch(layer_idx)
+            rows = [got] if isinstance(got, torch.Tensor) else list(got)
+            if len(rows) != b:
+                raise PrefixLoadError(f"layer {layer_idx}: {len(rows)} prefixes for a batch of {b}")
+            for row, kv in enumerate(rows):  # [2, >= p, heads, dim]
+                if kv.dim() != 4 or kv.shape[0] != 2 or kv.shape[1] < p or tuple(kv.shape[2:]) != (h, d):
+                    raise PrefixLoadError(f"layer {layer_idx} prefix KV has shape {tuple(kv.shape)}, want "
+                                          f"{(2, p, h, d)}")
+                buf[:, row, :, :p].copy_(kv[:, :p].permute(0, 2, 1, 3))
+            del rows, got
         buf[0, :, :, p:].copy_(key_states)
         buf[1, :, :, p:].copy_(value_states)
         if self._sink is not None:
@@ -224,12 +232,13 @@ def mlp_chunking(model, chunk: int | None) -> Iterator[None]:
 
 def _chunked(forward: Callable[[torch.Tensor], torch.Tensor], chunk: int) -> Callable[[torch.Tensor], torch.Tensor]:
     def run(x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 3 or x.shape[1] <= chunk:
+        if x.dim() != 3 or x.shape[0] * x.shape[1] <= chunk:
             return forward(x)
-        out = torch.empty_like(x)
-        for start in range(0, x.shape[1], chunk):
-            out[:, start:start + chunk] = forward(x[:, start:start + chunk])
-        return out
+        flat = x.reshape(-1, x.shape[-1])  # a batch's tokens, chunked together (the MLP is per position)
+        out = torch.empty_like(flat)
+        for start in range(0, flat.shape[0], chunk):
+            out[start:start + chunk] = forward(flat[start:start + chunk])
+        return out.view_as(x)
     return run
 
 
@@ -242,12 +251,15 @@ class ScoreStats:
     computed_tokens: int = 0
     retrieve_s: float = 0.0
     prefill_s: float = 0.0
+    """The pass's time (shared by the prompts of a batch)."""
     kv_peak_bytes: int = 0
-    """Peak bytes of KV alive at once during the prefill (measured: :class:`KVMeter`)."""
+    """Peak bytes of KV alive at once during the pass (measured: :class:`KVMeter`; the whole batch's)."""
     layer_kv_bytes: int = 0
-    """One layer's KV of the whole prompt (the cache's buffer)."""
+    """One layer's KV of the whole pass (the cache's buffer: every row of the batch, padding included)."""
     full_kv_bytes: int = 0
-    """What a normal prefill's cache holds at its end: every layer's KV of the prompt."""
+    """What a normal prefill's cache holds at its end: every layer's KV of the pass."""
+    batch_size: int = 1
+    """Prompts computed together in this prompt's pass."""
     fallback: str = ""
     """Why a hit was dropped and the prompt recomputed, or empty."""
 
@@ -266,7 +278,8 @@ class ScoreResult:
 
 
 def score(model, tokenizer, prompts, source=None, *, labels: Sequence[int | str] | None = None,
-          store: bool = False, mlp_chunk: int | None = 1024, lookahead: int = 1) -> list[ScoreResult]:
+          store: bool = False, mlp_chunk: int | None = 1024, lookahead: int = 1,
+          batch_bytes: int | None = None) -> list[ScoreResult]:
     """Next-token distributions of ``prompts`` (texts or token-id lists; one is fine), one output token each.
 
     Each prompt's longest cached prefix (up to all but its last token) is loaded from ``source`` (a
@@ -274,25 +287,218 @@ def score(model, tokenizer, prompts, source=None, *, labels: Sequence[int | str]
     is computed holding one layer's KV (:class:`LayerwiseKVCache`), the MLP chunked by ``mlp_chunk`` tokens.
     ``lookahead`` bounds the prefix layer groups decoded ahead of the model. ``labels`` (token ids, or strings
     whose single token is used) adds their renormalized probabilities. ``store=True`` streams each layer's KV to
-    a host buffer as it is computed and queues the prompt's chunks for storage in ``source``. Prompts run one at a
-    time (prefill is compute-bound, so batching adds latency, as PrefillOnly observes); order them with
-    :class:`kdn.client.prefill_schedule.PrefillScheduler`. Remote failures shrink the hit; a prefix lost mid-pass
-    is recomputed (``stats.fallback``). Raises :class:`kdn.errors.InvalidRequest` for unsupported models or bad
-    labels.
+    a host buffer as it is computed and queues the prompt's chunks for storage in ``source``.
+
+    By default prompts run one at a time (prefill is compute-bound, so batching adds latency, as PrefillOnly
+    observes); order them with :class:`kdn.client.prefill_schedule.PrefillScheduler`. ``batch_bytes`` batches
+    them instead: prompts with the same cached prefix length (from ``source.lookup``) are grouped shortest
+    uncached part first, as many per pass as :func:`pass_bytes` estimates to fit ``batch_bytes``, their suffixes
+    right-padded (a pad follows every real token, so the causal mask keeps it out of their attention) and each
+    row's logits taken at its own last token. Results keep the order of ``prompts``. Remote failures shrink the
+    hit; a prefix lost mid-pass is recomputed (``stats.fallback``). Raises :class:`kdn.errors.InvalidRequest` for
+    unsupported models or bad labels.
     """
     check_supported(model.config)
     if isinstance(prompts, (str, torch.Tensor)) or (prompts and isinstance(prompts[0], int)):
         prompts = [prompts]
     label_ids = _label_ids(tokenizer, labels)
-    results = []
+    if batch_bytes is not None and batch_bytes <= 0:
+        raise InvalidRequest(f"batch_bytes must be > 0, got {batch_bytes}")
+    seqs = []
     for prompt in prompts:
         if isinstance(prompt, str):
             if tokenizer is None:
                 raise InvalidRequest("text prompts need a tokenizer")
             prompt = tokenizer(prompt, return_tensors="pt").input_ids
-        results.append(_score_one(model, _as_ids(prompt, model.device), source, label_ids, store, mlp_chunk,
-                                  lookahead))
-    return results
+        ids = _as_ids(prompt, model.device)
+        if ids.shape[1] < 1:
+            raise InvalidRequest("empty prompt")
+        seqs.append(ids)
+    if source is not None:
+        _check_layout(source.layout, model)
+    if batch_bytes is None or len(seqs) < 2:
+        batches = [[i] for i in range(len(seqs))]
+    else:
+        hits = [_lookup(source, ids) for ids in seqs]
+        batches = plan_batches(model, [ids.shape[1] for ids in seqs], hits, batch_bytes, mlp_chunk)
+    results: list[ScoreResult | None] = [None] * len(seqs)
+    for batch in batches:
+        for i, r in zip(batch, _score_batch(model, [seqs[i] for i in batch], source, label_ids, store, mlp_chunk,
+                                            lookahead)):
+            results[i] = r
+    return results  # type: ignore[return-value]
+
+
+def _lookup(source, ids: torch.Tensor) -> int:
+    """Cached leading tokens of ``ids`` (all but the last), 0 without a source; a hint for batching only."""
+    n = ids.shape[1]
+    if source is None or n < 2 or not hasattr(source, "lookup"):
+        return 0
+    hit = source.lookup(ids[0, :n - 1].tolist())
+    return int(getattr(hit, "hit_tokens", hit))
+
+
+def pass_bytes(config, batch: int, prefix: int, suffix: int, mlp_chunk: int | None = None,
+               elem_bytes: int = 4) -> int:
+    """Estimated peak bytes of the tensors one prefill-only pass allocates (weights excluded) for ``batch`` rows
+    of ``prefix`` cached + ``suffix`` computed tokens (padding included): the layer buffer, the new K/V with
+    their rotated copies, the residual stream, attention's mask (and scores for ``eager`` attention), the MLP's
+    intermediates (one ``mlp_chunk`` of them when chunked) and the logits. An upper bound within about 2x of
+    :class:`TensorMeter`'s measured peak on SmolLM2 (SDPA, CPU; ``tests/test_prefill_only.py``)."""
+    heads = config.num_attention_heads
+    kv_heads = config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    tokens, total = batch * suffix, prefix + suffix
+    inter = tokens if not mlp_chunk else min(tokens, mlp_chunk)
+    per_token = (6 * config.hidden_size + 2 * heads * head_dim + 6 * kv_heads * head_dim) * elem_bytes
+    layer_kv = 2 * batch * kv_heads * total * head_dim * elem_bytes
+    # a boolean mask; "eager" attention also materializes the scores and their softmax (SDPA, flash: tiled)
+    eager = getattr(config, "_attn_implementation", None) == "eager"
+    attention = batch * suffix * total * (1 + (2 * heads * elem_bytes if eager else 0))
+    mlp = 3 * inter * config.intermediate_size * elem_bytes
+    return tokens * per_token + layer_kv + attention + mlp + batch * config.vocab_size * 8
+
+
+def plan_batches(model, lengths: Sequence[int], hits: Sequence[int], batch_bytes: int,
+                 mlp_chunk: int | None = None) -> list[list[int]]:
+    """Shortest-first batches of prompt indices: equal cached prefix (``hits``), shortest uncached part first,
+    each batch the most prompts whose padded pass fits ``batch_bytes`` (:func:`pass_bytes`); a prompt that does
+    not fit alone runs alone."""
+    if len(lengths) != len(hits):
+        raise InvalidRequest("lengths and hits differ in length")
+    elem = torch.finfo(model.dtype).bits // 8 if model.dtype.is_floating_point else 4
+    order = sorted(range(len(lengths)), key=lambda i: (hits[i], lengths[i] - hits[i], i))
+    batches: list[list[int]] = []
+    for i in order:
+        if batches:
+            last = batches[-1]
+            prefix = hits[last[0]]
+            suffix = max(lengths[i], *(lengths[j] for j in last)) - prefix
+            if hits[i] == prefix and pass_bytes(model.config, len(last) + 1, prefix, suffix, mlp_chunk,
+                                                elem) <= batch_bytes:
+                last.append(i)
+                continue
+        batches.append([i])
+    return batches
+
+
+def _logits_kwarg(model) -> str | None:
+    params = inspect.signature(model.forward).parameters
+    return next((name for name in ("logits_to_keep", "num_logits_to_keep") if name in params), None)
+
+
+def _forward_last(model, ids: torch.Tensor, last: list[int], cache) -> torch.Tensor:
+    """One pass of the right-padded ``ids`` ``[batch, suffix]``; row ``b``'s logits at position ``last[b]``."""
+    kwargs: dict[str, Any] = {cache_kwarg(model): cache, "use_cache": True}
+    keep = torch.tensor(last, device=ids.device)
+    name = _logits_kwarg(model)
+    if name == "logits_to_keep":
+        kwargs[name] = keep[:, None]  # a 2-D integer tensor: one position per row
+        return model(input_ids=ids, **kwargs).logits[:, 0]
+    logits = model(input_ids=ids, **kwargs).logits
+    return logits[torch.arange(ids.shape[0], device=ids.device), keep]
+
+
+def _close(stream) -> None:
+    close = getattr(stream, "close", None)
+    if close is not None:
+        close()
+
+
+def _score_batch(model, seqs: list[torch.Tensor], source, label_ids: list[int] | None, store: bool,
+                 mlp_chunk: int | None, lookahead: int, *, use_source: bool = True) -> list[ScoreResult]:
+    device = model.device
+    lengths = [ids.shape[1] for ids in seqs]
+    b = len(seqs)
+    meter = KVMeter()
+    loaders: list[LayerLoader] = []
+    prefix, retrieve_s = 0, 0.0
+    num_layers = len(_decoder_layers(model))
+    with torch.no_grad():
+        if use_source and source is not None and min(lengths) > 1:
+            t0 = time.perf_counter()
+            # layer-major where the source can: a remote node's layers arrive while earlier ones are computed
+            more = {"layer_major": True} if getattr(source, "streams_layers", False) else {}
+            streams = [fast_source(source.retrieve_layers(ids[0, :n - 1].tolist(), device="cpu", max_tokens=n - 1,
+                                                          **more), device) for ids, n in zip(seqs, lengths)]
+            retrieve_s = time.perf_counter() - t0
+            prefix = min(st.num_tokens for st in streams)
+            if b > 1 and len({st.num_tokens for st in streams}) > 1:
+                # the cache changed since the batch was planned: run its prompts one at a time
+                for st in streams:
+                    _close(st)
+                return [r for ids in seqs for r in _score_batch(model, [ids], source, label_ids, store, mlp_chunk,
+                                                                  lookahead)]
+            if prefix:
+                loaders = [LayerLoader(_MeteredSource(st, meter), source.layout, device=device,
+                                       lookahead=lookahead).start() for st in streams]
+            else:
+                for st in streams:
+                    _close(st)
+        host = _HostSink(num_layers, lengths) if store and source is not None and hasattr(source, "store") else None
+        fallback = ""
+        try:
+            t0 = time.perf_counter()
+            with mlp_chunking(model, mlp_chunk):
+                def fetch(layer: int) -> list[torch.Tensor]:
+                    return [loader.fetch(layer) for loader in loaders]
+
+                cache = LayerwiseKVCache(num_layers, prefix, fetch if loaders else None, sink=host, meter=meter)
+                try:
+                    logits = _forward_last(model, _padded(seqs, prefix), [n - prefix - 1 for n in lengths], cache)
+                except PrefixLoadError as exc:
+                    log.warning("cached prefix lost mid-prefill (%s); recomputing %d prompts", exc, b)
+                    for loader in loaders:
+                        loader.close()
+                    if b > 1:
+                        out = [r for ids in seqs for r in _score_batch(model, [ids], source, label_ids, store,
+                                                                         mlp_chunk, lookahead, use_source=False)]
+                        for r in out:
+                            r.stats.fallback = str(exc)
+                        return out
+                    fallback, prefix = str(exc), 0
+                    cache = LayerwiseKVCache(num_layers, 0, sink=host, meter=meter)
+                    logits = _forward_last(model, _padded(seqs, 0), [lengths[0] - 1], cache)
+            _sync(device)
+            prefill_s = time.perf_counter() - t0
+            layer_bytes = cache.layer_bytes
+            del cache
+        finally:
+            for loader in loaders:
+                loader.close()
+        pending: list[Future | None] = [None] * b
+        if host is not None and host.complete:
+            for row, ids in enumerate(seqs):
+                if prefix < lengths[row]:
+                    pending[row] = source.store(ids[0].tolist(), host.kv[row], copy=False)
+    logprobs = torch.log_softmax(logits.float(), -1).cpu()
+    out = []
+    for row, n in enumerate(lengths):
+        stats = ScoreStats(prompt_tokens=n, hit_tokens=prefix, computed_tokens=n - prefix, retrieve_s=retrieve_s,
+                           prefill_s=prefill_s, kv_peak_bytes=meter.peak, layer_kv_bytes=layer_bytes,
+                           full_kv_bytes=layer_bytes * num_layers, batch_size=b, fallback=fallback)
+        lp = logprobs[row]
+        label_probs = None
+        if label_ids is not None:
+            if max(label_ids) >= lp.shape[0] or min(label_ids) < 0:
+                raise InvalidRequest(f"label token ids {label_ids} are outside the vocabulary ({lp.shape[0]})")
+            sel = torch.softmax(lp[label_ids], -1)
+            label_probs = {tok: float(p) for tok, p in zip(label_ids, sel)}
+        out.append(ScoreResult(lp, int(lp.argmax()), label_probs, stats, pending[row]))
+    return out
+
+
+def _padded(seqs: list[torch.Tensor], prefix: int) -> torch.Tensor:
+    """The uncached suffixes ``[batch, longest]``, right-padded with each row's last token."""
+    width = max(ids.shape[1] for ids in seqs) - prefix
+    if len(seqs) == 1:
+        return seqs[0][:, prefix:]
+    out = torch.empty((len(seqs), width), dtype=seqs[0].dtype, device=seqs[0].device)
+    for row, ids in enumerate(seqs):
+        suffix = ids[0, prefix:]
+        out[row, :suffix.shape[0]] = suffix
+        out[row, suffix.shape[0]:] = suffix[-1]
+    return out
 
 
 def _label_ids(tokenizer, labels: Sequence[int | str] | None) -> list[int] | None:
@@ -313,71 +519,13 @@ def _label_ids(tokenizer, labels: Sequence[int | str] | None) -> list[int] | Non
     return out
 
 
-def _score_one(model, ids: torch.Tensor, source, label_ids: list[int] | None, store: bool,
-               mlp_chunk: int | None, lookahead: int) -> ScoreResult:
-    device = model.device
-    n = ids.shape[1]
-    if n < 1:
-        raise InvalidRequest("empty prompt")
-    stats = ScoreStats(prompt_tokens=n)
-    meter = KVMeter()
-    loader = None
-    pending = None
-    with torch.no_grad():
-        if source is not None and n > 1:
-            _check_layout(source.layout, model)
-            t0 = time.perf_counter()
-            stream = fast_source(source.retrieve_layers(ids[0, :n - 1].tolist(), device="cpu", max_tokens=n - 1),
-                                 device)
-            stats.retrieve_s = time.perf_counter() - t0
-            if stream.num_tokens:
-                stats.hit_tokens = stream.num_tokens
-                loader = LayerLoader(_MeteredSource(stream, meter), source.layout, device=device,
-                                     lookahead=lookahead).start()
-        num_layers = len(_decoder_layers(model))
-        host = _HostSink(num_layers, n) if store and source is not None and hasattr(source, "store") else None
-        try:
-            t0 = time.perf_counter()
-            with mlp_chunking(model, mlp_chunk):
-                cache = LayerwiseKVCache(num_layers, stats.hit_tokens, loader.fetch if loader else None,
-                                         sink=host, meter=meter)
-                try:
-                    logits = run_forward(model, ids[:, stats.hit_tokens:], cache)
-                except PrefixLoadError as exc:
-                    log.warning("cached prefix lost mid-prefill (%s); recomputing %d tokens", exc, n)
-                    stats.fallback, stats.hit_tokens = str(exc), 0
-                    loader.close()
-                    cache = LayerwiseKVCache(num_layers, 0, sink=host, meter=meter)
-                    logits = run_forward(model, ids, cache)
-            _sync(device)
-            stats.prefill_s = time.perf_counter() - t0
-            stats.layer_kv_bytes = cache.layer_bytes
-            del cache
-        finally:
-            if loader is not None:
-                loader.close()
-        if host is not None and host.complete and stats.hit_tokens < n:
-            pending = source.store(ids[0].tolist(), host.kv, copy=False)
-    stats.computed_tokens = n - stats.hit_tokens
-    stats.kv_peak_bytes = meter.peak
-    stats.full_kv_bytes = stats.layer_kv_bytes * num_layers
-    logprobs = torch.log_softmax(logits[0].float(), -1).cpu()
-    label_probs = None
-    if label_ids is not None:
-        if max(label_ids) >= logprobs.shape[0] or min(label_ids) < 0:
-            raise InvalidRequest(f"label token ids {label_ids} are outside the vocabulary ({logprobs.shape[0]})")
-        sel = torch.softmax(logprobs[label_ids], -1)
-        label_probs = {tok: float(p) for tok, p in zip(label_ids, sel)}
-    return ScoreResult(logprobs, int(logprobs.argmax()), label_probs, stats, pending)
-
-
 class _HostSink:
-    """Copies each layer's KV (the whole prompt's) into a host tensor ``[layers, 2, tokens, heads, dim]`` as it is
-    computed, so the prompt can be stored in KDN although the device never holds more than one layer."""
+    """Copies each layer's KV of every row (its real tokens) into host tensors ``[layers, 2, tokens, heads, dim]``
+    as it is computed, so the prompts can be stored in KDN although the device never holds more than one layer."""
 
-    def __init__(self, num_layers: int, num_tokens: int) -> None:
-        self.num_layers, self.num_tokens = num_layers, num_tokens
-        self.kv: torch.Tensor | None = None
+    def __init__(self, num_layers: int, lengths: Sequence[int]) -> None:
+        self.num_layers, self.lengths = num_layers, list(lengths)
+        self.kv: list[torch.Tensor] | None = None
         self._done: set[int] = set()
 
     @property
@@ -385,11 +533,13 @@ class _HostSink:
         return len(self._done) == self.num_layers
 
     def __call__(self, layer: int, buf: torch.Tensor) -> None:
-        if buf.shape[1] != 1 or buf.shape[3] != self.num_tokens:
-            return  # not this prompt's full sequence: store nothing
+        if buf.shape[1] != len(self.lengths) or buf.shape[3] < max(self.lengths):
+            return  # not these prompts' full sequences: store nothing
+        cuda = buf.device.type == "cuda"
         if self.kv is None:
-            _, _, h, t, d = buf.shape
-            self.kv = torch.empty((self.num_layers, 2, t, h, d), dtype=buf.dtype,
-                                  pin_memory=buf.device.type == "cuda")
-        self.kv[layer].copy_(buf[:, 0].transpose(1, 2), non_blocking=buf.device.type == "cuda")
+            _, _, h, _, d = buf.shape
+            self.kv = [torch.empty((self.num_layers, 2, n, h, d), dtype=buf.dtype, pin_memory=cuda)
+                       for n in self.lengths]
+        for row, n in enumerate(self.lengths):
+            self.kv[row][layer].copy_(buf[:, row, :, :n].transpose(1, 2), non_blocking=cuda)
         self._done.add(layer)

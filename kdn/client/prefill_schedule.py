@@ -10,8 +10,7 @@ attention term, which grows with the context each computed token attends to::
     delivery_s = 0 if nothing is cached, else rtt_s + cached_bytes / bytes_per_s
     jct        = compute_s + delivery_s
 
-(delivery is added, not overlapped with compute: the loader overlaps them, so this errs long for hits, which
-only makes a hit wait a little longer than it needs to.)
+(with ``overlap=True``, for layer-major delivery, a hit costs ``rtt_s + max(compute_s, transfer)`` instead.)
 
 :class:`PrefillScheduler` orders requests by the paper's score ``jct - λ · waiting_time`` and runs each to
 completion (a prefill is not preempted). It is the :class:`~kdn.wire.schedule.TransferScheduler` with the job's
@@ -57,6 +56,9 @@ class JCTModel:
     """Fixed cost of a KDN delivery (lookup, first bytes)."""
     bytes_per_s: float = math.inf
     """Delivery rate of cached KV (the client's measured link rate)."""
+    overlap: bool = False
+    """Delivery overlaps the compute (layer-major delivery: layer ``i`` arrives while earlier layers compute), so
+    a hit costs ``rtt_s + max(compute, transfer)`` instead of their sum."""
 
     def __post_init__(self) -> None:
         if min(self.per_token_s, self.per_pair_s, self.base_s, self.rtt_s) < 0 or not self.bytes_per_s > 0:
@@ -73,7 +75,10 @@ class JCTModel:
         return 0.0 if cached_bytes <= 0 else self.rtt_s + cached_bytes / self.bytes_per_s
 
     def predict(self, n_input: int, n_cached: int = 0, cached_bytes: int = 0) -> float:
-        return self.compute_s(n_input, n_cached) + self.delivery_s(cached_bytes)
+        compute = self.compute_s(n_input, n_cached)
+        if self.overlap and cached_bytes > 0:
+            return self.rtt_s + max(compute, cached_bytes / self.bytes_per_s)
+        return compute + self.delivery_s(cached_bytes)
 
     @classmethod
     def fit(cls, samples: Sequence[tuple[int, int, float]], **delivery: float) -> JCTModel:
