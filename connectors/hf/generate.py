@@ -71,8 +71,14 @@ class GenerateResult:
     """The asynchronous store of the prompt's new chunks (None when nothing was stored)."""
 
 
-def _check_layout(layout: KVLayout, model) -> None:
-    check_supported(model.config)
+def _check_model(model, source) -> None:
+    """``source.check_model(config)`` where the source has its own rule (layer-type-aware clients), else
+    :func:`check_supported`."""
+    getattr(source, "check_model", check_supported)(model.config)
+
+
+def _check_layout(layout: KVLayout, model, source=None) -> None:
+    _check_model(model, source)
     want = KVLayout.from_hf_config(model.config, model_id="check", dtype=layout.dtype)
     if (layout.num_layers, layout.num_kv_heads, layout.head_dim) != (want.num_layers, want.num_kv_heads,
                                                                      want.head_dim):
@@ -129,7 +135,7 @@ def prefill(model, input_ids, source=None, *, lookup_len: int | None = None, log
     loader = None
     with torch.no_grad():
         if source is not None and lookup_len > 0:
-            _check_layout(source.layout, model)
+            _check_layout(source.layout, model, source)
             direct = device_decode and device.type == "cuda"
             t0 = time.perf_counter()
             # Layer-major where the source can (a remote node's layers arrive while earlier ones are computed): a
@@ -197,7 +203,7 @@ def kdn_generate(model, tokenizer, prompt, client=None, *, max_new_tokens: int =
     without KDN for lossless codecs. Raises :class:`kdn.errors.InvalidRequest` for unsupported models.
     """
     t_start = time.perf_counter()
-    check_supported(model.config)
+    _check_model(model, client)
     if isinstance(prompt, str):
         prompt = tokenizer(prompt, return_tensors="pt").input_ids
     ids = _as_ids(prompt, model.device)

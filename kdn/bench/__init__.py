@@ -18,6 +18,7 @@ BENCHES: dict[str, str] = {
     "fuzz": "kdn.bench.fuzz",
     "load": "kdn.bench.load",
     "prefill-only": "kdn.bench.prefill_only",
+    "hybrid": "kdn.bench.hybrid",
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 
 from codec.base import DTYPE_SIZES
@@ -17,6 +18,10 @@ from kdn.errors import InvalidRequest
 __all__ = ["KVLayout", "DTYPE_SIZES"]
 
 FINGERPRINT_BYTES = 16
+FULL = "full_attention"
+SLIDING = "sliding_attention"
+_HASHED_WHEN_SET = ("sliding_window", "part")
+_PART_RE = re.compile(r"^(full|sliding)/[0-9a-f]{32}$")
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,13 @@ class KVLayout:
     tp_size: int = 1
     layer_types: tuple[str, ...] = field(default_factory=tuple)
     """Per-layer attention type (e.g. ``full_attention``, ``sliding_attention``); empty means all full."""
+    sliding_window: int = 0
+    """Window ``W`` of the ``sliding_attention`` layers in tokens (a query sees itself and the ``W - 1`` tokens
+    before it); 0 when no layer slides. Hashed only when set, so layouts without it keep their fingerprint."""
+    part: str = ""
+    """Empty for a whole model's layout; ``full/<fingerprint>`` or ``sliding/<fingerprint>`` for the layout of
+    objects that hold only one type's layers of the layout with that fingerprint (:meth:`part_layout`). Hashed
+    only when set."""
 
     def __post_init__(self) -> None:
         if not self.model_id:
@@ -54,6 +66,54 @@ class KVLayout:
         if self.layer_types and len(self.layer_types) != self.num_layers:
             raise InvalidRequest("layout: layer_types must have one entry per layer")
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        if not isinstance(self.sliding_window, int) or not 0 <= self.sliding_window <= 1 << 24:
+            raise InvalidRequest(f"layout: sliding_window must be an int in [0, 2**24], got {self.sliding_window!r}")
+        if self.sliding_window and SLIDING not in self.layer_types:
+            raise InvalidRequest("layout: sliding_window is set but no layer is sliding_attention")
+        if not isinstance(self.part, str) or (self.part and not _PART_RE.match(self.part)):
+            raise InvalidRequest(f"layout: part must be empty or full/<hex> / sliding/<hex>, got {self.part!r}")
+
+    # -- layer types ----------------------------------------------------------------------------------------------
+    def layer_kind(self, layer: int) -> str:
+        """``full`` or ``sliding`` (a ``sliding_attention`` layer of a layout with a window); other attention types
+        raise :class:`InvalidRequest` (KDN does not know which of their KV a later token needs)."""
+        kind = self.layer_types[layer] if self.layer_types else FULL
+        if kind in ("", FULL):
+            return "full"
+        if kind == SLIDING and self.sliding_window:
+            return "sliding"
+        if kind == SLIDING:
+            raise InvalidRequest("layout: sliding_attention layers need sliding_window")
+        raise InvalidRequest(f"layout: layer type {kind!r} of layer {layer} is not supported")
+
+    def layers_of(self, kind: str) -> tuple[int, ...]:
+        """Indices of the layers of ``kind`` (``full`` or ``sliding``), in order."""
+        if kind not in ("full", "sliding"):
+            raise InvalidRequest(f"layout: layer kind must be full or sliding, got {kind!r}")
+        return tuple(i for i in range(self.num_layers) if self.layer_kind(i) == kind)
+
+    @property
+    def is_hybrid(self) -> bool:
+        """True when some layer is a sliding-window layer (its KV is needed only for the last ``W`` tokens)."""
+        return bool(self.layers_of("sliding"))
+
+    def part_layout(self, kind: str) -> KVLayout:
+        """The layout of objects holding only this layout's ``kind`` layers (same heads, dim, dtype, RoPE).
+
+        Its fingerprint commits to this layout's (through :attr:`part`), so the parts of two models never mix.
+        A layout without sliding layers is its own ``full`` part: same fingerprint, same keys as before."""
+        if self.part:
+            raise InvalidRequest("layout: a part layout has no parts")
+        layers = self.layers_of(kind)
+        if kind == "full" and len(layers) == self.num_layers:
+            return self
+        if not layers:
+            raise InvalidRequest(f"layout: no {kind} layers")
+        data = self.to_dict()
+        data.update(num_layers=len(layers), layer_types=[self.layer_types[i] for i in layers],
+                    sliding_window=self.sliding_window if kind == "sliding" else 0,
+                    part=f"{kind}/{self.fingerprint().hex()}")
+        return KVLayout.from_dict(data)
 
     @property
     def itemsize(self) -> int:
@@ -74,8 +134,13 @@ class KVLayout:
         return (layers, 2, num_tokens, self.num_kv_heads, self.head_dim)
 
     def fingerprint(self) -> bytes:
-        """16-byte digest of every field; part of every key and every chunk header."""
-        canonical = json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
+        """16-byte digest of every field (``sliding_window`` and ``part`` only when set); part of every key and every
+        chunk header."""
+        fields = asdict(self)
+        for name in _HASHED_WHEN_SET:  # fields added later: absent from the hash at their default
+            if not fields[name]:
+                del fields[name]
+        canonical = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.blake2b(canonical, digest_size=FINGERPRINT_BYTES, person=b"kdn-layout-v1").digest()
 
     def to_dict(self) -> dict:
@@ -108,6 +173,7 @@ class KVLayout:
         if isinstance(rope_params, dict) and "full_attention" in rope_params:
             rope_params = rope_params["full_attention"]
         layer_types = tuple(getattr(cfg, "layer_types", None) or ())
+        window = int(getattr(cfg, "sliding_window", None) or 0) if SLIDING in layer_types else 0
         return cls(
             model_id=model_id or getattr(cfg, "_name_or_path", "") or cfg.model_type,
             num_layers=cfg.num_hidden_layers,
@@ -119,4 +185,5 @@ class KVLayout:
             tp_rank=tp_rank,
             tp_size=tp_size,
             layer_types=layer_types,
+            sliding_window=window,
         )
