@@ -15,7 +15,8 @@ import torch
 from kdn import KDNClient, KVLayout
 from kdn.client.transport import NodeClient
 from kdn.format.chunk_codec import encode_chunk
-from kdn.wire.bulk import MAGIC, PROTOCOL_VERSION, BulkClient
+from kdn.wire.bulk import MAGIC, PROTOCOL_VERSION
+from kdn.wire.bulk_client import BulkClient
 from tests.cluster import Cluster
 
 LAYOUT = KVLayout(model_id="bounds-test", num_layers=2, num_kv_heads=4, head_dim=64, dtype="float16")

@@ -15,7 +15,8 @@ import pytest
 from kdn.errors import AuthError, CapacityError, DeadlineExceeded, InvalidRequest, Unavailable
 from kdn.node.tiers.base import Buffer
 from kdn.wire import bulk
-from kdn.wire.bulk import BulkClient, BulkServer
+from kdn.wire.bulk_client import BulkClient
+from kdn.wire.bulk_server import BulkServer
 
 MAX_OBJECT = 32 << 20
 

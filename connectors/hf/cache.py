@@ -29,14 +29,15 @@ class PrefixLoadError(RuntimeError):
     """A cached prefix could not be delivered mid-prefill (the caller recomputes without it)."""
 
 
-def layout_for(model, *, model_id: str | None = None, revision: str | None = None) -> KVLayout:
-    """The KDN layout of ``model``'s KV (checks support first).
+def layout_for(model, *, model_id: str | None = None, revision: str | None = None,
+               check: Callable[[object], None] = check_supported) -> KVLayout:
+    """The KDN layout of ``model``'s KV (``check`` raises for unsupported configs first).
 
     ``model_id`` defaults to ``config._name_or_path``; a model without one (random weights built from a config)
     must be given a ``model_id`` that names its weights, or two different models could share cached KV.
     """
     config = model.config
-    check_supported(config)
+    check(config)
     name = model_id or getattr(config, "_name_or_path", "")
     if not name:
         raise InvalidRequest("model has no name (built from a config?): pass model_id= naming its weights")

@@ -18,7 +18,7 @@ only the full layers per chunk plus the sliding layers' last ``W`` tokens at cho
 
 from __future__ import annotations
 
-from connectors.hf.cache import _TORCH_NAMES
+from connectors.hf.cache import layout_for
 from kdn import KVLayout
 from kdn.blend.models import SUPPORTED_MODEL_TYPES, text_config
 from kdn.client.hybrid import HybridClient
@@ -57,17 +57,7 @@ def hybrid_layout_for(model, *, model_id: str | None = None, revision: str | Non
     """The KDN layout of ``model``'s KV with each layer's type and the window (checks support first).
 
     ``model_id`` defaults to ``config._name_or_path``; name the weights when that is a local folder path."""
-    config = model.config
-    check_layer_aware(config)
-    name = model_id or getattr(config, "_name_or_path", "")
-    if not name:
-        raise InvalidRequest("model has no name (built from a config?): pass model_id= naming its weights")
-    dtype = _TORCH_NAMES.get(model.dtype)
-    if dtype is None:
-        raise InvalidRequest(f"KV dtype {model.dtype} is not supported")
-    layout = KVLayout.from_hf_config(config, model_id=name, dtype=dtype)
-    rev = revision if revision is not None else (getattr(config, "_commit_hash", None) or "")
-    return KVLayout.from_dict({**layout.to_dict(), "revision": rev}) if rev else layout
+    return layout_for(model, model_id=model_id, revision=revision, check=check_layer_aware)
 
 
 class HFHybridClient(HybridClient):

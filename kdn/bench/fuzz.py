@@ -412,14 +412,14 @@ class _Servers:
         (_, key), = prefix_keys(list(range(32)), "acme", world.layout.fingerprint(), "raw", 32)
         self.key = str(key)
         self.object = encode_chunk(world.kv, key=self.key, layout=world.layout, codec=world.codec)
-        from kdn.wire.bulk import BulkClient
+        from kdn.wire.bulk_client import BulkClient
 
         with BulkClient(self.node.bulk_address, token="t-acme", tenant="acme") as bulk:
             assert bulk.put_many([(self.key, self.object)]) == [(True, "")]
 
     def healthy(self) -> str:
         """'' when the node still serves the stored object intact over the bulk channel; else what is wrong."""
-        from kdn.wire.bulk import BulkClient
+        from kdn.wire.bulk_client import BulkClient
 
         try:
             with BulkClient(self.node.bulk_address, token="t-acme", tenant="acme", timeout_s=10) as bulk:

@@ -6,7 +6,7 @@ Every path runs against a server in its own process (spawned, so it shares no GI
   measured against);
 - ``raw-fresh``: the same, but the receiver allocates a new buffer per object, as any API that hands objects
   out must (first-touch page faults are part of its cost);
-- ``bulk-bare``: :class:`kdn.wire.bulk.BulkServer` with a dict handler that keeps the received buffers (the channel
+- ``bulk-bare``: `BulkServer` with a dict handler that keeps the received buffers (the channel
   alone, no node); ``bulk-tls`` the same over TLS (certificates made as ``kdnctl gen-secrets`` does): TLS's cost is
   its ratio to ``bulk-bare``;
 - ``bulk`` (TCP only), ``shm`` (the same node read in place through same-host shared memory) and ``grpc``: a
@@ -131,7 +131,7 @@ class _DictHandler:
 
 
 def _bulk_server(pipe: Any, max_object: int, tls_dir: str = "") -> None:
-    from kdn.wire.bulk import BulkServer
+    from kdn.wire.bulk_server import BulkServer
     from kdn.wire.rpc import ssl_context
 
     server = BulkServer("127.0.0.1", 0, _DictHandler(), max_object_bytes=max_object,
@@ -227,7 +227,7 @@ def _tls_config(tls_dir: str):
 
 class _BulkPath:
     def __init__(self, port: int, tls_dir: str = "") -> None:
-        from kdn.wire.bulk import BulkClient
+        from kdn.wire.bulk_client import BulkClient
         from kdn.wire.rpc import ssl_context
 
         context = ssl_context(_tls_config(tls_dir), server=False) if tls_dir else None

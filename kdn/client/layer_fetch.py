@@ -3,7 +3,7 @@ layer ``i`` while later layers are still on the wire.
 
 :func:`open_prefix` reads every object's header first (one range request per node, each header verified:
 checksum, and MAC with a keyring), then :class:`LayerArrival` requests, for each layer group in order, every
-chunk's sections of that group as byte ranges (:meth:`kdn.wire.bulk.BulkClient.get_ranges`), striped over the
+chunk's sections of that group as byte ranges (:meth:`kdn.wire.bulk_client.BulkClient.get_ranges`), striped over the
 node's bulk connections and ordered by the client's transfer scheduler. Each range lands in its object's receive
 buffer at its own offset and is verified (section checksum, or keyed digest) in the verify pool beside the next
 receive. :meth:`LayerArrival.wait` returns once a group's sections of every chunk are verified.

@@ -84,7 +84,7 @@ class NodeClient:
             return None
         with self._lock:
             if self._bulk is None:
-                from kdn.wire.bulk import BulkClient
+                from kdn.wire.bulk_client import BulkClient
 
                 self._bulk = BulkClient(self.bulk_address, token=self.token, tenant=self.tenant,
                                         timeout_s=self.timeout_s, ssl_context=self._bulk_ssl,
@@ -167,7 +167,7 @@ class NodeClient:
     def get_ranges(self, ranges: Sequence[tuple[str, int, int]], into: Sequence[memoryview], *,
                    job_bytes: int = 0) -> list[int]:
         """Byte ranges of objects over the bulk channel, received into ``into`` (see
-        :meth:`kdn.wire.bulk.BulkClient.get_ranges`). Raises Unavailable when the node has no working bulk
+        :meth:`kdn.wire.bulk_client.BulkClient.get_ranges`). Raises Unavailable when the node has no working bulk
         channel (the caller reads whole objects instead), DeadlineExceeded, AuthError."""
         bulk = self._bulk_client()
         if bulk is None:

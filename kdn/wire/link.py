@@ -15,14 +15,19 @@ __all__ = ["TokenBucket", "PACE_SLICE_BYTES"]
 PACE_SLICE_BYTES = 256 << 10
 """Largest send a paced connection makes at once (the pacing granularity)."""
 
+BURST_S = 0.01
+"""Default credit an idle link keeps, in seconds of its rate (capped at 1 MiB)."""
+
 
 class TokenBucket:
     """Paces callers to ``gbps`` Gbit/s in total; thread-safe."""
 
-    def __init__(self, gbps: float, burst_bytes: int = 1 << 20) -> None:
+    def __init__(self, gbps: float, burst_bytes: int | None = None) -> None:
         if gbps <= 0:
             raise ValueError(f"link speed must be positive, got {gbps} Gbit/s")
         self.rate = gbps * 1e9 / 8  # bytes per second
+        if burst_bytes is None:  # 10 ms of the link, at most 1 MiB: a slow link never sends a small prefix at once
+            burst_bytes = min(1 << 20, max(1 << 12, int(self.rate * BURST_S)))
         self.burst = float(burst_bytes)
         self._tokens = self.burst
         self._last = time.monotonic()
