@@ -1,10 +1,13 @@
 """The Kubernetes manifests (deploy/k8s, a kustomization) validated against the Kubernetes schemas with
 ``kubernetes-validate`` (offline, strict: unknown fields fail), plus the wiring a schema cannot see: selectors match
 pod labels, probes and Services name real container ports, secrets are mounted, the node's memory limit covers its
-memory tier, the controller runs replicated over Redis and its readiness probe asks for the serving replica."""
+memory tier, the controller runs replicated over Redis and its readiness probe asks for the serving replica, and
+each pod mounts the MAC keys of its role only: nodes the master keyring, the engine example its tenant's derived
+keys, the controller none (docs/security.md, "Per-tenant keys")."""
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -18,6 +21,8 @@ from kdn.controller.servicer import HEALTH_SERVICE
 from kdn.node.health import HEALTH_SERVICE as NODE_HEALTH_SERVICE
 
 K8S = Path(__file__).resolve().parent.parent / "deploy" / "k8s"
+ENGINE = K8S / "examples" / "engine.yaml"
+MAC_ENV = ("KDN_SECURITY__MAC_KEYS_FILE", "KDN_CLIENT__SECURITY__MAC_KEYS_FILE", "KDN_MAC_KEYS_FILE", "KDN_MAC_KEY")
 VERSION = "1.32.0"
 
 
@@ -136,3 +141,74 @@ def test_kustomize_renders_the_same_objects():
     out = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=60, check=True)
     rendered = {(d["kind"], d["metadata"]["name"]) for d in yaml.safe_load_all(out.stdout) if d}
     assert rendered == {(d["kind"], d["metadata"]["name"]) for d in _docs()}
+
+
+def _secret_sources() -> dict[str, dict[str, str]]:
+    """Secret -> {key: gen-secrets file name}, from the ``kubectl create secret generic`` commands in kdn.yaml."""
+    lines = [line.lstrip("# ").rstrip() for line in (K8S / "kdn.yaml").read_text().splitlines()
+             if line.startswith("#")]
+    text = " ".join(line[:-1] if line.endswith("\\") else line + " ;" for line in lines)
+    out: dict[str, dict[str, str]] = {}
+    for command in text.split(";"):
+        if command.strip().startswith("kubectl create secret generic "):
+            words = shlex.split(command)
+            files = [w.removeprefix("--from-file=") for w in words[5:] if w.startswith("--from-file=")]
+            out[words[4]] = {key: Path(source).name for key, source in (f.split("=", 1) for f in files)}
+    return out
+
+
+def _mounted_files(pod: dict, container: dict) -> dict[str, tuple[str, str]]:
+    """Path in the container -> (secret, key) of every file mounted from a Secret."""
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    sources = _secret_sources()
+    out = {}
+    for mount in container.get("volumeMounts", []):
+        secret = volumes.get(mount["name"], {}).get("secret")  # else a claim template (node data) or another kind
+        if secret is None:
+            continue
+        name = secret["secretName"]
+        assert name in sources, f"secret {name} has no creation command in kdn.yaml"
+        items = secret.get("items") or [{"key": k, "path": k} for k in sources[name]]
+        for item in items:
+            assert item["key"] in sources[name], (name, item)
+            out[f"{mount['mountPath'].rstrip('/')}/{item['path']}"] = (name, item["key"])
+    return out
+
+
+def _mac_files(pod: dict, container: dict) -> tuple[dict[str, str], set[str]]:
+    """The MAC settings' env vars -> gen-secrets file behind them, and every gen-secrets file mounted."""
+    sources = _secret_sources()
+    files = {path: sources[secret][key] for path, (secret, key) in _mounted_files(pod, container).items()}
+    env = {e["name"]: e.get("value", "") for e in container.get("env", []) if e["name"] in MAC_ENV}
+    for name, value in env.items():
+        assert value in files, (name, value, "not a mounted secret file")
+    return {name: files[value] for name, value in env.items()}, set(files.values())
+
+
+def test_mac_keys_are_mounted_by_role():
+    docs = _docs()
+    node = _by_kind(docs, "StatefulSet")["kdn-node"]["spec"]["template"]["spec"]
+    env, mounted = _mac_files(node, node["containers"][0])
+    assert env == {"KDN_SECURITY__MAC_KEYS_FILE": "mac.keys"}  # nodes verify every tenant's puts
+    assert not any(f.endswith(".mac") for f in mounted)
+    controller = _by_kind(docs, "Deployment")["kdn-controller"]["spec"]["template"]["spec"]
+    env, mounted = _mac_files(controller, controller["containers"][0])
+    assert env == {} and not any(f == "mac.keys" or f.endswith(".mac") for f in mounted)  # never touches bytes
+    for doc in docs:  # nothing else in the cluster mounts the master keyring
+        if doc["kind"] in ("Deployment", "StatefulSet") and doc["metadata"]["name"] != "kdn-node":
+            pod = doc["spec"]["template"]["spec"]
+            assert all("mac.keys" not in _mac_files(pod, c)[1] for c in pod["containers"]), doc["metadata"]["name"]
+
+
+def test_engine_example_gets_only_its_tenants_files():
+    engine = yaml.safe_load(ENGINE.read_text())
+    kubernetes_validate.validate(engine, VERSION, strict=True)
+    pod = engine["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env, mounted = _mac_files(pod, container)
+    tenant = next(e["value"] for e in container["env"] if e["name"] == "KDN_CLIENT__TENANT")
+    assert env == {"KDN_CLIENT__SECURITY__MAC_KEYS_FILE": f"tenant-{tenant}.mac"}
+    assert mounted == {f"tenant-{tenant}.mac", f"tenant-{tenant}.token", "ca.crt"}  # no master, server key, tokens
+    values = {e["name"]: e.get("value", "") for e in container["env"]}
+    assert Path(values["KDN_CLIENT__TOKEN_FILE"]).name == f"tenant-{tenant}.token"
+    assert "kdn-controller" in values["KDN_CLIENT__CONTROLLER"]
