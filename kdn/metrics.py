@@ -40,6 +40,15 @@ class ControllerMetrics:
         self.lookup_keys = Counter("kdn_controller_lookup_keys", "Keys looked up", ["result"], registry=registry)
         self.nodes = Gauge("kdn_controller_nodes", "Registered nodes", ["state"], registry=registry)
         self.index_keys = Gauge("kdn_controller_index_keys", "Keys in the global index", registry=registry)
+        self.lookup_seconds = Histogram("kdn_controller_lookup_seconds", "Lookup call latency in the controller",
+                                        buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1),
+                                        registry=registry)
+        self.placement_actions = Counter("kdn_controller_placement_actions", "Placement pass actions on objects",
+                                         ["action"], registry=registry)
+        self.evicted_keys = Counter("kdn_controller_evicted_keys", "Keys evicted everywhere by Evict calls",
+                                    registry=registry)
+        self.drain_copies = Counter("kdn_controller_drain_copies", "Copies ordered off draining nodes",
+                                    registry=registry)
 
 
 class ClientMetrics:

@@ -43,6 +43,7 @@ POLICY = {
     ("Control", "Pin"): "data", ("Control", "Unpin"): "data", ("Control", "Stats"): "data",
     ("Control", "ListNodes"): "data", ("Control", "ListKeys"): "data", ("Control", "Explain"): "data",
     ("Control", "PutProfile"): "admin", ("Control", "GetProfile"): "data",
+    ("Control", "DrainNode"): "admin", ("Control", "RemoveNode"): "admin", ("Data", "Replicate"): "node",
     ("Data", "Put"): "data", ("Data", "Get"): "data", ("Data", "Contains"): "data", ("Data", "Delete"): "data",
     ("Data", "Stats"): "admin", ("Data", "Move"): "data", ("Data", "ReportBad"): "data",
 }
@@ -126,6 +127,9 @@ def _request(service: str, name: str, key: str):
         ("Control", "PutProfile"): lambda: c.PutProfileRequest(),
         ("Control", "GetProfile"): lambda: c.GetProfileRequest(fingerprint=LAYOUT.fingerprint()),
         ("Data", "Put"): lambda: [d.PutFrame(key=key, total_size=8, offset=0, data=b"notakdn!")],
+        ("Data", "Replicate"): lambda: [d.PutFrame(key=key, total_size=8, offset=0, data=b"notakdn!")],
+        ("Control", "DrainNode"): lambda: c.DrainNodeRequest(node_id="no-such-node"),
+        ("Control", "RemoveNode"): lambda: c.RemoveNodeRequest(node_id="no-such-node"),
         ("Data", "Get"): lambda: d.GetRequest(keys=[key]),
         ("Data", "Contains"): lambda: d.KeysRequest(keys=[key]),
         ("Data", "Delete"): lambda: d.KeysRequest(keys=[key]),

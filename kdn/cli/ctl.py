@@ -1,6 +1,7 @@
 """``kdnctl``: the admin CLI. Human-readable tables by default, ``--json`` for scripts.
 
-Commands: status, nodes, ls [PREFIX], inspect KEY, verify KEY... | --prefix P, evict KEY... | --prefix P,
+Commands: status, nodes [drain NODE [--undo] | remove NODE [--force]], ls [PREFIX], inspect KEY,
+verify KEY... | --prefix P, evict KEY... | --prefix P,
 pin KEY..., unpin KEY..., stats, cost (the cost-model calculator), codec profile (build a model profile), warm
 (store a corpus as content-keyed chunks for CacheBlend), gen-secrets, derive-key (docs/security.md).
 """
@@ -79,11 +80,43 @@ def cmd_nodes(ctl: Ctl, args) -> int:
     nodes = ctl.call("ListNodes").nodes
     rows = []
     for n in nodes:
+        state = "yes" if n.alive else "NO"
+        if n.draining:
+            state += f", draining ({n.drain_pending} pending)" if n.drain_pending else ", drained"
         rows.append({"node": n.node_id, "address": n.address, "bulk": n.bulk_address or "-",
-                     "alive": "yes" if n.alive else "NO", "heartbeat_age_s": round(n.heartbeat_age_s, 1),
+                     "alive": state, "heartbeat_age_s": round(n.heartbeat_age_s, 1),
                      "objects": n.objects,
                      "tiers": ", ".join(f"{t.kind} {_gib(t.used_bytes)}/{_gib(t.capacity_bytes)}" for t in n.tiers)})
     _emit(args, [MessageToDict(n) for n in nodes], rows)
+    return 0
+
+
+def cmd_drain(ctl: Ctl, args) -> int:
+    """Start (``--undo``: end) draining a node; with ``--wait``, poll until nothing is pending."""
+    import time
+
+    node = ctl.call("DrainNode", node_id=args.node, undo=args.undo).node
+    deadline = time.monotonic() + args.wait
+    while not args.undo and node.drain_pending and time.monotonic() < deadline:
+        time.sleep(1.0)
+        node = next((n for n in ctl.call("ListNodes").nodes if n.node_id == args.node), node)
+    if args.undo:
+        title = f"node {node.node_id} takes new objects again"
+    elif node.drain_pending:
+        title = (f"node {node.node_id} draining: {node.drain_pending} object(s) still have no copy elsewhere "
+                 f"(kdnctl nodes shows progress)")
+    else:
+        title = f"node {node.node_id} drained: every object has a copy elsewhere (kdnctl nodes remove {node.node_id})"
+    _emit(args, MessageToDict(node, always_print_fields_with_no_presence=True), title=title)
+    return 0 if args.undo or not node.drain_pending or not args.wait else 1
+
+
+def cmd_remove(ctl: Ctl, args) -> int:
+    reply = ctl.call("RemoveNode", node_id=args.node, force=args.force)
+    title = f"node {args.node} removed: {reply.locations} location(s) dropped"
+    if reply.lost:
+        title += f", {reply.lost} key(s) had no other copy"
+    _emit(args, {"node": args.node, "locations": reply.locations, "lost": reply.lost}, title=title)
     return 0
 
 
@@ -294,7 +327,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("status", help="controller summary").set_defaults(func=cmd_status)
-    sub.add_parser("nodes", help="storage nodes and their tiers").set_defaults(func=cmd_nodes)
+    p = sub.add_parser("nodes", help="storage nodes and their tiers; drain or remove one (admin)",
+                       description="List the storage nodes, or drain / remove one (admin token).",
+                       epilog="drain: the controller places no new objects on NODE and has every object whose only "
+                       "live copy is there copied to another node (NODE keeps serving meanwhile); `kdnctl nodes` "
+                       "shows the objects pending. remove: forget NODE and its locations; refused unless NODE is "
+                       "dead or drained (--force: anyway). The same NODE process is then refused if it registers "
+                       "again; restarted, it registers as a fresh node. See docs/operations.md.")
+    p.set_defaults(func=cmd_nodes)
+    nodes = p.add_subparsers(dest="nodes_command")
+    q = nodes.add_parser("drain", help="stop placing on NODE and copy its only copies elsewhere")
+    q.add_argument("node")
+    q.add_argument("--undo", action="store_true", help="end the drain: NODE takes new objects again")
+    q.add_argument("--wait", type=float, default=0.0, metavar="S",
+                   help="wait up to S seconds until nothing is pending (exit 1 if still pending)")
+    q.set_defaults(func=cmd_drain)
+    q = nodes.add_parser("remove", help="forget a dead or drained NODE and its locations")
+    q.add_argument("node")
+    q.add_argument("--force", action="store_true",
+                   help="remove even an alive node that is not drained (its only copies vanish from lookups)")
+    q.set_defaults(func=cmd_remove)
     p = sub.add_parser("ls", help="keys by prefix (tenant/fingerprint/codec/...)")
     p.add_argument("prefix", nargs="?", default="")
     p.add_argument("--limit", type=int, default=100)

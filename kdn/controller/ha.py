@@ -10,6 +10,9 @@ What is in Redis (shared by the replicas):
 
 - the lease (strongly consistent: Redis is the single arbiter);
 - pinned keys (the set ``kdn:controller:pins``, written through on every ``Pin``/``Unpin``: strongly consistent);
+- node drain flags and removal tombstones (the set ``kdn:controller:draining`` and the hash
+  ``kdn:controller:removed`` of node id -> removed epoch, written through on every ``DrainNode``/``RemoveNode``:
+  strongly consistent; :mod:`kdn.controller.drain`);
 - per-key placement statistics (the hash ``kdn:controller:stats``, a snapshot the active replica writes every
   ``STATS_PERIOD_S``: eventually consistent, a failover loses at most that many seconds of access counts).
 
@@ -31,13 +34,15 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from kdn.controller.index import GlobalIndex
 
-__all__ = ["ReplicaLease", "LEASE_KEY", "PINS_KEY", "STATS_KEY"]
+__all__ = ["ReplicaLease", "LEASE_KEY", "PINS_KEY", "STATS_KEY", "DRAINING_KEY", "REMOVED_KEY"]
 
 log = logging.getLogger(__name__)
 
 LEASE_KEY = "kdn:controller:lease"
 PINS_KEY = "kdn:controller:pins"
 STATS_KEY = "kdn:controller:stats"
+DRAINING_KEY = "kdn:controller:draining"
+REMOVED_KEY = "kdn:controller:removed"
 STATS_PERIOD_S = 5.0
 MAX_STATS = 200_000
 
@@ -154,6 +159,33 @@ class ReplicaLease:
             pipe.srem(PINS_KEY, *keys)
             pipe.hdel(STATS_KEY, *keys)
             pipe.execute()
+
+    def load_nodes(self) -> tuple[set[str], dict[str, int]]:
+        """(draining node ids, removed node id -> epoch)."""
+        draining = {k.decode() for k in self.redis.smembers(DRAINING_KEY)}
+        removed = {}
+        for node_id, epoch in self.redis.hgetall(REMOVED_KEY).items():
+            try:
+                removed[node_id.decode()] = int(epoch)
+            except ValueError:
+                continue  # a damaged entry is a missing one
+        return draining, removed
+
+    def set_draining(self, node_id: str, draining: bool) -> None:
+        if draining:
+            self.redis.sadd(DRAINING_KEY, node_id)
+        else:
+            self.redis.srem(DRAINING_KEY, node_id)
+
+    def set_removed(self, node_id: str, epoch: int | None) -> None:
+        """Record a removal tombstone (``epoch``) or drop it (``None``); a removal also ends the drain."""
+        pipe = self.redis.pipeline(transaction=True)
+        if epoch is None:
+            pipe.hdel(REMOVED_KEY, node_id)
+        else:
+            pipe.hset(REMOVED_KEY, node_id, str(epoch))
+            pipe.srem(DRAINING_KEY, node_id)
+        pipe.execute()
 
     def save_stats(self, index: GlobalIndex) -> int:
         """Snapshot per-key statistics (rates re-based on wall time, the replicas' common clock)."""

@@ -98,6 +98,9 @@ class GlobalIndex:
         self.stats: dict[str, KeyStats] = {}
         self.pinned: set[str] = set()
         self._seeds: OrderedDict[str, KeyStats] = OrderedDict()
+        self.draining: set[str] = set()
+        """Node ids being drained (:mod:`kdn.controller.drain`): never placed on; their copies are listed last.
+        Not soft state: :meth:`clear` keeps it."""
         self._lock = threading.RLock()
 
     # -- nodes -------------------------------------------------------------------------------------------------
@@ -115,6 +118,10 @@ class GlobalIndex:
         now = now or time.monotonic()
         with self._lock:
             return [r for r in self.nodes.values() if self.alive(r, now)]
+
+    def placeable_nodes(self, now: float | None = None) -> list[NodeRecord]:
+        """Live nodes that take new objects (not draining)."""
+        return [r for r in self.live_nodes(now) if r.node_id not in self.draining]
 
     def heartbeat(self, node_id: str, epoch: int, tiers: list[tuple[str, int, int]]) -> bool:
         with self._lock:
@@ -186,6 +193,8 @@ class GlobalIndex:
                 order = [t for t, _, _ in record.tiers]
                 best = min(tiers, key=lambda t: order.index(t) if t in order else len(order))
                 out.append(Location(node_id, record.address, record.bulk_address, best, tiers[best]))
+        if self.draining and len(out) > 1:
+            out.sort(key=lambda loc: loc.node_id in self.draining)  # copies elsewhere first
         return out
 
     def lookup(self, keys: Sequence[str], prefix: bool, count: bool = True,
@@ -235,6 +244,23 @@ class GlobalIndex:
                     out.append((key, dict(tiers), stats))
             return out
 
+    def drain_view(self, node_id: str, now: float | None = None
+                   ) -> list[tuple[str, dict[str, int], KeyStats | None, dict[str, dict[str, int]]]]:
+        """For every key ``node_id`` holds: ``(key, {tier: size} there, stats, {other node: {tier: size}})``, the
+        other nodes being live ones that are not draining."""
+        now = now or time.monotonic()
+        with self._lock:
+            usable = {n for n, r in self.nodes.items() if n != node_id and n not in self.draining
+                      and self.alive(r, now)}
+            out = []
+            for key in self._node_keys.get(node_id, ()):
+                holders = self._where.get(key, {})
+                own = holders.get(node_id)
+                if own:
+                    others = {n: dict(t) for n, t in holders.items() if n in usable and t}
+                    out.append((key, dict(own), self.stats.get(key), others))
+            return out
+
     def where(self, key: str) -> dict[str, dict[str, int]]:
         """``node_id -> {tier: size}`` for ``key`` (live or not)."""
         with self._lock:
@@ -253,8 +279,9 @@ class GlobalIndex:
                     self._forget(key)
 
     def place(self, key: str, size: int) -> NodeRecord | None:
-        """The node that should store ``key``: rendezvous hashing over live nodes with room, else any live node."""
-        live = self.live_nodes()
+        """The node that should store ``key``: rendezvous hashing over live nodes with room, else any live node
+        (draining nodes excluded)."""
+        live = self.placeable_nodes()
         if not live:
             return None
         roomy = [r for r in live if r.free_bytes() >= size] or live

@@ -13,6 +13,9 @@ Roles (:mod:`kdn.wire.auth`, docs/security.md): storage-node tokens may only reg
 inventory; tenant tokens see and change only their tenant's keys, and ``Stats`` / ``ListNodes`` report only their
 tenant's keys and bytes; admin tokens act on every tenant and alone may upload codec profiles.
 
+Nodes (``DrainNode``/``RemoveNode``, admin only; :mod:`kdn.controller.drain`): a draining node takes no new objects
+and is told on each heartbeat which of its objects to copy to which node; a removed node's locations vanish.
+
 Replicas (``controller.redis``, :mod:`kdn.controller.ha`): one replica holds a lease in Redis and serves; the others
 answer every call with UNAVAILABLE (clients and nodes try the next address). Every server also runs the standard
 gRPC health service: ``""`` is SERVING while the process runs (liveness), ``kdn.v1.Control`` only on the replica
@@ -30,11 +33,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from kdn.config import KDNConfig
+from kdn.controller.drain import Drainer, NodeStates
 from kdn.controller.index import GlobalIndex, Location, NodeRecord
 from kdn.controller.node_link import NodeLink
 from kdn.controller.placement import CostPlacement, PlaceHints
 from kdn.controller.profile_store import ProfileStore
-from kdn.errors import CapacityError, InvalidRequest, Unavailable
+from kdn.errors import CapacityError, InvalidRequest, NotFound, Unavailable
 from kdn.metrics import ControllerMetrics
 from kdn.v1 import common_pb2, control_pb2, control_pb2_grpc
 from kdn.wire.auth import ADMIN, DIGEST_PREFIX, Authenticator, Principal, RateLimiter, key_tenant
@@ -61,11 +65,14 @@ class Controller:
         self.config = config
         self.index = GlobalIndex(config.controller.node_timeout_s, config.placement.half_life_s)
         self.placement = CostPlacement(config.placement, self.index, _NodeMover(self))
+        self.node_states = NodeStates(self.index, config.data_dir)  # drain flags and removal tombstones
+        self.drainer = Drainer(self.index, self.node_states, _NodeMover(self))
         self.auth = Authenticator(config.auth.tokens)
         self.rate = RateLimiter({t: q.requests_per_s for t, q in config.auth.quotas.items()})
         self.admin_token = config.auth.admin_token or next(
             (t for t, role in config.auth.tokens.items() if role == ADMIN and not t.startswith(DIGEST_PREFIX)), "")
         self.metrics = ControllerMetrics(registry or CollectorRegistry())
+        self.placement.on_pass = self._count_pass
         # codec model profiles are the controller's only durable state: kept in <data_dir>/profiles
         self.profiles = ProfileStore(os.path.join(config.data_dir, "profiles") if config.data_dir else None)
         self.started_at = time.monotonic()
@@ -103,7 +110,9 @@ class Controller:
             from kdn.controller.ha import ReplicaLease
 
             advertise = cfg.advertise or f"{cfg.host}:{self.port}"
-            self.replica = ReplicaLease(cfg.redis, advertise, cfg.lease_ttl_s, self._on_active).start()
+            self.replica = ReplicaLease(cfg.redis, advertise, cfg.lease_ttl_s, self._on_active)
+            self.node_states.replica = self.replica
+            self.replica.start()
             self._stats_thread = threading.Thread(target=self._save_stats_loop, name="kdn-controller-stats",
                                                   daemon=True)
             self._stats_thread.start()
@@ -118,6 +127,11 @@ class Controller:
     @property
     def cost_driven(self) -> bool:
         return self.config.placement.policy == "cost"
+
+    def _count_pass(self, done: dict[str, int]) -> None:
+        for action, count in done.items():
+            if count:
+                self.metrics.placement_actions.labels(action).inc(count)
 
     def _set_ready(self, ready: bool) -> None:
         self.health.set(HEALTH_SERVICE, health_pb2.HealthCheckResponse.SERVING if ready
@@ -137,7 +151,12 @@ class Controller:
                 self.index.pinned.update(pins)
             for key, key_stats in stats.items():
                 self.index.seed(key, key_stats)
-            log.info("active: %d pins and %d key statistics from Redis", len(pins), len(stats))
+            try:
+                self.node_states.load_shared()
+            except Exception as exc:  # noqa: BLE001 - keep the last known drain state until Redis answers
+                log.warning("cannot load node drain state from Redis: %s", exc)
+            log.info("active: %d pins, %d key statistics and %d draining node(s) from Redis", len(pins), len(stats),
+                     len(self.index.draining))
         self._set_ready(active)
 
     def _save_stats_loop(self) -> None:
@@ -193,6 +212,7 @@ class Controller:
                 self.node_client(record).delete_many(node_keys)
             except Unavailable as exc:
                 log.warning("evict on node %s failed: %s", node_id, exc)
+        self.metrics.evicted_keys.inc(len(keys))
         if self.replica is not None:
             try:
                 self.replica.forget(list(keys))
@@ -207,7 +227,7 @@ class _NodeMover:
     def __init__(self, controller: Controller) -> None:
         self.c = controller
 
-    def move(self, record: NodeRecord, keys: list[str], tier: str) -> list[bool]:
+    def move(self, record: NodeRecord, keys: list[str], tier: str) -> list[bool]:  # also drain promotions
         return self.c.node_client(record).move_many(keys, tier)
 
     def delete(self, record: NodeRecord, keys: list[str]) -> list[bool]:
@@ -290,6 +310,7 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         n = request.node
         if not n.node_id or not n.address:
             raise InvalidRequest("node_id and address are required")
+        self.c.node_states.check_register(n.node_id, n.epoch)
         self.c.index.register(NodeRecord(n.node_id, n.address, n.bulk_address, n.epoch, _tiers(n.tiers)))
         log.info("node %s registered at %s (epoch %x)", n.node_id, n.address, n.epoch)
         return control_pb2.RegisterNodeReply(heartbeat_interval_s=self.c.config.node.heartbeat_interval_s,
@@ -298,8 +319,13 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
     @servicer_method
     def Heartbeat(self, request, context):  # noqa: N802
         self._node(context, request.node_id)
-        return control_pb2.HeartbeatReply(known=self.c.index.heartbeat(request.node_id, request.epoch,
-                                                                         _tiers(request.tiers)))
+        known = self.c.index.heartbeat(request.node_id, request.epoch, _tiers(request.tiers))
+        copies = []
+        if known and request.node_id in self.c.index.draining:
+            copies = [control_pb2.CopyOrder(key=key, node_id=r.node_id, address=r.address, tier=tier)
+                      for key, r, tier in self.c.drainer.orders(request.node_id)]
+            self.c.metrics.drain_copies.inc(len(copies))
+        return control_pb2.HeartbeatReply(known=known, copies=copies)
 
     @servicer_method
     def ReportInventory(self, request, context):  # noqa: N802
@@ -313,6 +339,7 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
     @servicer_method
     def Lookup(self, request, context):  # noqa: N802
         principal = self._principal(context)
+        t0 = time.perf_counter()
         keys = self._keys(request.keys)
         visible = [k if principal.may_access(k) else "" for k in keys]
         found = self.c.index.lookup(visible, request.prefix, count=not request.probe)
@@ -328,6 +355,7 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
             self.c.counters["lookup_keys"] += len(keys)
             self.c.counters["lookup_hits"] += hits
         self._tenant_count(principal, lookups=1, lookup_keys=len(keys), lookup_hits=hits)
+        self.c.metrics.lookup_seconds.observe(time.perf_counter() - t0)
         return control_pb2.LookupReply(results=results, prefix_hits=prefix_hits)
 
     @servicer_method
@@ -417,6 +445,7 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         alive = sum(1 for r in nodes if index.alive(r, now))
         self.c.metrics.nodes.labels("alive").set(alive)
         self.c.metrics.nodes.labels("dead").set(len(nodes) - alive)
+        self.c.metrics.nodes.labels("draining").set(sum(1 for r in nodes if r.node_id in index.draining))
         if principal.admin:
             keys, nbytes = index.totals()
             c = dict(self.c.counters)
@@ -439,20 +468,50 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         index = self.c.index
         now = time.monotonic()
         own = None if principal.admin else self._tenant_usage(principal.tenant)
-        out = []
-        for r in sorted(index.nodes.values(), key=lambda r: r.node_id):
-            if own is None:
-                tiers = [common_pb2.TierUsage(kind=k, capacity_bytes=c, used_bytes=u) for k, c, u in r.tiers]
-                objects = len(index._node_keys.get(r.node_id, ()))
-            else:
-                used = own[2].get(r.node_id, {})
-                tiers = [common_pb2.TierUsage(kind=k, capacity_bytes=c, used_bytes=used.get(k, 0))
-                         for k, c, _ in r.tiers]
-                objects = own[3].get(r.node_id, 0)
-            out.append(common_pb2.NodeInfo(
-                node_id=r.node_id, address=r.address, bulk_address=r.bulk_address, epoch=r.epoch, tiers=tiers,
-                alive=index.alive(r, now), heartbeat_age_s=now - r.last_seen, objects=objects))
-        return control_pb2.ListNodesReply(nodes=out)
+        return control_pb2.ListNodesReply(nodes=[self._node_info(r, own, now)
+                                                 for r in sorted(index.nodes.values(), key=lambda r: r.node_id)])
+
+    def _node_info(self, r: NodeRecord, own, now: float) -> common_pb2.NodeInfo:
+        """One node as ListNodes shows it (``own``: a tenant's usage, None for an admin)."""
+        index = self.c.index
+        if own is None:
+            tiers = [common_pb2.TierUsage(kind=k, capacity_bytes=c, used_bytes=u) for k, c, u in r.tiers]
+            objects = len(index._node_keys.get(r.node_id, ()))
+        else:
+            used = own[2].get(r.node_id, {})
+            tiers = [common_pb2.TierUsage(kind=k, capacity_bytes=c, used_bytes=used.get(k, 0))
+                     for k, c, _ in r.tiers]
+            objects = own[3].get(r.node_id, 0)
+        draining = r.node_id in index.draining
+        return common_pb2.NodeInfo(
+            node_id=r.node_id, address=r.address, bulk_address=r.bulk_address, epoch=r.epoch, tiers=tiers,
+            alive=index.alive(r, now), heartbeat_age_s=now - r.last_seen, objects=objects, draining=draining,
+            drain_pending=self.c.drainer.pending(r.node_id) if draining and own is None else 0)
+
+    @servicer_method
+    def DrainNode(self, request, context):  # noqa: N802
+        """Admin: start (or with ``undo`` end) draining a registered node."""
+        self._admin(context)
+        record = self.c.index.nodes.get(request.node_id)
+        if record is None:
+            raise NotFound(f"no node {request.node_id!r} is registered")
+        self.c.node_states.set_draining(record.node_id, not request.undo)
+        log.info("node %s %s", record.node_id, "no longer draining" if request.undo else "draining")
+        return control_pb2.DrainNodeReply(node=self._node_info(record, None, time.monotonic()))
+
+    @servicer_method
+    def RemoveNode(self, request, context):  # noqa: N802
+        """Admin: forget a dead or drained node (``force``: any) and its locations; tombstone its epoch."""
+        self._admin(context)
+        record = self.c.drainer.removable(request.node_id, request.force)
+        view = self.c.index.drain_view(record.node_id)
+        self.c.node_states.set_removed(record.node_id, record.epoch)
+        self.c.index.remove_node(record.node_id)
+        self.c.drainer.forget(record.node_id)
+        lost = sum(1 for *_, others in view if not others)
+        log.warning("node %s removed by an operator: %d locations dropped, %d keys without another copy",
+                    record.node_id, len(view), lost)
+        return control_pb2.RemoveNodeReply(locations=len(view), lost=lost)
 
     @servicer_method
     def ListKeys(self, request, context):  # noqa: N802

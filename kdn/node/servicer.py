@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from kdn.config import KDNConfig
-from kdn.errors import CapacityError, ConfigError, CorruptObject, InvalidRequest
+from kdn.errors import CapacityError, ConfigError, CorruptObject, InvalidRequest, PermissionDenied
 from kdn.format.chunk import parse_header, verify_object
 from kdn.format.keys import ChunkKey
 from kdn.format.mac import load_keyring
@@ -125,7 +125,7 @@ class StorageNode:
             health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self._health_server)
             self._health_server.start()
         if cfg.bulk_port >= 0:
-            from kdn.wire.bulk import BulkServer
+            from kdn.wire.bulk_server import BulkServer
             from kdn.wire.schedule import TransferScheduler
 
             sends = TransferScheduler(cfg.send_policy, cfg.send_aging, slots=cfg.send_slots) if cfg.send_slots > 0 \
@@ -235,7 +235,7 @@ class StorageNode:
     def check_object(self, principal: Principal, key: str, data: Buffer) -> None:
         """Raise unless ``data`` is an intact object of ``key`` that the caller may store."""
         ChunkKey.parse(key)
-        if not principal.may_access(key):
+        if not (principal.may_access(key) or principal.node):  # node principals: only via Replicate (drain)
             raise InvalidRequest("key outside the caller's tenant")
         if len(data) > self.config.node.max_object_bytes:
             raise InvalidRequest(f"object of {len(data)} bytes exceeds max_object_bytes")
@@ -363,6 +363,19 @@ class DataServicer(data_pb2_grpc.DataServicer):
             principal = self._principal(context)
         except Exception as exc:  # noqa: BLE001
             abort(context, exc, "Put")
+        return self._receive(principal, request_iterator, context)
+
+    def Replicate(self, request_iterator, context):  # noqa: N802
+        """``Put`` for a storage node pushing copies the controller ordered (a drain): node tokens and admins."""
+        try:
+            principal = self.node.auth.from_metadata(context.invocation_metadata())
+            if not (principal.node or principal.admin):
+                raise PermissionDenied("Replicate is for storage nodes")
+        except Exception as exc:  # noqa: BLE001
+            abort(context, exc, "Replicate")
+        return self._receive(principal, request_iterator, context)
+
+    def _receive(self, principal: Principal, request_iterator, context):
         limit = self.node.config.node.max_object_bytes
         results: list[data_pb2.PutResult] = []  # one per object, in arrival order
         batch: list[tuple[int, str, bytearray, str]] = []

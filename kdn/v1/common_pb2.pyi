@@ -19,7 +19,7 @@ class TierUsage(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., objects: _Optional[int] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "address", "bulk_address", "epoch", "tiers", "alive", "heartbeat_age_s", "objects")
+    __slots__ = ("node_id", "address", "bulk_address", "epoch", "tiers", "alive", "heartbeat_age_s", "objects", "draining", "drain_pending")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     BULK_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,8 @@ class NodeInfo(_message.Message):
     ALIVE_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_AGE_S_FIELD_NUMBER: _ClassVar[int]
     OBJECTS_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_PENDING_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     bulk_address: str
@@ -36,7 +38,9 @@ class NodeInfo(_message.Message):
     alive: bool
     heartbeat_age_s: float
     objects: int
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., bulk_address: _Optional[str] = ..., epoch: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierUsage, _Mapping]]] = ..., alive: _Optional[bool] = ..., heartbeat_age_s: _Optional[float] = ..., objects: _Optional[int] = ...) -> None: ...
+    draining: bool
+    drain_pending: int
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., bulk_address: _Optional[str] = ..., epoch: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierUsage, _Mapping]]] = ..., alive: _Optional[bool] = ..., heartbeat_age_s: _Optional[float] = ..., objects: _Optional[int] = ..., draining: _Optional[bool] = ..., drain_pending: _Optional[int] = ...) -> None: ...
 
 class Location(_message.Message):
     __slots__ = ("node_id", "address", "bulk_address", "tier", "size")

@@ -32,10 +32,24 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., epoch: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[_common_pb2.TierUsage, _Mapping]]] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
-    __slots__ = ("known",)
+    __slots__ = ("known", "copies")
     KNOWN_FIELD_NUMBER: _ClassVar[int]
+    COPIES_FIELD_NUMBER: _ClassVar[int]
     known: bool
-    def __init__(self, known: _Optional[bool] = ...) -> None: ...
+    copies: _containers.RepeatedCompositeFieldContainer[CopyOrder]
+    def __init__(self, known: _Optional[bool] = ..., copies: _Optional[_Iterable[_Union[CopyOrder, _Mapping]]] = ...) -> None: ...
+
+class CopyOrder(_message.Message):
+    __slots__ = ("key", "node_id", "address", "tier")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    node_id: str
+    address: str
+    tier: str
+    def __init__(self, key: _Optional[str] = ..., node_id: _Optional[str] = ..., address: _Optional[str] = ..., tier: _Optional[str] = ...) -> None: ...
 
 class InventoryEntry(_message.Message):
     __slots__ = ("key", "tier", "size")
@@ -316,3 +330,33 @@ class GetProfileReply(_message.Message):
     profile_id: bytes
     profile: bytes
     def __init__(self, found: _Optional[bool] = ..., profile_id: _Optional[bytes] = ..., profile: _Optional[bytes] = ...) -> None: ...
+
+class DrainNodeRequest(_message.Message):
+    __slots__ = ("node_id", "undo")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    UNDO_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    undo: bool
+    def __init__(self, node_id: _Optional[str] = ..., undo: _Optional[bool] = ...) -> None: ...
+
+class DrainNodeReply(_message.Message):
+    __slots__ = ("node",)
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    node: _common_pb2.NodeInfo
+    def __init__(self, node: _Optional[_Union[_common_pb2.NodeInfo, _Mapping]] = ...) -> None: ...
+
+class RemoveNodeRequest(_message.Message):
+    __slots__ = ("node_id", "force")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    force: bool
+    def __init__(self, node_id: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
+
+class RemoveNodeReply(_message.Message):
+    __slots__ = ("locations", "lost")
+    LOCATIONS_FIELD_NUMBER: _ClassVar[int]
+    LOST_FIELD_NUMBER: _ClassVar[int]
+    locations: int
+    lost: int
+    def __init__(self, locations: _Optional[int] = ..., lost: _Optional[int] = ...) -> None: ...

@@ -104,6 +104,16 @@ class ControlStub:
                 request_serializer=kdn_dot_v1_dot_control__pb2.GetProfileRequest.SerializeToString,
                 response_deserializer=kdn_dot_v1_dot_control__pb2.GetProfileReply.FromString,
                 _registered_method=True)
+        self.DrainNode = channel.unary_unary(
+                '/kdn.v1.Control/DrainNode',
+                request_serializer=kdn_dot_v1_dot_control__pb2.DrainNodeRequest.SerializeToString,
+                response_deserializer=kdn_dot_v1_dot_control__pb2.DrainNodeReply.FromString,
+                _registered_method=True)
+        self.RemoveNode = channel.unary_unary(
+                '/kdn.v1.Control/RemoveNode',
+                request_serializer=kdn_dot_v1_dot_control__pb2.RemoveNodeRequest.SerializeToString,
+                response_deserializer=kdn_dot_v1_dot_control__pb2.RemoveNodeReply.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -203,6 +213,22 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DrainNode(self, request, context):
+        """Admin (docs/operations.md, "Draining and removing a node"): stop placing new objects on a node and have the
+        objects only it holds copied to other nodes (it keeps serving them meanwhile); undo=true ends the drain.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveNode(self, request, context):
+        """Admin: forget a drained or dead node (force: any node) and every location on it. The same node process
+        (epoch) is refused if it registers again; a restarted one registers as a fresh node.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -275,6 +301,16 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.GetProfile,
                     request_deserializer=kdn_dot_v1_dot_control__pb2.GetProfileRequest.FromString,
                     response_serializer=kdn_dot_v1_dot_control__pb2.GetProfileReply.SerializeToString,
+            ),
+            'DrainNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainNode,
+                    request_deserializer=kdn_dot_v1_dot_control__pb2.DrainNodeRequest.FromString,
+                    response_serializer=kdn_dot_v1_dot_control__pb2.DrainNodeReply.SerializeToString,
+            ),
+            'RemoveNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveNode,
+                    request_deserializer=kdn_dot_v1_dot_control__pb2.RemoveNodeRequest.FromString,
+                    response_serializer=kdn_dot_v1_dot_control__pb2.RemoveNodeReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -655,6 +691,60 @@ class Control:
             '/kdn.v1.Control/GetProfile',
             kdn_dot_v1_dot_control__pb2.GetProfileRequest.SerializeToString,
             kdn_dot_v1_dot_control__pb2.GetProfileReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kdn.v1.Control/DrainNode',
+            kdn_dot_v1_dot_control__pb2.DrainNodeRequest.SerializeToString,
+            kdn_dot_v1_dot_control__pb2.DrainNodeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kdn.v1.Control/RemoveNode',
+            kdn_dot_v1_dot_control__pb2.RemoveNodeRequest.SerializeToString,
+            kdn_dot_v1_dot_control__pb2.RemoveNodeReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -69,6 +69,11 @@ class DataStub:
                 request_serializer=kdn_dot_v1_dot_data__pb2.KeysRequest.SerializeToString,
                 response_deserializer=kdn_dot_v1_dot_data__pb2.ReportBadReply.FromString,
                 _registered_method=True)
+        self.Replicate = channel.stream_unary(
+                '/kdn.v1.Data/Replicate',
+                request_serializer=kdn_dot_v1_dot_data__pb2.PutFrame.SerializeToString,
+                response_deserializer=kdn_dot_v1_dot_data__pb2.PutReply.FromString,
+                _registered_method=True)
 
 
 class DataServicer:
@@ -124,6 +129,14 @@ class DataServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Replicate(self, request_iterator, context):
+        """A storage node pushing copies the controller ordered (a node drain, HeartbeatReply.copies): like Put, but
+        for storage-node tokens (and admins) only; every object is verified in full as on Put.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DataServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -161,6 +174,11 @@ def add_DataServicer_to_server(servicer, server):
                     servicer.ReportBad,
                     request_deserializer=kdn_dot_v1_dot_data__pb2.KeysRequest.FromString,
                     response_serializer=kdn_dot_v1_dot_data__pb2.ReportBadReply.SerializeToString,
+            ),
+            'Replicate': grpc.stream_unary_rpc_method_handler(
+                    servicer.Replicate,
+                    request_deserializer=kdn_dot_v1_dot_data__pb2.PutFrame.FromString,
+                    response_serializer=kdn_dot_v1_dot_data__pb2.PutReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -352,6 +370,33 @@ class Data:
             '/kdn.v1.Data/ReportBad',
             kdn_dot_v1_dot_data__pb2.KeysRequest.SerializeToString,
             kdn_dot_v1_dot_data__pb2.ReportBadReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Replicate(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/kdn.v1.Data/Replicate',
+            kdn_dot_v1_dot_data__pb2.PutFrame.SerializeToString,
+            kdn_dot_v1_dot_data__pb2.PutReply.FromString,
             options,
             channel_credentials,
             insecure,
