@@ -211,6 +211,10 @@ class PlacementConfig:
     tier_offers: dict[str, str] = field(default_factory=dict)
     """Extra or changed node-tier-kind -> catalog-tier mappings, merged over the defaults
     (memory/pinned -> cpu, disk -> disk, redis -> redis, s3 -> s3, gpu -> gpu)."""
+    tier_levels: dict[str, list[str]] = field(default_factory=dict)
+    """Node tier kind -> the codec levels placement may put there (``fnmatch`` patterns), e.g.
+    ``{s3: ["cachegen-compact"], redis: ["cachegen-*"]}``: slow or remote tiers keep only compact levels and a
+    raw copy under pressure is evicted rather than demoted there. Kinds not listed take every level."""
     half_life_s: float = 3600.0
     """Half-life of a chunk's decayed access rate."""
     load_stall: float = 1.0

@@ -137,6 +137,25 @@ def test_below_break_even_is_kept_while_there_is_room_unless_configured():
     assert nodes.tier_of("a", "t/cold") == "" and not p.index.locations("t/cold")
 
 
+def test_tier_levels_keep_raw_levels_out_of_slow_tiers():
+    fp = "ab" * 8
+    raw, compact = f"t/{fp}/raw/p{'01' * 16}", f"t/{fp}/cachegen-compact/p{'01' * 16}"
+    p, nodes = setup()  # no rule: one use pays on disk for both levels
+    assert store(p, nodes, raw, now=0.0) == "disk"
+    p, nodes = setup(tier_levels={"disk": ["cachegen-*"]})
+    assert store(p, nodes, compact, now=0.0) == "disk"
+    assert store(p, nodes, raw, now=0.0) == "memory"  # the only tier that may hold it
+    # Cold: the compact level stays on disk; the raw copy has nowhere it may go and stays while there is room.
+    assert p.run_once(now_s=4 * HOUR)["demoted"] == 0
+    assert nodes.tier_of("a", raw) == "memory" and nodes.tier_of("a", compact) == "disk"
+    # A raw copy that reached the disk anyway (a node's own spill) is evicted by the pass, the compact one kept.
+    p, nodes = setup(tier_levels={"disk": ["cachegen-*"]})
+    store(p, nodes, raw, now=0.0, force="disk")
+    store(p, nodes, compact, now=0.0, force="disk")
+    assert p.run_once(now_s=1.0)["evicted"] == 1
+    assert nodes.tier_of("a", raw) == "" and nodes.tier_of("a", compact) == "disk"
+
+
 def test_pressure_evicts_the_lowest_value_first_and_never_pinned_keys():
     p, nodes = setup(tiers=(("memory", 1000 * MB), ("disk", 100 * MB)))
     for i in range(12):

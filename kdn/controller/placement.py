@@ -17,11 +17,13 @@ with their own clock).
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import math
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -189,6 +191,8 @@ class CostPlacement:
         #: Node tier kind -> offer named by that kind (so costmodel's TierValue.tier is the node's kind).
         self.offers = {kind: replace(priced[name], name=kind) for kind, name in self.offer_names.items()}
         self.counters = {"passes": 0, "promoted": 0, "demoted": 0, "evicted": 0, "failed": 0}
+        self.on_pass: Callable[[dict[str, int]], None] | None = None
+        """Called with each pass's counts (the controller's Prometheus counters)."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -219,6 +223,14 @@ class CostPlacement:
         """The node's tiers that have a price, fastest first."""
         return [self.offers[kind] for kind, _, _ in record.tiers if kind in self.offers]
 
+    def allows(self, tier: str, key: str) -> bool:
+        """Whether ``placement.tier_levels`` lets ``tier`` hold ``key``'s codec level (unlisted tiers: all)."""
+        patterns = self.config.tier_levels.get(tier)
+        if patterns is None:
+            return True
+        codec = key.split("/", 3)[2] if key.count("/") >= 3 else ""
+        return any(fnmatch.fnmatchcase(codec, pattern) for pattern in patterns)
+
     def chunk_stats(self, stats: KeyStats, size: int | None = None) -> ChunkStats:
         """Costmodel's view of a key (estimating its prefill time from its size when ``Place`` gave no hints)."""
         if stats.prefill_s <= 0:
@@ -235,8 +247,8 @@ class CostPlacement:
         size = tiers[current]
         values = tier_values(self.chunk_stats(stats, size), offers, self.policy, now_s)
         # The same rule as costmodel.rank_tiers, over values computed once.
-        ranked = sorted((v for v in values if v.eligible and v.value_per_hour > self.policy.min_value_per_hour),
-                        key=lambda v: (-v.value_per_hour, v.load_s))
+        ranked = sorted((v for v in values if v.eligible and v.value_per_hour > self.policy.min_value_per_hour
+                         and self.allows(v.tier, key)), key=lambda v: (-v.value_per_hour, v.load_s))
         return _Row(key, tiers, current, size, key in self.index.pinned, {v.tier: v for v in values}, ranked)
 
     def _worth_moving(self, row: _Row, dst: str) -> bool:
@@ -259,7 +271,7 @@ class CostPlacement:
         makes room and the pass sorts out what stays. No such tier anywhere: the rendezvous node, no hint.
         """
         now_s = self.clock() if now_s is None else now_s
-        live = self.index.live_nodes()
+        live = self.index.placeable_nodes()  # draining nodes take nothing new
         added: dict[tuple[str, str], int] = defaultdict(int)
         out: list[tuple[NodeRecord, str] | None] = []
         for key, size, hint in zip(keys, sizes, hints):
@@ -274,7 +286,7 @@ class CostPlacement:
                 usage = {kind: (cap, used) for kind, cap, used in record.tiers}
                 score = rendezvous_score(record.node_id, key)
                 for v in tier_values(chunk, self.node_offers(record), self.policy, now_s):
-                    if not v.eligible:
+                    if not v.eligible or not self.allows(v.tier, key):
                         continue
                     cap, used = usage[v.tier]
                     fits = used + added[(record.node_id, v.tier)] + size <= cap * self.config.high_watermark
@@ -341,6 +353,8 @@ class CostPlacement:
             if not row.ranked:
                 if cfg.evict_below_break_even:
                     act(row, "evict", "", "not worth keeping in any tier")
+                elif not self.allows(row.current, row.key):
+                    act(row, "evict", "", f"placement.tier_levels keeps this level out of {row.current}")
                 continue
             if order[row.ranked[0].tier] > order[row.current]:
                 dst = below(row, row.current)
@@ -400,6 +414,8 @@ class CostPlacement:
             self.counters["passes"] += 1
             for name, value in done.items():
                 self.counters[name] += value
+            if self.on_pass is not None:
+                self.on_pass(done)
             if any(done.values()):
                 log.info("placement pass: %s", done)
             return done
