@@ -13,7 +13,11 @@ Allocator section (pure logic, a simulated arena): a churn of chunk objects of t
 Qwen2.5-7B and SmolLM2-135M at 256 tokens: 32, 14 and 5.6 MiB raw), each request storing 1 + Exp(7) full chunks
 and a final partial chunk, half of the requests raw and half compressed at a per-request ratio U(3, 7) with
 +-15 % per chunk; 60 % of operations re-read an earlier request (its chunks become most recent). Waste is the
-share of the arena not holding objects at the moments a put must evict, averaged.
+share of the arena not holding objects at the moments a put must evict, averaged. A second table mixes in hybrid
+models (:data:`MIXES`): Gemma 3 270M and Gemma 2 2B stored as :class:`~kdn.client.HybridClient` does (1 + Exp(7)
+full-layer chunk objects, no partial chunk, a window object at the last boundary and, for 30 % of requests, one at
+an earlier boundary), object sizes from :class:`KVLayout` part layouts and real chunk headers; ``ratio`` is a
+mix's waste over the all-full mix's, same allocator, same run.
 """
 
 from __future__ import annotations
@@ -27,16 +31,16 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["add_arguments", "run", "churn", "churn_models", "model_layouts", "MIXES"]
 
 MiB = 1 << 20
 _TIERS = ("memory", "pinned", "gpu", "disk", "redis", "s3")
 _COLUMNS = ["tier", "op", "gbps", "p50_ms", "p99_ms", "baseline", "base_gbps", "ratio"]
 _ALLOC_COLUMNS = ["allocator", "waste_pct", "internal_pct", "stranded_pct", "evicted_per_put", "page_mib"]
-LAYOUTS = {"llama-3-8b": (32, 131072), "qwen2.5-7b": (28, 57344), "smollm2-135m": (30, 23040)}  # layers, B/token
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sections", default="tiers,allocator", help="tiers, allocator or both (default both)")
     parser.add_argument("--arena-gib", type=float, default=8.0, help="simulated pool for the allocator churn")
     parser.add_argument("--requests", type=int, default=1500, help="requests of the allocator churn")
+    parser.add_argument("--mixes", default=",".join(MIXES),
+                        help=f"allocator churn mixes next to the all-full baseline (default {','.join(MIXES)})")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -276,23 +282,122 @@ def _bench_tier(name: str, args: argparse.Namespace, make: Callable, workdir: st
 
 
 # -- allocator churn -----------------------------------------------------------------------------------------
-def _workload(requests: int, seed: int) -> list[tuple[str, list[tuple[str, str, int]]]]:
+CHUNK_TOKENS = 256
+#: Request shares of the models of each churn mix; ``all-full`` (the churn of the first table) is the baseline.
+MIXES: dict[str, dict[str, float]] = {
+    "all-full": {"llama-3-8b": 0.4, "qwen2.5-7b": 0.3, "smollm2-135m": 0.3},
+    "+gemma-3-270m": {"llama-3-8b": 0.3, "qwen2.5-7b": 0.2, "smollm2-135m": 0.2, "gemma-3-270m": 0.3},
+    "+gemma-2-2b": {"llama-3-8b": 0.3, "qwen2.5-7b": 0.2, "smollm2-135m": 0.2, "gemma-2-2b": 0.3},
+    "+both hybrids": {"llama-3-8b": 0.25, "qwen2.5-7b": 0.15, "smollm2-135m": 0.15, "gemma-3-270m": 0.25,
+                      "gemma-2-2b": 0.2},
+    "hybrids only": {"gemma-3-270m": 0.5, "gemma-2-2b": 0.5},
+}
+#: Share of hybrid requests that also store a window at an earlier boundary (the divergence boundary).
+SECOND_WINDOW = 0.3
+_HYBRID_COLUMNS = ["mix", "allocator", "waste_pct", "internal_pct", "stranded_pct", "evicted_per_put", "page_mib",
+                   "ratio"]
+_OBJECT_COLUMNS = ["model", "object", "layers", "tokens", "raw_mib"]
+
+
+def model_layouts() -> dict[str, Any]:
+    """The churn's models as :class:`KVLayout` (KV shapes of their public configs); the two Gemmas are hybrid:
+    Gemma 3 270M with a full-attention layer every sixth (3 of 18) and window 512, Gemma 2 2B alternating (13 of
+    26) with window 4096."""
+    from kdn.format.layout import FULL, SLIDING, KVLayout
+
+    def every(n: int, k: int) -> tuple[str, ...]:  # every k-th layer full attention, the others sliding (Gemma)
+        return tuple(FULL if (i + 1) % k == 0 else SLIDING for i in range(n))
+
+    return {
+        "llama-3-8b": KVLayout("meta-llama/Meta-Llama-3-8B", 32, 8, 128),
+        "qwen2.5-7b": KVLayout("Qwen/Qwen2.5-7B", 28, 4, 128),
+        "smollm2-135m": KVLayout("HuggingFaceTB/SmolLM2-135M", 30, 3, 64),
+        "gemma-3-270m": KVLayout("google/gemma-3-270m", 18, 1, 256, layer_types=every(18, 6), sliding_window=512),
+        "gemma-2-2b": KVLayout("google/gemma-2-2b", 26, 4, 256, layer_types=every(26, 2), sliding_window=4096),
+    }
+
+
+def _header_bytes(layout: Any, window: int = 0) -> int:
+    """Header bytes of a raw chunk object of ``layout``: a real one-token object built by ``encode_chunk`` (under a
+    window key when ``window``), less its payload. The raw codec's payload is the KV itself, so an object of ``t``
+    tokens is ``header + t * bytes_per_token``."""
+    import torch
+
+    from codec.raw import torch_dtype
+    from kdn.client.hybrid import window_key
+    from kdn.format.chunk_codec import encode_chunk
+    from kdn.format.keys import DIGEST_BYTES, ChunkKey, KeyKind
+
+    key = ChunkKey("bench", layout.fingerprint(), "raw", KeyKind.PREFIX, bytes(DIGEST_BYTES))
+    if window:
+        key = window_key(key, layout.fingerprint(), window)
+    kv = torch.zeros(layout.shape(1), dtype=torch_dtype(layout.dtype))
+    return len(encode_chunk(kv, key=str(key), layout=layout, codec="raw")) - layout.bytes_per_token
+
+
+@dataclass(frozen=True)
+class ChurnModel:
+    """The objects one model's stores make: chunk objects (of a hybrid: :class:`~kdn.client.HybridClient`'s full
+    objects, its full-attention layers only) and, for a hybrid, window objects (its sliding layers, ``window``
+    tokens at most)."""
+
+    name: str
+    chunk_layers: int
+    chunk_bpt: int
+    chunk_header: int
+    window: int = 0
+    window_layers: int = 0
+    window_bpt: int = 0
+    window_header: int = 0
+
+    def declared(self) -> list[int]:
+        """Raw bytes of the full-size object of each kind (what a pool tier's ``chunk_bytes`` declares)."""
+        return [CHUNK_TOKENS * self.chunk_bpt] + ([self.window * self.window_bpt] if self.window else [])
+
+
+def churn_models() -> dict[str, ChurnModel]:
+    """:func:`model_layouts` as the object sizes the clients store (part layouts for hybrids)."""
+    models = {}
+    for name, layout in model_layouts().items():
+        if layout.is_hybrid:
+            full, sliding = layout.part_layout("full"), layout.part_layout("sliding")
+            models[name] = ChurnModel(name, full.num_layers, full.bytes_per_token, _header_bytes(full),
+                                      layout.sliding_window, sliding.num_layers, sliding.bytes_per_token,
+                                      _header_bytes(sliding, layout.sliding_window))
+        else:
+            models[name] = ChurnModel(name, layout.num_layers, layout.bytes_per_token, _header_bytes(layout))
+    return models
+
+
+def _workload(requests: int, seed: int, mix: dict[str, float],
+              models: dict[str, ChurnModel]) -> list[tuple[str, list[tuple[str, str, int]]]]:
+    """The churn's operations: ``("put", objects)`` of one request or ``("touch", objects)`` of an earlier one."""
     rng = random.Random(seed)
+    names, weights = list(mix), list(mix.values())
     done: list[list[tuple[str, str, int]]] = []
     ops = []
     for r in range(requests):
         if done and rng.random() < 0.6:
             ops.append(("touch", rng.choice(done)))
             continue
-        model = rng.choices(list(LAYOUTS), [0.4, 0.3, 0.3])[0]
-        layers, per_token = LAYOUTS[model]
+        m = models[rng.choices(names, weights)[0]]
         ratio = rng.uniform(3, 7) if rng.random() < 0.5 else 0.0
         n = 1 + int(rng.expovariate(1 / 7))
+
+        def size(payload: int, header: int, ratio: float = ratio) -> int:
+            return header + (int(payload / (ratio * rng.uniform(0.85, 1.15))) if ratio else payload)
+
         objs = []
-        for i in range(n + 1):
-            raw = (256 if i < n else rng.randint(1, 255)) * per_token
-            size = int(raw / (ratio * rng.uniform(0.85, 1.15))) if ratio else raw
-            objs.append((f"{r}-{i}", model, size + 150 + 24 * layers))  # + the chunk header
+        if not m.window:  # n full chunks and a final partial one
+            for i in range(n + 1):
+                tokens = CHUNK_TOKENS if i < n else rng.randint(1, CHUNK_TOKENS - 1)
+                objs.append((f"{r}-{i}", m.name, size(tokens * m.chunk_bpt, m.chunk_header)))
+        else:  # HybridClient: n full objects (no partial chunk), then windows at the last (and divergence) boundary
+            objs = [(f"{r}-{i}", m.name, size(CHUNK_TOKENS * m.chunk_bpt, m.chunk_header)) for i in range(n)]
+            ends = {n} | ({rng.randint(1, n - 1)} if n > 1 and rng.random() < SECOND_WINDOW else set())
+            for end in sorted(ends):
+                tokens = min(m.window, end * CHUNK_TOKENS)
+                objs.append((f"{r}-w{end}", f"{m.name}/window", size(tokens * m.window_bpt, m.window_header)))
         done.append(objs)
         ops.append(("put", objs))
     return ops
@@ -324,19 +429,22 @@ def _churn_pool(ops: list, alloc: Any, window: int) -> dict:
             if entry is not None:
                 index.publish(entry)
                 put += size
+    if not waste:
+        raise ValueError("the churn never filled the arena: use more requests or a smaller arena")
     return {"waste_pct": 100 * statistics.fmean(waste), "internal_pct": 100 * statistics.fmean(internal),
             "stranded_pct": 100 * statistics.fmean(stranded), "evicted_per_put": evicted / put,
             "page_mib": alloc.page_bytes / MiB}
 
 
-def _churn_naive(ops: list, arena: int) -> dict:
+def _churn_naive(ops: list, arena: int, models: dict[str, ChurnModel]) -> dict:
     """One fixed-slot LRU pool per layout (slot = a full raw chunk), the arena split by each layout's bytes."""
-    demand = dict.fromkeys(LAYOUTS, 0)
+    demand = dict.fromkeys(models, 0)
     for op, objs in ops:
         for _, model, size in objs if op == "put" else ():
             demand[model] += size
-    pools = {m: (int(arena * demand[m] / sum(demand.values())) // (256 * bpt + 150 + 24 * layers), {})
-             for m, (layers, bpt) in LAYOUTS.items()}
+    pools = {m: (int(arena * d / sum(demand.values())) // (CHUNK_TOKENS * models[m].chunk_bpt
+                                                          + models[m].chunk_header), {})
+             for m, d in demand.items() if d}
     used, waste, evicted, put = 0, [], 0, 0
     for op, objs in ops:
         for key, model, size in objs:
@@ -357,12 +465,32 @@ def _churn_naive(ops: list, arena: int) -> dict:
     return {"waste_pct": 100 * statistics.fmean(waste), "evicted_per_put": evicted / put}
 
 
-def _allocator_rows(args: argparse.Namespace) -> list[dict]:
+def _declared(mix: str, models: dict[str, ChurnModel]) -> list[int]:
+    from kdn.node.tiers.pinned import CHUNK_HEADER_ALLOWANCE
+
+    return [c + CHUNK_HEADER_ALLOWANCE for name in MIXES[mix] for c in models[name].declared()]
+
+
+def churn(mix: str, *, arena_bytes: int, requests: int, seed: int = 0, granularity: int = 4096,
+          slabs: bool = False, models: dict[str, ChurnModel] | None = None) -> dict:
+    """One two-level allocator's churn row for ``mix`` (a key of :data:`MIXES`): variable pages only (the pool
+    tiers' default), or with ``slabs`` a slab class per declared full-size object of the mix's models."""
+    from kdn.node.tiers.allocator import TwoLevelAllocator
+
+    if mix not in MIXES:
+        raise ValueError(f"unknown churn mix {mix!r}; known: {', '.join(MIXES)}")
+    models = models or churn_models()
+    sizes = _declared(mix, models) if slabs else []
+    alloc = TwoLevelAllocator(arena_bytes, object_sizes=sizes, granularity=granularity)
+    return _churn_pool(_workload(requests, seed, MIXES[mix], models), alloc, 64)
+
+
+def _allocator_rows(args: argparse.Namespace, models: dict[str, ChurnModel]) -> list[dict]:
     from kdn.node.tiers.allocator import TwoLevelAllocator
 
     arena = int(args.arena_gib * (1 << 30))
-    ops = _workload(args.requests, args.seed)
-    chunks = [256 * bpt + 4096 for _, bpt in LAYOUTS.values()]  # full raw chunks + the header allowance
+    ops = _workload(args.requests, args.seed, MIXES["all-full"], models)
+    chunks = _declared("all-full", models)  # full raw chunks + the header allowance
     hybrid = TwoLevelAllocator(arena, object_sizes=chunks)
     ladder = sorted({int(2 ** (e + k / 16)) for e in range(12, 30) for k in range(16)})
     variants = [
@@ -375,8 +503,35 @@ def _allocator_rows(args: argparse.Namespace) -> list[dict]:
     ]
     rows = []
     for label, make in variants:
-        row = _churn_naive(ops, arena) if make is None else _churn_pool(ops, make(), 1 if "LRU" in label else 64)
+        if make is None:
+            row = _churn_naive(ops, arena, models)
+        else:
+            row = _churn_pool(ops, make(), 1 if "LRU" in label else 64)
         rows.append({"allocator": label, **row})
+    return rows
+
+
+def _hybrid_rows(args: argparse.Namespace, models: dict[str, ChurnModel]) -> list[dict]:
+    """Per mix and two-level variant, waste with ``ratio`` = waste / the all-full mix's (same variant, same run)."""
+    arena = int(args.arena_gib * (1 << 30))
+    mixes = ["all-full"] + [m.strip() for m in args.mixes.split(",") if m.strip() and m.strip() != "all-full"]
+    rows, base = [], {}
+    for mix in mixes:
+        for label, slabs in (("two-level: variable only", False), ("two-level: slabs+variable", True)):
+            row = churn(mix, arena_bytes=arena, requests=args.requests, seed=args.seed, slabs=slabs, models=models)
+            base.setdefault(label, row["waste_pct"])
+            rows.append({"mix": mix, "allocator": label, **row, "ratio": row["waste_pct"] / base[label]})
+    return rows
+
+
+def _object_rows(models: dict[str, ChurnModel]) -> list[dict]:
+    rows = []
+    for m in models.values():
+        rows.append({"model": m.name, "object": "full-layer chunk" if m.window else "chunk",
+                     "layers": m.chunk_layers, "tokens": CHUNK_TOKENS, "raw_mib": CHUNK_TOKENS * m.chunk_bpt / MiB})
+        if m.window:
+            rows.append({"model": m.name, "object": "window (at most)", "layers": m.window_layers,
+                         "tokens": m.window, "raw_mib": m.window * m.window_bpt / MiB})
     return rows
 
 
@@ -408,8 +563,15 @@ def run(args: argparse.Namespace) -> dict:
         for name, note in result["notes"].items():
             print(f"  {name}: {note}")
     if "allocator" in sections:
-        result["allocator"] = _allocator_rows(args)
+        models = churn_models()
+        result["allocator"] = _allocator_rows(args, models)
         print(f"\nallocator churn: {args.arena_gib:g} GiB arena, {args.requests} requests, three layouts "
               f"(waste: arena share not holding objects when a put must evict)")
         print(format_table(result["allocator"], _ALLOC_COLUMNS))
+        result["allocator_objects"] = _object_rows(models)
+        print("\nchurn objects (raw; half the requests compressed U(3, 7)x):")
+        print(format_table(result["allocator_objects"], _OBJECT_COLUMNS))
+        result["allocator_hybrid"] = _hybrid_rows(args, models)
+        print("\nallocator churn with hybrid-model objects (ratio: waste over the all-full mix's, same allocator)")
+        print(format_table(result["allocator_hybrid"], _HYBRID_COLUMNS))
     return result

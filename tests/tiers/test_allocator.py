@@ -207,3 +207,73 @@ def test_pool_index_pins_evictions_and_deferred_free():
         index.pin(key)
     assert index.reserve("f", 8 * G) is not None  # a's freed slot
     assert index.reserve("g", 8 * G) is None  # everything else pinned or pending: no victim
+
+
+# -- hybrid-model objects (kdn bench tiers' churn, docs/tiers.md) ------------------------------------------------
+HYBRID_MIXES = ["+gemma-3-270m", "+both hybrids", "hybrids only"]
+
+
+@pytest.fixture(scope="module")
+def churn_models():
+    from kdn.bench.tiers import churn_models
+
+    return churn_models()
+
+
+def test_churn_object_sizes_are_the_real_objects(churn_models):
+    """The churn's sizes are those of real chunk objects (same tenant length as the bench's keys): Gemma 3 270M's
+    full-layer chunk and its window object."""
+    import torch
+
+    from codec.raw import torch_dtype
+    from kdn.bench.tiers import CHUNK_TOKENS, model_layouts
+    from kdn.client.hybrid import window_key
+    from kdn.format.chunk_codec import encode_chunk
+    from kdn.format.keys import ChunkKey, KeyKind
+
+    layout = model_layouts()["gemma-3-270m"]
+    m = churn_models["gemma-3-270m"]
+    full, sliding = layout.part_layout("full"), layout.part_layout("sliding")
+    assert (m.chunk_layers, m.window_layers, m.window) == (3, 15, 512)
+    key = ChunkKey("bench", full.fingerprint(), "raw", KeyKind.PREFIX, bytes(range(20)))
+    for part, tokens, name, header in ((full, CHUNK_TOKENS, key, m.chunk_header),
+                                       (sliding, m.window, window_key(key, sliding.fingerprint(), 512),
+                                        m.window_header)):
+        kv = torch.zeros(part.shape(tokens), dtype=torch_dtype(part.dtype))
+        obj = encode_chunk(kv, key=str(name), layout=part, codec="raw")
+        assert len(obj) == header + tokens * part.bytes_per_token
+    # layers x K+V x heads x dim x bf16 x tokens
+    assert m.declared() == [3 * 2 * 1 * 256 * 2 * CHUNK_TOKENS, 15 * 2 * 1 * 256 * 2 * 512]
+
+
+@pytest.mark.parametrize("mix", HYBRID_MIXES)
+def test_hybrid_churn_stays_within_the_waste_bound(mix, churn_models):
+    """Full-layer chunks and window objects of hybrid models mixed with plain chunks: waste <= 5 % (default pool:
+    variable pages, 4 KiB granule). A simulated 4 GiB arena, 600 requests, fixed seed."""
+    from kdn.bench.tiers import churn
+
+    row = churn(mix, arena_bytes=4 << 30, requests=600, seed=0, models=churn_models)
+    assert row["waste_pct"] <= 5.0, row
+
+
+def test_hybrid_churn_bound_catches_a_coarse_granule(churn_models):
+    """The same churn with a 1 MiB granule rounds the small hybrid objects up and breaks the bound."""
+    from kdn.bench.tiers import churn
+
+    row = churn("+both hybrids", arena_bytes=4 << 30, requests=600, seed=0, granularity=1 << 20,
+                models=churn_models)
+    assert row["waste_pct"] > 5.0 and row["internal_pct"] > 2.0, row
+
+
+def test_declared_sizes_above_the_page_bound_get_no_slab_class():
+    """A window object far larger than arena / min_pages does not force huge pages on the other classes."""
+    mib = 1 << 20
+    sizes = [32 * mib + 4096, 13 * mib + 4096, 208 * mib + 4096]
+    page = page_bytes_for(8 << 30, sizes, granularity=4096, min_pages=64)
+    assert page <= (8 << 30) // 64
+    alloc = TwoLevelAllocator(8 << 30, object_sizes=sizes)
+    assert alloc.slot_sizes == sorted(sizes[:2])
+    big = alloc.allocate(sizes[2])  # a variable extent spanning pages
+    assert big is not None and alloc.page_kinds()[big // page] == "variable"
+    # Only sizes above the bound declared: the page still fits the largest (a slab class per size, as before).
+    assert page_bytes_for(1 << 30, [64 * mib], granularity=4096, min_pages=64) >= 64 * mib

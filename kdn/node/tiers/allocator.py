@@ -12,8 +12,11 @@ leaves, so any kind of object can reuse it. Level 2, per page:
 Sizes round up to ``granularity`` (every object's alignment). The page (:func:`page_bytes_for`) is Jenga's LCM of
 the declared slot sizes, scaled toward ``arena / min_pages``; real chunk sizes (32 MiB + header, 5.6 MiB + header)
 make the LCM explode, and then the page is the multiple of a declared size in ``[bound / 2, bound]`` whose worst
-page tail is smallest. Before anything is evicted, a slab-class object may take a hole of the variable pages and
-a variable object a free slot at most ``borrow_factor`` times its size. Size classes for variable sizes were tried
+page tail is smallest. A declared size above the bound gets no slab class (its objects are variable extents, which
+span pages) unless no declared size is within it: otherwise one large size (a hybrid model's 208 MiB window object)
+would force pages past the bound and tails of up to half a page on the other classes. Before anything is evicted,
+a slab-class object may take a hole of the variable pages and a variable object a free slot at most
+``borrow_factor`` times its size. Size classes for variable sizes were tried
 and rejected: a partly used page per class stranded half the arena (docs/tiers.md has the measurements).
 
 Thread-safe (one lock). :meth:`TwoLevelAllocator.stats` splits the arena into object bytes, internal waste
@@ -49,7 +52,11 @@ def page_bytes_for(arena_bytes: int, object_sizes: list[int] | tuple[int, ...] =
     largest = units[-1] if units else 1
     if largest > arena_units:
         raise ValueError(f"object size {largest * granularity} does not fit an arena of {arena_bytes} bytes")
-    bound = max(largest, arena_units // max(1, min_pages))
+    bound = arena_units // max(1, min_pages)
+    if units and units[0] <= bound:  # larger declared sizes get no slab class: they would force huge pages
+        units = [u for u in units if u <= bound]
+        largest = units[-1]
+    bound = max(largest, bound)
     if not units:
         return bound * granularity
     lcm = math.lcm(*units)

@@ -50,7 +50,8 @@ class PinnedTierConfig:
     """Alignment and rounding unit of every object in the pool."""
     chunk_bytes: list[Any] = field(default_factory=list)
     """Raw KV bytes of one full chunk of each layout the pool mostly holds (``bytes_per_token * chunk_size``,
-    e.g. ``[32MiB, 5898240]``); each becomes an exact slab class (a 4 KiB header allowance is added). Empty:
+    e.g. ``[32MiB, 5898240]``); each becomes an exact slab class (a 4 KiB header allowance is added) unless it is
+    above ``capacity / min_pages`` (then it is placed in variable pages; docs/tiers.md). Empty:
     every object is placed first-fit in variable pages."""
     page_bytes: int = 0
     """Large-page size; 0 derives it from ``chunk_bytes`` (LCM rule, at least ``min_pages`` pages)."""
