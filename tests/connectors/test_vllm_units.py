@@ -248,3 +248,126 @@ def test_failed_load_is_stored_again():
     assert planner.requests["a"].hit == 64
     plan = planner.build([], [("a", None, False, 64)], {"a": 136})  # vLLM recomputes from token 64
     assert plan.saves == [SaveSpec("a", prompt[:192], list(range(10, 16)))]
+
+
+# -- hybrid models (several KV cache groups, sliding-window layers) ---------------------------------------------------
+
+W = 64  # sliding window of the hybrid test layout: two blocks
+HYBRID_GROUPS = [1, 1, 1, 0]  # layer -> KV cache group: group 0 full attention, group 1 the sliding layers
+NULL = 0  # vLLM's null block (BlockPool.null_block)
+
+
+def hybrid_layout():
+    from kdn.format.layout import KVLayout
+
+    return KVLayout("kdn-test/tiny-gemma", num_layers=4, num_kv_heads=1, head_dim=DIM, dtype="bfloat16",
+                    layer_types=("sliding_attention",) * 3 + ("full_attention",), sliding_window=W)
+
+
+def test_planner_carries_every_group_and_plans_async_loads():
+    """Block ids per KV cache group (the sliding group's out-of-window blocks are the null block) flow into the
+    specs; with asynchronous loads the load is planned at allocation, and a failed one is never retried."""
+    hit = {"n": 0}
+    planner = SchedulerPlanner(lambda tokens: hit["n"], block_size=BS, chunk_size=CHUNK, num_groups=2,
+                               async_loads=True)
+    prompt = list(range(200))  # 6 blocks + 8 tokens
+    assert planner.num_new_matched_tokens("a", prompt, 0) == 0
+    planner.after_alloc("a", 0)
+    full, sliding = [1, 2, 3, 4], [NULL, NULL, 5, 6]  # chunked prefill: the sliding group freed its first blocks
+    assert planner.build([("a", prompt, (full, sliding), 0)], [], {"a": 128}).saves == []
+    plan = planner.build([], [("a", ([7, 8, 9], [10, 11, 12]), False, 128)], {"a": 72})
+    assert plan.saves == [SaveSpec("a", prompt[:192], [1, 2, 3, 4, 7, 8],
+                                   [[1, 2, 3, 4, 7, 8], [NULL, NULL, 5, 6, 10, 11]])]
+    with pytest.raises(ValueError, match="3 KV cache groups, the planner has 2"):
+        planner.build([("x", prompt, ([1], [2], [3]), 0)], [], {"x": 1})
+
+    hit["n"] = 192
+    assert planner.num_new_matched_tokens("b", prompt, 0) == 192
+    groups = ([20, 21, 22, 23, 24, 25, 26], [NULL, NULL, NULL, NULL, 27, 28, 29])
+    planner.after_alloc("b", 192, groups)
+    load = LoadSpec("b", prompt[:192], groups[0][:6], 0, 192, [groups[0][:6], groups[1][:6]], background=True)
+    assert planner.build([], [], {}).loads == [load]  # planned before vLLM schedules the request
+    assert planner.build([], [], {}).loads == []
+    assert planner.loads_failed({"b", "unknown"}) == ["b"]
+    assert planner.num_new_matched_tokens("b", prompt, 0) == 0  # vLLM recomputes it: no second KDN load
+    plan = planner.build([("b", prompt, groups, 0)], [], {"b": 200})
+    assert plan.loads == [] and [s.req_id for s in plan.saves] == ["b"]  # and stores what it computed
+
+
+def one_head_paged():
+    return PagedKVLayout.probe(vec_writer, BS, 1, DIM, torch.bfloat16)
+
+
+def test_hybrid_worker_stores_windows_and_loads_into_window_blocks(cluster):
+    """Through a real cluster with a HybridClient: the full layer is stored per chunk and the sliding layers only
+    as the window before the last chunk boundary, read from the sliding group's live blocks; a load writes the
+    full layer's blocks and the sliding layers' window blocks only (never the null block); background loads are
+    reported finished, or finished and failed."""
+    from kdn.client.hybrid import HybridClient
+
+    layout = hybrid_layout()
+    tokens = list(range(900, 900 + 4 * CHUNK))  # 256 tokens, 8 blocks; W = 2 blocks
+    n = len(tokens) // BS
+    gen = torch.Generator().manual_seed(5)
+    src = [torch.randn(24, 1, BS, 2 * DIM, generator=gen).to(torch.bfloat16) for _ in range(4)]
+    events: list[dict] = []
+
+    def make(caches, tenant="hyb"):
+        client = HybridClient(layout, controller=cluster.address, chunk_size=CHUNK, tenant=tenant)
+        return KVWorker(client, caches, one_head_paged(), layer_groups=HYBRID_GROUPS, on_event=events.append)
+
+    w = make(src)
+    full_src, sliding_src = list(range(1, 1 + n)), [NULL] * 5 + [17, 18, 19]  # blocks before token 160 freed
+    w.begin_saves([SaveSpec("s", tokens, full_src, [full_src, sliding_src])])
+    for i in range(4):
+        w.save_layer(i)
+    w.flush_saves()
+    w.pending_stores[-1].result(30)
+    store = [e for e in events if e["event"] == "store"][-1]
+    assert (store["stored"], store["failed"], store["windows"]) == (4, 0, [len(tokens)])
+    assert w.client.lookup(tokens).hit_tokens == len(tokens)
+    assert w.client.lookup(tokens[:3 * CHUNK]).hit_tokens == 0  # no window there
+
+    dst = [torch.zeros(24, 1, BS, 2 * DIM, dtype=torch.bfloat16) for _ in range(4)]
+    r = make(dst)
+    full_dst, sliding_dst = list(range(10, 10 + n)), [NULL] * 6 + [20, 21]  # vLLM allocates only the window
+    r.start_load([LoadSpec("l", tokens, full_dst, 0, len(tokens), [full_dst, sliding_dst])])
+    for i in range(4):
+        r.wait_for_layer(i)
+    r._join_loader()
+    assert r.take_failed_blocks() == set()
+    lay = r.layout
+    assert torch.equal(lay.gather(dst[3], full_dst), lay.gather(src[3], full_src))
+    for i in range(3):
+        assert torch.equal(lay.gather(dst[i], [20, 21]), lay.gather(src[i], [18, 19]))
+        assert not dst[i][NULL].any()  # the null block is never written
+    load = [e for e in events if e["event"] == "load"][-1]
+    bytes_full_layers = 4 * len(tokens) * 2 * DIM * 2
+    assert load["tokens"] == len(tokens) and 0 < load["bytes"] < 0.6 * bytes_full_layers
+
+    # Background (asynchronous) loads: the stored prefix is written and reported finished; a missing one is
+    # reported finished and failed, and writes nothing.
+    bg = [torch.zeros(24, 1, BS, 2 * DIM, dtype=torch.bfloat16) for _ in range(4)]
+    b = make(bg)
+    b.start_load([LoadSpec("bg1", tokens, full_dst, 0, len(tokens), [full_dst, sliding_dst], background=True),
+                  LoadSpec("bg2", list(range(5000, 5000 + CHUNK)), [3, 4], 0, CHUNK, [[3, 4], [5, 6]],
+                           background=True)])
+    b._background.shutdown(wait=True)
+    b._background = None
+    assert b.take_finished_loads() == ({"bg1", "bg2"}, {"bg2"})
+    assert torch.equal(lay.gather(bg[3], full_dst), lay.gather(src[3], full_src))
+    assert torch.equal(lay.gather(bg[0], [20, 21]), lay.gather(src[0], [18, 19]))
+    assert not any(bg[i][[3, 4, 5, 6]].any() for i in range(4))
+
+    # A store whose window blocks were already freed stores no window: never a hit on missing KV.
+    other = list(range(3000, 3000 + 2 * CHUNK))
+    s2 = make(src, tenant="hyb2")
+    s2.begin_saves([SaveSpec("s2", other, [1, 2, 3, 4], [[1, 2, 3, 4], [NULL, NULL, NULL, 19]])])
+    for i in range(4):
+        s2.save_layer(i)
+    s2.flush_saves()
+    s2.pending_stores[-1].result(30)
+    assert [e for e in events if e["event"] == "store"][-1]["windows"] == []
+    assert s2.client.lookup(other).hit_tokens == 0
+    for x in (w, r, b, s2):
+        x.close()
