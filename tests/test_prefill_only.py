@@ -11,7 +11,15 @@ import pytest
 import torch
 
 from connectors.hf import HostKVCache, kv_from_cache, layout_for, prefill
-from connectors.hf.prefill_only import LayerwiseKVCache, TensorMeter, _score_batch, pass_bytes, plan_batches, score
+from connectors.hf.prefill_only import (
+    LayerwiseKVCache,
+    PrefillJob,
+    TensorMeter,
+    _score_batch,
+    pass_bytes,
+    plan_batches,
+    score,
+)
 from kdn.client import KDNClient
 from kdn.errors import InvalidRequest
 from tests.cluster import Cluster
@@ -208,3 +216,80 @@ def test_pass_bytes_bounds_the_measured_peak(smol, ids):
             _score_batch(model, seqs, None, None, False, chunk, 1)
         est = pass_bytes(model.config, batch, 0, suffix, chunk)
         assert m.peak <= est <= 2.5 * m.peak, (batch, suffix, chunk, m.peak, est)
+
+
+# -- preemption between layers ----------------------------------------------------------------------------------
+def _interleave(jobs):
+    """Round-robin one layer per turn, pausing the job switched away from (as the preemptive server does)."""
+    last = None
+    while not all(j.done for j in jobs):
+        for j in jobs:
+            if j.done:
+                continue
+            if last is not None and last is not j and not last.done:
+                last.pause()
+            j.step(1)
+            last = j
+    return [j.result() for j in jobs]
+
+
+def test_jobs_interleaved_layer_by_layer_give_scores_results(smol, ids):
+    model, tok = smol
+    host = HostKVCache(layout_for(model), chunk_size=CHUNK, pin=False)
+    score(model, tok, [ids[:448]], host, store=True)[0].store.result(30)
+    prompts = [ids[:600], ids[100:400], ids[:N]]  # a hit of 448, a miss, a hit of 448
+    want = [score(model, tok, p, host, mlp_chunk=128)[0] for p in prompts]
+    jobs = [PrefillJob(model, tok, p, host, mlp_chunk=128, labels=[11, 12]) for p in prompts]
+    got = _interleave(jobs)
+    for w, g, j in zip(want, got, jobs):
+        assert torch.equal(g.logprobs, w.logprobs)  # the same layers on the same inputs: bit-identical
+        assert g.token == w.token and g.stats.hit_tokens == w.stats.hit_tokens and g.stats.fallback == ""
+        assert j.switches == model.config.num_hidden_layers - 1 and j.remaining_layers == 0
+        assert sum(g.labels.values()) == pytest.approx(1.0)
+    assert [g.stats.hit_tokens for g in got] == [448, 0, 448]
+    torch.testing.assert_close(got[2].logprobs, reference(model, ids)[0], atol=ATOL, rtol=0)
+    with pytest.raises(InvalidRequest):
+        PrefillJob(model, tok, ids[:10]).result()  # not run yet
+    with pytest.raises(InvalidRequest):
+        PrefillJob(model, tok, ids[:10]).step(0)
+
+
+def test_a_paused_job_holds_only_its_hidden_states(smol, ids):
+    model, tok = smol
+    hidden = model.config.hidden_size
+    with TensorMeter() as alone:
+        PrefillJob(model, tok, ids[100:400], mlp_chunk=128).run()
+    with TensorMeter() as m:
+        a = PrefillJob(model, tok, ids[:N], mlp_chunk=128)
+        a.step(7)
+        assert a.active and a.held_bytes > N * hidden * 4  # running: mask/rotary tables and the layer buffer too
+        a.pause()
+        # measured over every tensor allocated since the block began: the paused job's hidden states, nothing else
+        assert m.meter.live == a.held_bytes == N * hidden * 4
+        m.meter.peak = m.meter.live  # from here on: the other job's pass while a waits
+        b = PrefillJob(model, tok, ids[100:400], mlp_chunk=128)
+        b.run()
+        assert m.meter.peak - N * hidden * 4 <= alone.peak  # the extra peak is a's hidden states only
+        a.step(model.config.num_hidden_layers)
+    assert a.done and torch.equal(a.result().logprobs, score(model, tok, ids[:N], mlp_chunk=128)[0].logprobs)
+    assert a.switches == 1
+
+
+def test_a_job_stores_its_kv_and_recomputes_a_prefix_lost_mid_pass(smol, ids):
+    model, tok = smol
+    host = HostKVCache(layout_for(model), chunk_size=CHUNK, pin=False)
+    job = PrefillJob(model, tok, ids[:448], host, store=True)
+    _interleave([job, PrefillJob(model, tok, ids[500:600])])
+    assert job.result().store.result(30).stored == 448 // CHUNK and host.lookup(ids) == 448
+    bad = HostKVCache(layout_for(model), chunk_size=CHUNK, pin=False)
+    bad.store(ids[:384], torch.zeros(bad.layout.shape(384)))  # wrong KV: must never reach the answer
+
+    class Broken:
+        layout = bad.layout
+
+        def retrieve_layers(self, tokens, **kw):
+            return _BrokenAt(bad.retrieve_layers(tokens, **kw), layer=9)
+
+    [r] = _interleave([PrefillJob(model, tok, ids, Broken())])
+    assert r.stats.hit_tokens == 0 and "injected" in r.stats.fallback
+    torch.testing.assert_close(r.logprobs, reference(model, ids)[0], atol=ATOL, rtol=0)

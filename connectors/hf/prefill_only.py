@@ -13,6 +13,11 @@ token, 14x one layer's KV on Llama-3-8B) dominate peak memory once the KV is gon
 layer's MLP ``mlp_chunk`` tokens at a time (it is position-wise, so the result is the same up to float rounding)
 while attention runs over the whole sequence.
 
+*Preemption between layers*: :class:`PrefillJob` runs one prompt's pass as steps of one (or a few) layers, so a
+server can switch requests at layer boundaries (:mod:`kdn.client.prefill_schedule`'s ``srjf-preemptive``). A
+paused job holds only its hidden states ``[tokens, hidden]`` (and, with a KDN hit, the loader's decoded-ahead
+prefix group); its mask, rotary tables and layer buffer are rebuilt when it resumes.
+
 Memory is measured, not estimated: :class:`KVMeter` follows the storages of the KV tensors the cache and the loader
 create (weak references, so a freed buffer stops counting the moment it is freed) and :class:`TensorMeter` follows
 every tensor the forward pass allocates. ``docs/prefill_only.md`` has the design and numbers.
@@ -42,7 +47,7 @@ from kdn.client.same_host import fast_source
 from kdn.errors import InvalidRequest
 
 __all__ = ["score", "ScoreResult", "ScoreStats", "LayerwiseKVCache", "KVMeter", "TensorMeter", "mlp_chunking",
-           "pass_bytes", "plan_batches"]
+           "pass_bytes", "plan_batches", "PrefillJob"]
 
 log = logging.getLogger(__name__)
 
@@ -543,3 +548,274 @@ class _HostSink:
         for row, n in enumerate(self.lengths):
             self.kv[row][layer].copy_(buf[:, row, :, :n].transpose(1, 2), non_blocking=cuda)
         self._done.add(layer)
+
+
+# -- preemptible execution ---------------------------------------------------------------------------------------
+class _LayerInputs(Exception):
+    """Raised by the capture hook on the first decoder layer: the model's own per-layer arguments are ready."""
+
+
+class PrefillJob:
+    """One prompt's prefill-only pass, run as resumable steps of whole layers (preemption at layer boundaries).
+
+    ``step(layers)`` runs the next ``layers`` decoder layers (after the last one, the final norm and lm head) and
+    returns True once the job is done; :meth:`result` then gives the :class:`ScoreResult` that :func:`score` gives
+    for the same prompt (the same decoder layers on the same inputs: identical on a deterministic backend).
+    :meth:`pause` drops everything but the hidden states ``[1, tokens, hidden]`` — the attention mask, rotary
+    tables and the layer buffer are rebuilt by the model's own code when the next ``step`` resumes the job (that
+    rebuild is the switch cost), so a paused job holds :attr:`held_bytes` of tensors, plus, with a KDN hit, the
+    loader's at most ``lookahead`` decoded-ahead prefix groups, and with ``store=True`` the host copy of the layers
+    done so far. Arguments are :func:`score`'s, for one prompt. Not thread-safe; a model may run several jobs
+    interleaved from one thread (each step patches only for its own duration, as :func:`mlp_chunking`).
+    """
+
+    def __init__(self, model, tokenizer, prompt, source=None, *, labels: Sequence[int | str] | None = None,
+                 store: bool = False, mlp_chunk: int | None = 1024, lookahead: int = 1) -> None:
+        check_supported(model.config)
+        if isinstance(prompt, str):
+            if tokenizer is None:
+                raise InvalidRequest("text prompts need a tokenizer")
+            prompt = tokenizer(prompt, return_tensors="pt").input_ids
+        self.ids = _as_ids(prompt, model.device)
+        if self.ids.shape[0] != 1:
+            raise InvalidRequest(f"a PrefillJob is one prompt, got a batch of {self.ids.shape[0]}")
+        n = self.ids.shape[1]
+        if n < 1:
+            raise InvalidRequest("empty prompt")
+        if source is not None:
+            _check_layout(source.layout, model)
+        self.model, self.source, self.mlp_chunk = model, source, mlp_chunk
+        self.label_ids = _label_ids(tokenizer, labels)
+        self._layers = _decoder_layers(model)
+        self.num_layers = len(self._layers)
+        self.layers_done = 0
+        self.switches = 0
+        """Times the job was resumed after a pause."""
+        self.compute_s = 0.0
+        self.retrieve_s = 0.0
+        self._meter = KVMeter()
+        self._loader: LayerLoader | None = None
+        self._prefix = 0
+        self._fallback = ""
+        self._host = _HostSink(self.num_layers, [n]) if store and source is not None and hasattr(source, "store") \
+            else None
+        self._lookahead = lookahead
+        self._hidden: torch.Tensor | None = None
+        self._inputs: tuple[tuple, dict] | None = None  # the layer's args/kwargs while active (mask, rotary, ...)
+        self._cache: LayerwiseKVCache | None = None
+        self._layer_bytes = 0
+        self._result: ScoreResult | None = None
+        self._started = False
+
+    # -- state ---------------------------------------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return self._result is not None
+
+    @property
+    def remaining_layers(self) -> int:
+        return 0 if self.done else self.num_layers - self.layers_done
+
+    @property
+    def active(self) -> bool:
+        """True between a step and the next :meth:`pause` (the working state is held)."""
+        return self._inputs is not None
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the tensors the job holds between steps: the hidden states when paused."""
+        h = 0 if self._hidden is None else self._hidden.untyped_storage().nbytes()
+        if self._cache is not None:
+            h += self._cache.layer_bytes
+        if self._inputs is not None:
+            seen = {id(self._hidden.untyped_storage())} if self._hidden is not None else set()
+            for t in _tensors(self._inputs):
+                st = t.untyped_storage()
+                if id(st) not in seen:
+                    seen.add(id(st))
+                    h += st.nbytes()
+        return h
+
+    def pause(self) -> None:
+        """Drop the working state (mask, rotary tables, layer buffer): only the hidden states stay."""
+        self._inputs = None
+        if self._cache is not None:
+            self._cache._buf = None
+
+    def close(self) -> None:
+        """Abandon the job (frees its state and stops its loader); idempotent."""
+        self.pause()
+        self._hidden = None
+        self._cache = None
+        if self._loader is not None:
+            self._loader.close()
+            self._loader = None
+
+    # -- running -------------------------------------------------------------------------------------------------
+    def resume(self) -> None:
+        """Rebuild a paused job's working state now (:meth:`step` does it when needed): the switch cost."""
+        if self._started and self._inputs is None and not self.done:
+            self.switches += 1
+            with torch.no_grad():
+                self._activate()
+
+    def step(self, layers: int = 1) -> bool:
+        """Run the next ``layers`` decoder layers (fewer at the end); True when the job is done."""
+        if layers < 1:
+            raise InvalidRequest(f"layers must be >= 1, got {layers}")
+        if self.done:
+            return True
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            if not self._started:
+                self._start()
+            else:
+                self.resume()
+            end = min(self.num_layers, self.layers_done + layers)
+            try:
+                with _mlp_chunking_layers(self._layers[self.layers_done:end], self.mlp_chunk):
+                    while self.layers_done < end:
+                        self._run_layer(self.layers_done)
+                        self.layers_done += 1
+            except PrefixLoadError as exc:
+                log.warning("cached prefix lost mid-prefill (%s); recomputing the prompt", exc)
+                self._restart_without_prefix(str(exc))
+                self.compute_s += time.perf_counter() - t0
+                return False
+            if self.layers_done == self.num_layers:
+                self._finish()
+        _sync(self.model.device)
+        self.compute_s += time.perf_counter() - t0
+        return self.done
+
+    def run(self) -> ScoreResult:
+        """Run the remaining layers at once (uninterrupted) and return the result."""
+        while not self.step(self.num_layers):
+            pass
+        return self.result()
+
+    def result(self) -> ScoreResult:
+        if self._result is None:
+            raise InvalidRequest(f"the job has {self.remaining_layers} layers left")
+        return self._result
+
+    def _start(self) -> None:
+        self._started = True
+        n = self.ids.shape[1]
+        if self.source is not None and n > 1:
+            t0 = time.perf_counter()
+            more = {"layer_major": True} if getattr(self.source, "streams_layers", False) else {}
+            stream = fast_source(self.source.retrieve_layers(self.ids[0, :n - 1].tolist(), device="cpu",
+                                                             max_tokens=n - 1, **more), self.model.device)
+            self.retrieve_s = time.perf_counter() - t0
+            self._prefix = stream.num_tokens
+            if self._prefix:
+                self._loader = LayerLoader(_MeteredSource(stream, self._meter), self.source.layout,
+                                           device=self.model.device, lookahead=self._lookahead).start()
+            else:
+                _close(stream)
+        self._new_cache()
+        self._capture(self.ids[:, self._prefix:], None)
+
+    def _new_cache(self) -> None:
+        loader = self._loader
+        fetch = (lambda layer: loader.fetch(layer)) if loader is not None else None
+        self._cache = LayerwiseKVCache(self.num_layers, self._prefix, fetch, sink=self._host, meter=self._meter)
+
+    def _activate(self) -> None:
+        """Rebuild the mask and rotary tables from the current hidden states (nothing is embedded again)."""
+        self._capture(None, self._hidden)
+
+    def _capture(self, ids: torch.Tensor | None, embeds: torch.Tensor | None) -> None:
+        """Run the model's own forward up to its first decoder layer; keep that layer's inputs."""
+        got: list = []
+
+        def hook(module, args, kwargs):
+            got.append((args, kwargs))
+            raise _LayerInputs
+
+        base = getattr(self.model, "model", self.model)
+        handle = self._layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            base(input_ids=ids, inputs_embeds=embeds, use_cache=True, **{cache_kwarg(base): self._cache})
+        except _LayerInputs:
+            pass
+        finally:
+            handle.remove()
+        args, kwargs = got[0]
+        if embeds is None:
+            self._hidden = args[0] if args else kwargs.pop("hidden_states")
+        self._inputs = (tuple(args[1:]), {k: v for k, v in kwargs.items() if k != "hidden_states"})
+
+    def _run_layer(self, i: int) -> None:
+        args, kwargs = self._inputs  # type: ignore[misc]
+        out = self._layers[i](self._hidden, *args, **kwargs)
+        self._hidden = out[0] if isinstance(out, tuple) else out
+        self._layer_bytes = self._cache.layer_bytes
+
+    def _restart_without_prefix(self, why: str) -> None:
+        if self._loader is not None:
+            self._loader.close()
+            self._loader = None
+        self._fallback, self._prefix, self.layers_done = why, 0, 0
+        self._hidden, self._inputs = None, None
+        self._new_cache()
+        self._capture(self.ids, None)
+
+    def _finish(self) -> None:
+        base = getattr(self.model, "model", self.model)
+        hidden = base.norm(self._hidden)[:, -1:]
+        self._hidden = None
+        self.pause()
+        self._cache = None
+        logits = self.model.lm_head(hidden)[:, -1]
+        if self._loader is not None:
+            self._loader.close()
+            self._loader = None
+        n = self.ids.shape[1]
+        pending = None
+        if self._host is not None and self._host.complete and self._prefix < n:
+            pending = self.source.store(self.ids[0].tolist(), self._host.kv[0], copy=False)
+        lp = torch.log_softmax(logits.float(), -1).cpu()[0]
+        stats = ScoreStats(prompt_tokens=n, hit_tokens=self._prefix, computed_tokens=n - self._prefix,
+                           retrieve_s=self.retrieve_s, prefill_s=self.compute_s, kv_peak_bytes=self._meter.peak,
+                           layer_kv_bytes=self._layer_bytes, full_kv_bytes=self._layer_bytes * self.num_layers,
+                           fallback=self._fallback)
+        label_probs = None
+        if self.label_ids is not None:
+            if max(self.label_ids) >= lp.shape[0] or min(self.label_ids) < 0:
+                raise InvalidRequest(f"label token ids {self.label_ids} are outside the vocabulary ({lp.shape[0]})")
+            sel = torch.softmax(lp[self.label_ids], -1)
+            label_probs = {tok: float(p) for tok, p in zip(self.label_ids, sel)}
+        self._result = ScoreResult(lp, int(lp.argmax()), label_probs, stats, pending)
+
+
+def _tensors(obj) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for x in obj:
+            yield from _tensors(x)
+    elif isinstance(obj, dict):
+        for x in obj.values():
+            yield from _tensors(x)
+
+
+@contextmanager
+def _mlp_chunking_layers(layers: Sequence[torch.nn.Module], chunk: int | None) -> Iterator[None]:
+    """:func:`mlp_chunking` for the given decoder layers only (one step's)."""
+    if not chunk:
+        yield
+        return
+    patched = []
+    try:
+        for layer in layers:
+            mlp = getattr(layer, "mlp", None)
+            if mlp is None or "forward" in vars(mlp):
+                continue
+            mlp.forward = _chunked(mlp.forward, chunk)
+            patched.append(mlp)
+        yield
+    finally:
+        for mlp in patched:
+            del mlp.forward

@@ -20,6 +20,11 @@ Three parts, one run (``docs/prefill_only.md``):
    in the order of the real :class:`~kdn.client.prefill_schedule.PrefillScheduler`. The bound is
    ``--inflation`` x the unloaded mean and p99 latency; for each policy the highest rate meeting it is found by
    doubling then bisection on one arrival pattern; ``qps_vs_fifo`` is the gain (goal >= 2x).
+5. **Preemption between layers** (``srjf-preemptive``): the same simulation at layer granularity. The server asks
+   the scheduler before every one of the model's ``num_layers`` layers (per-layer time = the request's true
+   service / num_layers) and pays ``switch_s`` each time it resumes a paused request. ``switch_s`` is measured
+   with the real path (:class:`~connectors.hf.prefill_only.PrefillJob`: the extra time of a layer run right
+   after a pause/resume over one run straight on, median of paired layers) unless ``--switch-ms`` states it.
 """
 
 from __future__ import annotations
@@ -32,13 +37,14 @@ import time
 from collections.abc import Sequence
 
 from kdn.bench import format_table
-from kdn.client.prefill_schedule import DEFAULT_AGING, JCTModel, PrefillScheduler
+from kdn.client.prefill_schedule import DEFAULT_AGING, POLICIES, PREEMPTIVE, JCTModel, PrefillScheduler
 
 __all__ = ["add_arguments", "run", "make_trace", "simulate", "max_rate"]
 
 MiB = 1 << 20
 MEM_COLUMNS = ["tokens", "path", "kv_MiB", "peak_MiB", "kv_vs_normal", "peak_vs_normal", "same_token", "ms"]
 SCHED_COLUMNS = ["workload", "bound", "policy", "aging", "max_qps", "qps_vs_fifo", "mean_s", "p99_s", "goal"]
+SWITCH_COLUMNS = ["tokens", "cached", "layer_ms", "resume_ms", "switch_ms"]
 BATCH_COLUMNS = ["tokens", "batch", "ms_per_prompt", "throughput_vs_one"]
 GOAL = 2.0
 
@@ -68,6 +74,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-lengths", default="150,1024", help="batching: prompt lengths to time")
     parser.add_argument("--batch-sizes", default="1,4,8", help="batching: prompts per pass")
     parser.add_argument("--agings", default="0,0.02,0.05,0.1,0.2,0.5", help="SRJF aging values λ to run")
+    parser.add_argument("--policies", default="fifo,srjf,srjf-preemptive",
+                        help="schedule: policies to compare (fifo is the baseline and always runs)")
+    parser.add_argument("--switch-ms", type=float, default=-1.0,
+                        help="preemptive: cost of resuming a paused request (-1: measured on the real path; "
+                             "with --skip-model, 1 ms)")
+    parser.add_argument("--switch-lengths", default="512,2048",
+                        help="preemptive: prompt lengths at which the switch cost is measured")
     parser.add_argument("--skip-model", action="store_true",
                         help="no model: skip parts 1-2 and simulate with --per-token-ms / --per-pair-ns")
     parser.add_argument("--per-token-ms", type=float, default=0.5)
@@ -222,14 +235,25 @@ def _cached(r: dict, cached_groups: set) -> int:
     return r["shared"] if r["group"] is not None and r["group"] in cached_groups else r["c"]
 
 
-def simulate(trace: list[dict], arrivals: Sequence[float], model: JCTModel, policy: str, aging: float,
-             bytes_per_token: int) -> list[float]:
-    """Latency (finish - arrival) of each request on one server running them to completion in scheduler order.
+def _service(model: JCTModel, r: dict, c: int, bytes_per_token: int) -> float:
+    """True service of request ``r`` with ``c`` tokens cached: compute x noise, delivery as the model combines it."""
+    compute = model.compute_s(r["n"], c) * r["noise"]
+    if c and model.overlap:
+        return model.rtt_s + max(compute, c * bytes_per_token / model.bytes_per_s)
+    return compute + model.delivery_s(c * bytes_per_token)
 
-    A request's cached prefix is what is cached when it *runs*: a shared prefix counts once its group's first
-    request has finished (and stored it). The scheduler predicts from the cache at submission and is recalibrated
-    when a group's prefix becomes cached (PrefillOnly's continuous calibration). True service = compute x noise,
-    with the delivery combined as the model says (``overlap``)."""
+
+def simulate(trace: list[dict], arrivals: Sequence[float], model: JCTModel, policy: str, aging: float,
+             bytes_per_token: int, num_layers: int = 32, switch_s: float = 0.0) -> list[float]:
+    """Latency (finish - arrival) of each request on one server, in the real scheduler's order.
+
+    ``fifo`` / ``srjf`` run each request to completion; ``srjf-preemptive`` re-decides at every layer boundary
+    (:func:`_simulate_layers`). A request's cached prefix is what is cached when it *starts*: a shared prefix
+    counts once its group's first request has finished (and stored it). The scheduler predicts from the cache at
+    submission and is recalibrated when a group's prefix becomes cached (PrefillOnly's continuous calibration).
+    True service = compute x noise, with the delivery combined as the model says (``overlap``)."""
+    if policy in PREEMPTIVE:
+        return _simulate_layers(trace, arrivals, model, policy, aging, bytes_per_token, num_layers, switch_s)
     clock = [0.0]
     sched = PrefillScheduler(model, policy=policy, aging=aging, clock=lambda: clock[0])
     lat = [math.nan] * len(trace)
@@ -254,19 +278,65 @@ def simulate(trace: list[dict], arrivals: Sequence[float], model: JCTModel, poli
         group = r["group"]
         if group is not None:
             waiting[group].pop(req.request_id, None)
-        c = _cached(r, cached_groups)
-        compute = model.compute_s(r["n"], c) * r["noise"]
-        if c and model.overlap:
-            service = model.rtt_s + max(compute, c * bytes_per_token / model.bytes_per_s)
-        else:
-            service = compute + model.delivery_s(c * bytes_per_token)
-        now += service
+        now += _service(model, r, _cached(r, cached_groups), bytes_per_token)
         lat[req.request_id] = now - arrivals[req.request_id]
         if group is not None and group not in cached_groups:
             cached_groups.add(group)  # stored as it ran: the group's waiting requests are hits now
             clock[0] = now
             for other in waiting[group].values():
                 sched.recalibrate(other, r["shared"], r["shared"] * bytes_per_token)
+    return lat
+
+
+def _simulate_layers(trace: list[dict], arrivals: Sequence[float], model: JCTModel, policy: str, aging: float,
+                     bytes_per_token: int, num_layers: int, switch_s: float) -> list[float]:
+    """:func:`simulate` with ``pick()`` before every layer; a resumed (paused, partly run) request costs
+    ``switch_s`` first. Between two arrivals no waiting request's key changes and the running one's only falls,
+    so the layers up to the first boundary at or after the next arrival run in one go (exactly what asking at
+    each of those boundaries would give)."""
+    clock = [0.0]
+    sched = PrefillScheduler(model, policy=policy, aging=aging, clock=lambda: clock[0], num_layers=num_layers)
+    lat = [math.nan] * len(trace)
+    layer_s: dict[int, float] = {}
+    cached_groups: set = set()
+    waiting: dict = {}
+    now, i, n, last = 0.0, 0, len(trace), None
+    while i < n or len(sched):
+        if not len(sched):
+            now = max(now, arrivals[i])
+        while i < n and arrivals[i] <= now:
+            clock[0] = arrivals[i]
+            r = trace[i]
+            c = _cached(r, cached_groups)
+            req = sched.submit(i, r["n"], c, c * bytes_per_token)
+            if r["group"] is not None:
+                waiting.setdefault(r["group"], {})[i] = req
+            i += 1
+        clock[0] = now
+        req = sched.pick()
+        assert req is not None
+        rid = req.request_id
+        r = trace[rid]
+        if rid not in layer_s:  # first start: its cached prefix is fixed now
+            if r["group"] is not None:
+                waiting[r["group"]].pop(rid, None)
+            layer_s[rid] = _service(model, r, _cached(r, cached_groups), bytes_per_token) / num_layers
+        elif last != rid:
+            now += switch_s  # resuming a paused request: its mask, rotary tables and layer buffer are rebuilt
+        d = layer_s[rid]
+        k = num_layers - req.layers_done
+        if i < n:
+            k = min(k, max(1, math.ceil((arrivals[i] - now) / d - 1e-9)))
+        now += k * d
+        last = rid
+        if sched.advance(req, k):
+            lat[rid] = now - arrivals[rid]
+            group = r["group"]
+            if group is not None and group not in cached_groups:
+                cached_groups.add(group)
+                clock[0] = now
+                for other in waiting[group].values():
+                    sched.recalibrate(other, r["shared"], r["shared"] * bytes_per_token)
     return lat
 
 
@@ -283,11 +353,13 @@ def unloaded(trace: list[dict], model: JCTModel, bytes_per_token: int) -> tuple[
 
 
 def max_rate(trace: list[dict], model: JCTModel, policy: str, aging: float, mean_bound: float, p99_bound: float,
-             seed: int, bytes_per_token: int, iters: int = 14) -> tuple[float, float, float]:
+             seed: int, bytes_per_token: int, iters: int = 14, num_layers: int = 32,
+             switch_s: float = 0.0) -> tuple[float, float, float]:
     """The highest Poisson rate at which mean <= mean_bound and p99 <= p99_bound (seconds): double the rate from
     below the unloaded capacity until a bound fails, then bisect. Returns (rate, mean, p99) at that rate."""
     def check(rate: float) -> tuple[bool, float, float]:
-        lat = simulate(trace, _arrivals(trace, rate, seed), model, policy, aging, bytes_per_token)
+        lat = simulate(trace, _arrivals(trace, rate, seed), model, policy, aging, bytes_per_token, num_layers,
+                       switch_s)
         mean, p99 = statistics.fmean(lat), _pct(lat, 0.99)
         return mean <= mean_bound and p99 <= p99_bound, mean, p99
 
@@ -308,7 +380,8 @@ def max_rate(trace: list[dict], model: JCTModel, policy: str, aging: float, mean
     return best
 
 
-def _schedule(args: argparse.Namespace, fit: JCTModel, bytes_per_token: int, workload: str) -> tuple[list[dict], dict]:
+def _schedule(args: argparse.Namespace, fit: JCTModel, bytes_per_token: int, workload: str, num_layers: int = 32,
+              switch_s: float = 0.0) -> tuple[list[dict], dict]:
     model = JCTModel(per_token_s=fit.per_token_s, per_pair_s=fit.per_pair_s, base_s=fit.base_s,
                      rtt_s=args.rtt_ms / 1e3, bytes_per_s=args.link_gbps * 1e9 / 8, overlap=not args.serial_delivery)
     trace = make_trace(workload, args.requests, min_tokens=args.min_tokens, max_tokens=args.max_tokens,
@@ -320,10 +393,12 @@ def _schedule(args: argparse.Namespace, fit: JCTModel, bytes_per_token: int, wor
     bounds = (("mean", mean_bound, math.inf), ("p99", math.inf, p99_bound), ("mean+p99", mean_bound, p99_bound))
     for name, mb, pb in bounds:
         group = []
-        for policy, aging in [("fifo", 0.0)] + [("srjf", a) for a in agings]:
-            rate, mean, p99 = max_rate(trace, model, policy, aging, mb, pb, args.seed, bytes_per_token)
+        policies = [p for p in _policies(args.policies) if p != "fifo"]
+        for policy, aging in [("fifo", 0.0)] + [(p, a) for p in policies for a in agings]:
+            rate, mean, p99 = max_rate(trace, model, policy, aging, mb, pb, args.seed, bytes_per_token,
+                                       num_layers=num_layers, switch_s=switch_s)
             group.append({"workload": workload, "bound": name,
-                          "policy": policy + (" (default)" if policy == "srjf" and aging == DEFAULT_AGING else ""),
+                          "policy": policy + (" (default)" if policy != "fifo" and aging == DEFAULT_AGING else ""),
                           "aging": "-" if policy == "fifo" else aging, "max_qps": rate, "mean_s": mean,
                           "p99_s": p99})
         base = group[0]["max_qps"]
@@ -347,6 +422,57 @@ def _schedule(args: argparse.Namespace, fit: JCTModel, bytes_per_token: int, wor
             "hit_share": hits / len(trace),
             "mean_service_s": es, "residual_s": es2 / (2 * es), "capacity_qps": 1 / es}
     return rows, info
+
+
+def _policies(text: str) -> list[str]:
+    out = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in out if p not in POLICIES]
+    if bad:
+        raise SystemExit(f"unknown --policies {bad} (of {', '.join(POLICIES)})")
+    return out
+
+
+def _switch_cost(model, tok, lengths: Sequence[int], pairs: int = 8) -> list[dict]:
+    """The preemption switch cost on the real path: for each length (without and with a cached prefix of all but
+    64 tokens), layers are run in pairs, one straight on and one right after ``pause()`` (so its mask, rotary
+    tables and layer buffer are rebuilt); ``switch_ms`` is the median extra time of the resumed one,
+    ``resume_ms`` the median time of the rebuild alone."""
+    from connectors.hf.cache import layout_for
+    from connectors.hf.prefill_only import PrefillJob, score
+    from kdn.client.host_cache import HostKVCache
+
+    rows = []
+    host = HostKVCache(layout_for(model, model_id="bench-prefill-switch"), chunk_size=64, capacity_bytes=4 << 30,
+                       pin=False)
+    for n in lengths:
+        ids = _tokens(tok, n, offset=3)
+        cached = (n - 64) // 64 * 64
+        store = score(model, tok, [ids[:cached]], host, store=True)[0].store
+        if store is not None:
+            store.result()
+        for c, source in ((0, None), (cached, host)):
+            job = PrefillJob(model, tok, ids, source)
+            job.step(1)  # started: the first layer's setup is part of every request's own time
+            straight, extra, resume = [], [], []
+            for _ in range(min(pairs, (job.num_layers - 1) // 2)):
+                t0 = time.perf_counter()
+                job.step(1)
+                t1 = time.perf_counter()
+                job.pause()
+                t2 = time.perf_counter()
+                job.resume()  # the rebuild alone (the next step would do it)
+                t3 = time.perf_counter()
+                job.pause()
+                job.step(1)
+                t4 = time.perf_counter()
+                straight.append(t1 - t0)
+                resume.append(t3 - t2)
+                extra.append((t4 - t3) - (t1 - t0))
+            job.close()
+            rows.append({"tokens": n, "cached": c, "layer_ms": 1e3 * statistics.median(straight),
+                         "resume_ms": 1e3 * statistics.median(resume),
+                         "switch_ms": 1e3 * max(statistics.median(extra), statistics.median(resume))})
+    return rows
 
 
 def _batching(model, tok, lengths: Sequence[int], sizes: Sequence[int]) -> list[dict]:
@@ -373,6 +499,8 @@ def run(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     rng = random.Random(args.seed)
     result: dict = {"params": {k: v for k, v in vars(args).items() if k not in ("func", "bench_module")}}
+    _policies(args.policies)
+    num_layers, switch_s = 32, max(0.0, args.switch_ms) / 1e3 if args.switch_ms >= 0 else 1e-3
     if args.skip_model:
         fit = JCTModel(per_token_s=args.per_token_ms / 1e3, per_pair_s=args.per_pair_ns / 1e9)
         bytes_per_token = 32 * 2 * 8 * 128 * 2  # Llama-3-8B bf16
@@ -410,12 +538,22 @@ def run(args: argparse.Namespace) -> dict:
             print("batching: prompts right-padded into one pass (score(batch_bytes=...)) vs the same prompts one "
                   "at a time; best of 2")
             result["batching"] = batch
+        num_layers = cfg.num_hidden_layers
+        if args.switch_ms < 0 and any(p in PREEMPTIVE for p in _policies(args.policies)):
+            sw = _switch_cost(model, tok, [int(x) for x in args.switch_lengths.split(",") if x.strip()])
+            print(format_table(sw, SWITCH_COLUMNS))
+            switch_s = max(row["switch_ms"] for row in sw) / 1e3
+            print(f"switch cost: resuming a paused PrefillJob (median extra time of a layer after pause/resume, or "
+                  f"of the rebuild alone if larger); the simulation charges the largest, {1e3 * switch_s:.2f} ms, "
+                  f"per resume")
+            result["switch"] = sw
     result["jct_model"] = {"per_token_s": fit.per_token_s, "per_pair_s": fit.per_pair_s, "base_s": fit.base_s}
+    result["num_layers"], result["switch_s"] = num_layers, switch_s
     result["rows"], result["traces"] = [], []
     for workload in [w.strip() for w in args.workload.split(",") if w.strip()]:
         requests = args.requests or {"posts": 1000, "credit": 600}.get(workload, 3000)
         rows, info = _schedule(argparse.Namespace(**{**vars(args), "requests": requests}), fit, bytes_per_token,
-                               workload)
+                               workload, num_layers, switch_s)
         print(f"{workload}: {info['requests']} requests, mean {info['mean_tokens']:.0f} tokens (p99 "
               f"{info['p99_tokens']}), {100 * info['hit_share']:.0f} % served with a cached prefix at "
               f"{args.link_gbps:g} Gbit/s; unloaded latency mean {info['unloaded_mean_s']:.2f} s, p99 "

@@ -21,6 +21,17 @@ dimensionless here (seconds of priority per second waited); the paper's λ = 500
 ``500 * per_token_s`` in these units (0.05 at 10K tokens/s). ``recalibrate`` re-predicts a waiting request when
 the cache changes (the paper's continuous JCT calibration), e.g. after a request that shares its prefix stored it.
 
+**Preemption between layers** (``policy="srjf-preemptive"``). A prefill-only pass that holds one layer's KV can
+be paused at any layer boundary holding only its hidden states (:class:`connectors.hf.prefill_only.PrefillJob`).
+The server then asks :meth:`PrefillScheduler.pick` before **every layer** and reports each layer with
+:meth:`~PrefillScheduler.advance`. A job's remaining time is ``remaining_layers x predicted_s / num_layers`` (the
+prediction spread evenly over the layers), and the job with the smallest ``remaining_s - λ · waiting_time`` runs
+its next layer, so a short request that arrives while a long one computes overtakes it at the next boundary. The
+aging rule and its bound are the same: a job's key can only fall while it runs (its remaining time falls), so a
+request J with predicted time ``p`` is never preempted by a request submitted more than ``p / λ`` seconds after it,
+nor does such a request run a single layer before J finishes. ``"srjf"`` and ``"fifo"`` stay run-to-completion
+(``pick`` keeps returning the started job until it is done): the baselines.
+
 Thread-safe; the standard library only.
 """
 
@@ -35,9 +46,11 @@ from dataclasses import dataclass, field
 from kdn.errors import ConfigError, InvalidRequest
 from kdn.wire.schedule import Ticket, TransferScheduler
 
-__all__ = ["JCTModel", "PrefillRequest", "PrefillScheduler", "POLICIES", "DEFAULT_AGING"]
+__all__ = ["JCTModel", "PrefillRequest", "PrefillScheduler", "POLICIES", "PREEMPTIVE", "DEFAULT_AGING"]
 
-POLICIES = ("srjf", "fifo")
+POLICIES = ("srjf", "fifo", "srjf-preemptive")
+PREEMPTIVE = ("srjf-preemptive",)
+DEFAULT_LAYERS = 32
 DEFAULT_AGING = 0.1
 _NS = 1e9
 
@@ -133,22 +146,37 @@ class PrefillRequest:
     submitted: float
     payload: object = None
     ticket: Ticket = field(repr=False, default=None)  # type: ignore[assignment]
+    num_layers: int = 1
+    layers_done: int = 0
+    """Layers run so far (``advance``); a started request is no longer recalibrated."""
+
+    @property
+    def remaining_s(self) -> float:
+        """Predicted time of the layers still to run (the prediction spread evenly over the layers)."""
+        return self.predicted_s * (self.num_layers - self.layers_done) / self.num_layers
 
 
 class PrefillScheduler:
-    """Orders prefill-only requests: ``"srjf"`` (smallest ``jct - aging * waited`` first) or ``"fifo"``."""
+    """Orders prefill-only requests: ``"srjf"`` (smallest ``jct - aging * waited`` first), ``"fifo"`` (both run to
+    completion) or ``"srjf-preemptive"`` (smallest ``remaining - aging * waited`` at every layer boundary of
+    ``num_layers``-layer passes)."""
 
     def __init__(self, model: JCTModel | None = None, policy: str = "srjf", aging: float = DEFAULT_AGING,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, num_layers: int = DEFAULT_LAYERS) -> None:
         if policy not in POLICIES:
             raise ConfigError(f"unknown prefill scheduling policy {policy!r} (one of {', '.join(POLICIES)})")
+        if num_layers < 1:
+            raise ConfigError(f"num_layers must be >= 1, got {num_layers}")
         self.model = model or JCTModel()
         self.policy = policy
-        self._sched = TransferScheduler("srpt" if policy == "srjf" else "fifo", aging=aging, throughput=_NS,
+        self.preemptive = policy in PREEMPTIVE
+        self.num_layers = num_layers
+        self._sched = TransferScheduler("fifo" if policy == "fifo" else "srpt", aging=aging, throughput=_NS,
                                         clock=clock)
         self._clock = clock
         self._lock = threading.Lock()
         self._by_ticket: dict[int, PrefillRequest] = {}
+        self._running: PrefillRequest | None = None  # run-to-completion: the started request
 
     @property
     def aging(self) -> float:
@@ -161,7 +189,7 @@ class PrefillScheduler:
         with self._lock:
             ticket = self._sched.submit(request_id, _ns(predicted))
             req = PrefillRequest(request_id, n_input, n_cached, cached_bytes, predicted, ticket.submitted, payload,
-                                 ticket)
+                                 ticket, self.num_layers)
             self._by_ticket[id(ticket)] = req
             return req
 
@@ -169,7 +197,7 @@ class PrefillScheduler:
         """Re-predict a waiting request after the cache changed (more or less of its prompt is cached now)."""
         predicted = self.model.predict(request.n_input, n_cached, cached_bytes)
         with self._lock:
-            if id(request.ticket) not in self._by_ticket:
+            if id(request.ticket) not in self._by_ticket or request.layers_done:
                 raise InvalidRequest(f"recalibrate of a request that is not waiting: {request.request_id!r}")
             request.n_cached, request.cached_bytes, request.predicted_s = n_cached, cached_bytes, predicted
             self._sched.update(request.ticket, _ns(predicted))
@@ -180,7 +208,9 @@ class PrefillScheduler:
             return None if t is None else self._by_ticket[id(t)]
 
     def pop(self) -> PrefillRequest | None:
-        """Remove and return the request to run now (None when none waits)."""
+        """Remove and return the request to run now, to completion (None when none waits; not preemptive)."""
+        if self.preemptive:
+            raise InvalidRequest("a preemptive scheduler is driven by pick() and advance(), not pop()")
         with self._lock:
             t = self._sched.next()
             if t is None:
@@ -188,8 +218,48 @@ class PrefillScheduler:
             self._sched.done(t)
             return self._by_ticket.pop(id(t))
 
+    def pick(self) -> PrefillRequest | None:
+        """The request whose next layer runs now (None when none is left). Run-to-completion policies keep
+        returning the started request until :meth:`advance` finishes it; ``srjf-preemptive`` re-decides at every
+        layer boundary."""
+        with self._lock:
+            if self._running is not None:
+                return self._running
+            t = self._sched.next()
+            if t is None:
+                return None
+            req = self._by_ticket[id(t)]
+            if not self.preemptive:
+                self._sched.done(t)
+                del self._by_ticket[id(t)]
+                self._running = req
+            return req
+
+    def advance(self, request: PrefillRequest, layers: int = 1) -> bool:
+        """Report that ``layers`` more layers of ``request`` ran; True (and the request is gone) when it is
+        done."""
+        if layers < 1:
+            raise InvalidRequest(f"layers must be >= 1, got {layers}")
+        with self._lock:
+            if request is not self._running and self._by_ticket.get(id(request.ticket)) is not request:
+                raise InvalidRequest(f"advance of a request that is not queued: {request.request_id!r}")
+            request.layers_done = min(request.num_layers, request.layers_done + layers)
+            if request.layers_done < request.num_layers:
+                if self.preemptive:
+                    self._sched.update(request.ticket, _ns(request.remaining_s))
+                return False
+            if request is self._running:
+                self._running = None
+            else:
+                self._by_ticket.pop(id(request.ticket))
+                self._sched.done(request.ticket)
+            return True
+
     def cancel(self, request: PrefillRequest) -> bool:
         with self._lock:
+            if request is self._running:
+                self._running = None
+                return True
             if self._by_ticket.pop(id(request.ticket), None) is None:
                 return False
             return self._sched.done(request.ticket)
@@ -199,7 +269,7 @@ class PrefillScheduler:
         return self._sched.score(request.ticket, now)
 
     def __len__(self) -> int:
-        return len(self._sched)
+        return len(self._sched) + (self._running is not None)
 
 
 def _ns(seconds: float) -> int:
